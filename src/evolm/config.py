@@ -1,0 +1,193 @@
+"""Run configuration: YAML presets + dotted overrides, validated before anything heavy happens."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (field name and what is allowed)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(description="Hub id or local folder of a transformers causal LM.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    trust_remote_code: bool = False
+    attn_implementation: str | None = Field(None, description="e.g. sdpa or eager; None lets transformers pick.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be one of auto, cpu, cuda, cuda:N")
+
+
+class TaskConfig(Section):
+    name: str = Field(description="Built-in task name or 'package.module:Class'.")
+    train: str | None = Field(None, description="Training data: path (optionally PATH[a:b]) or dataset id; None = built-in.")
+    test: str | None = Field(None, description="Test data, same forms as train.")
+    train_size: int | None = Field(None, ge=1, description="Keep at most this many training examples.")
+    test_size: int | None = Field(None, ge=1, description="Keep at most this many test examples.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Task-specific keyword arguments.")
+
+
+class SpaceConfig(Section):
+    kind: Literal["lora", "full-lowrank", "full"] = "lora"
+    rank: int = Field(1, ge=1, le=1024)
+    alpha: float = Field(1.0, gt=0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    layers: list[int] | None = Field(None, description="Only these decoder layer indices; None = all.")
+    init: Literal["standard", "random"] = Field(
+        "standard", description="standard: A random, B zero (generation 0 = base model); random: both random."
+    )
+
+
+class ESConfig(Section):
+    generations: int = Field(500, ge=0)
+    population: int = Field(30, ge=2)
+    sigma: float = Field(0.001, gt=0)
+    learning_rate: float = Field(0.0005, gt=0)
+    antithetic: bool = True
+    fitness: Literal["zscore", "centered_rank", "raw"] = "zscore"
+    optimizer: Literal["es", "adam"] = "es"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    prompts_per_generation: int | None = Field(None, ge=1, description="None = all training prompts every generation.")
+
+    @model_validator(mode="after")
+    def _even_population(self) -> "ESConfig":
+        if self.antithetic and self.population % 2:
+            raise ValueError(f"es.population must be even with es.antithetic=true (got {self.population})")
+        return self
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings (the task may add its own).")
+    max_batch_rows: int | None = Field(None, ge=1, description="Cap on rows per wave; None = from the memory budget.")
+    memory_fraction: float = Field(0.85, gt=0, le=1, description="Share of free accelerator memory a wave may use.")
+
+
+class EvalConfig(Section):
+    every: int = Field(10, ge=0, description="Evaluate θ on the test split every N generations (0 = only base and final).")
+    max_new_tokens: int | None = Field(None, ge=1, description="None = generation.max_new_tokens.")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "evolm"
+    progress: bool = True
+
+
+class ESRunConfig(Section):
+    output_dir: str = "runs/es"
+    seed: int = Field(0, ge=0, lt=2**31)
+    model: ModelConfig
+    task: TaskConfig
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    es: ESConfig = Field(default_factory=ESConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+ES_PRESETS = "evolm.presets"
+
+
+def preset_names(package: str = ES_PRESETS) -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+
+
+def read_source(source: str | Path, presets: str = ES_PRESETS) -> dict[str, Any]:
+    """A YAML file path or the name of a built-in preset from the package `presets`, as a plain dict."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+    elif str(source) in preset_names(presets):
+        text = resources.files(presets).joinpath(f"{source}.yaml").read_text()
+    else:
+        names = ", ".join(preset_names(presets))
+        raise ConfigError(f"'{source}' is neither a config file nor a preset; presets: {names}")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (so 1e-3, true, [a, b] work)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. es.population=8)")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent: Any = schema
+        for part in error["loc"][:-1]:
+            field = parent.model_fields.get(part) if isinstance(part, str) else None
+            parent = field.annotation if field is not None else None
+            if not (isinstance(parent, type) and issubclass(parent, BaseModel)):
+                parent = None
+                break
+        allowed = f"; allowed: {', '.join(parent.model_fields)}" if parent else ""
+        return f"unknown field '{loc}'{allowed}"
+    if error["type"] == "missing":
+        return f"missing required field '{loc}'"
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc or 'config'}: {error['msg']}{got_text}"
+
+
+def validate(data: dict[str, Any], schema: type[Schema]) -> Schema:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e, schema) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(
+    source: str | Path,
+    overrides: list[str] | None = None,
+    schema: type[Schema] = ESRunConfig,  # type: ignore[assignment]
+    presets: str = ES_PRESETS,
+) -> Schema:
+    return validate(apply_overrides(read_source(source, presets), list(overrides or [])), schema)
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

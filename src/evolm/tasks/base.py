@@ -1,0 +1,131 @@
+"""What a task is: examples to prompt with, and a reward for a completion."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Split = Literal["train", "test"]
+Messages = list[dict[str, str]]
+
+
+class TaskError(ValueError):
+    """A task or its data is unusable; the message names the task, file or example."""
+
+
+@dataclass
+class Example:
+    """One prompt and what its completions are scored against."""
+
+    prompt: str | Messages  # raw text, or chat messages rendered through the tokenizer's template
+    target: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Score:
+    reward: float
+    correct: bool | None = None  # None where the task has no notion of a right answer
+
+
+class Task(ABC):
+    """A task loads its splits and scores completions (never the prompt)."""
+
+    name: str = "task"
+    stop_strings: tuple[str, ...] = ()
+
+    @abstractmethod
+    def load_split(self, split: Split, source: str | None) -> list[Example]:
+        """Examples of a split; `source` is None for the task's built-in data."""
+
+    @abstractmethod
+    def score(self, completion: str, example: Example) -> Score: ...
+
+    def checked_score(self, completion: str, example: Example, index: int) -> Score:
+        """score() with errors and NaN turned into a message naming the task and the example."""
+        try:
+            result = self.score(completion, example)
+        except Exception as exc:  # a user's reward function may raise anything
+            raise TaskError(f"task '{self.name}': scoring example {index} raised {exc!r}") from exc
+        if not isinstance(result, Score):
+            result = Score(float(result))
+        if not math.isfinite(result.reward):
+            raise TaskError(f"task '{self.name}': reward for example {index} is {result.reward}")
+        return result
+
+
+_SLICE = re.compile(r"^(?P<path>.*)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def split_slice(source: str) -> tuple[str, slice]:
+    """'data.json[:200]' -> ('data.json', slice(None, 200)); no suffix -> the whole file."""
+    m = _SLICE.match(source)
+    if not m:
+        return source, slice(None)
+    to_int = lambda s: int(s) if s else None  # noqa: E731
+    return m["path"], slice(to_int(m["start"]), to_int(m["stop"]))
+
+
+def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Records from a local JSON / JSONL file, a `datasets` folder, or a hub dataset id.
+
+    Any source may end in a Python slice, e.g. `countdown.json[:200]` or `countdown.json[-2000:]`.
+    """
+    location, part = split_slice(source)
+    path = Path(location).expanduser()
+    if path.is_file():
+        records = _read_file(path)
+    elif path.is_dir():
+        records = _read_saved_dataset(path, split)
+    elif location.startswith(("/", ".", "~")) or location.endswith((".json", ".jsonl")):
+        raise TaskError(f"data file not found: {path}")
+    else:
+        records = _read_hub_dataset(location, split)
+    return records[part]
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TaskError(f"{path}: not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {exc}") from None
+    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise TaskError(f"{path}: expected a list of records or a mapping holding one list")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise TaskError(f"{path}: expected a list of records")
+    return data
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise TaskError("reading a dataset folder or hub id needs the datasets extra: pip install 'evolm[datasets]'") from None
+    return datasets
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
+    ds = _datasets().load_from_disk(str(path))
+    if hasattr(ds, "keys"):  # a DatasetDict
+        names = list(ds.keys())
+        ds = ds[split] if split in ds else ds[names[0]]
+    return [dict(row) for row in ds]
+
+
+def _read_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
+    try:
+        ds = _datasets().load_dataset(name, split=split)
+    except Exception as exc:
+        raise TaskError(f"could not load dataset '{name}' (split {split}) from the hub or a local path: {exc}") from exc
+    return [dict(row) for row in ds]
