@@ -37,6 +37,8 @@ class Task(ABC):
     """A task loads its splits and scores completions (never the prompt)."""
 
     name: str = "task"
+    description: str = ""  # one line for `evolm datasets`
+    hub_dataset: str | None = None  # the task's Hugging Face dataset id, if it has one
     stop_strings: tuple[str, ...] = ()
 
     @abstractmethod
