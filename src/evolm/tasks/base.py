@@ -39,6 +39,7 @@ class Task(ABC):
     name: str = "task"
     description: str = ""  # one line for `evolm datasets`
     hub_dataset: str | None = None  # the task's Hugging Face dataset id, if it has one
+    builtin_data: str | None = None  # what load_split(split, None) gives without a download, in words
     stop_strings: tuple[str, ...] = ()
 
     @abstractmethod

@@ -1,0 +1,331 @@
+"""The population engine: every member's LoRA applied per batch row, one batched generation for all.
+
+Targeted nn.Linear layers are wrapped in place. A wrapped layer holds the stacked adapters of the
+whole population, A_cat [N·r, in] and B_cat [N·r, out]; a row's output is
+
+    base(x) + scale · ((x A_catᵀ) ⊙ onehot(member(row))) B_cat
+
+i.e. two matmuls over all members at once and a selector, with no loop over members and no
+gather of weight matrices. Any row order works, so finished rows can be dropped from the batch
+at any step. The engine knows nothing of ES: it takes adapters and prompts and returns tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+STOP_CHECK_INTERVAL = 8  # decoding steps between stop-string checks (they need detokenising)
+
+
+@dataclass
+class LoRAWeights:
+    """One targeted layer's adapters for the whole population: A [N, r, in], B [N, out, r]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop_strings: Sequence[str] = ()
+    seed: int = 0  # sampled decoding draws from torch.Generator(seed): same seed, same device, same text
+
+
+@dataclass
+class Generation:
+    """Completions indexed [member slot][prompt] (slots follow the `members` argument's order)."""
+
+    tokens: list[list[list[int]]]
+    texts: list[list[str]]
+    num_tokens: int = 0
+    waves: list[int] = field(default_factory=list)  # rows per wave
+
+
+class PopulationLinear(nn.Module):
+    """A linear layer plus the per-row adapter of each row's population member."""
+
+    def __init__(self, base: nn.Linear, rows: "RowState"):
+        super().__init__()
+        self.base = base
+        self.rows = rows
+        self.lora_A: torch.Tensor | None = None  # [N·r, in]
+        self.lora_B: torch.Tensor | None = None  # [N·r, out]
+        self.scale = 1.0
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        selector = self.rows.selector
+        if self.lora_A is None or selector is None:
+            return out
+        hidden = (x @ self.lora_A.T) * selector  # [rows, T, N·r], zero outside the row's own member
+        return out + (hidden @ self.lora_B) * self.scale
+
+
+class RowState:
+    """Which member each batch row belongs to, shared by every wrapped layer during a forward."""
+
+    def __init__(self):
+        self.selector: torch.Tensor | None = None  # [rows, 1, N·r] one-hot over member blocks
+
+    def set(self, row_members: torch.Tensor | None, population: int, rank: int, dtype: torch.dtype) -> None:
+        if row_members is None:
+            self.selector = None
+            return
+        onehot = torch.nn.functional.one_hot(row_members, population).to(dtype)
+        self.selector = onehot.repeat_interleave(rank, dim=1).unsqueeze(1)
+
+    def keep(self, index: torch.Tensor) -> None:
+        if self.selector is not None:
+            self.selector = self.selector.index_select(0, index)
+
+
+def find_target_linears(
+    model: nn.Module, target_modules: Sequence[str], layers: Sequence[int] | None = None
+) -> dict[str, nn.Linear]:
+    """Linear layers whose name ends with a target (as peft matches), optionally in chosen decoder layers."""
+    found: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, PopulationLinear)):
+            continue
+        if not any(name == t or name.endswith("." + t) for t in target_modules):
+            continue
+        if layers is not None and _layer_index(name) not in set(layers):
+            continue
+        found[name] = module.base if isinstance(module, PopulationLinear) else module
+    if not found:
+        raise ValueError(f"no nn.Linear named {list(target_modules)} in {type(model).__name__}")
+    return found
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    for prev, part in zip(parts, parts[1:]):
+        if prev in ("layers", "h", "blocks", "layer") and part.isdigit():
+            return int(part)
+    return None
+
+
+class PopulationEngine:
+    """Batched generation for a population of LoRA adapters on one transformers causal LM."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        target_modules: Sequence[str],
+        layers: Sequence[int] | None = None,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        max_batch_rows: int | None = None,
+        memory_fraction: float = 0.85,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.rows = RowState()
+        self.eos_token_ids = list(eos_token_ids) or [tokenizer.eos_token_id]
+        self.max_batch_rows = max_batch_rows
+        self.memory_fraction = memory_fraction
+        self.layers: dict[str, PopulationLinear] = {}
+        for name, linear in find_target_linears(model, target_modules, layers).items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            wrapped = getattr(parent, child)
+            if not isinstance(wrapped, PopulationLinear):
+                wrapped = PopulationLinear(linear, self.rows)
+                setattr(parent, child, wrapped)
+            self.layers[name] = wrapped
+        self.population = 0
+        self.rank = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every targeted layer, in a fixed order."""
+        return {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
+
+    def set_adapters(self, weights: dict[str, LoRAWeights], scale: float) -> None:
+        """Load the population's adapters (N members, rank r) into the wrapped layers."""
+        if set(weights) != set(self.layers):
+            missing = sorted(set(self.layers) - set(weights))[:3]
+            raise ValueError(f"adapters must cover every targeted layer (missing e.g. {missing})")
+        first = next(iter(weights.values()))
+        self.population, self.rank = first.A.shape[0], first.A.shape[1]
+        for name, w in weights.items():
+            layer = self.layers[name]
+            layer.lora_A = w.A.reshape(-1, w.A.shape[-1]).to(self.device, self.dtype)
+            layer.lora_B = w.B.transpose(1, 2).reshape(-1, w.B.shape[1]).to(self.device, self.dtype)
+            layer.scale = scale
+
+    def clear_adapters(self) -> None:
+        for layer in self.layers.values():
+            layer.lora_A = layer.lora_B = None
+        self.population = self.rank = 0
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], members: Sequence[int] | None, params: SamplingParams
+    ) -> Generation:
+        """Every (member, prompt) row, member-major, in waves that fit the memory budget.
+
+        `members` lists population indices to run (a share of the population, for one process
+        of several); None runs the model without adapters as a single slot.
+        """
+        slots = list(members) if members is not None else [None]
+        if members is not None and any(not 0 <= m < self.population for m in slots):
+            raise ValueError(f"members must lie in [0, {self.population})")
+        rows = [(slot, p) for slot in range(len(slots)) for p in range(len(prompts))]
+        tokens: list[list[list[int]]] = [[[] for _ in prompts] for _ in slots]
+        generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        waves: list[int] = []
+        start = 0
+        wave_rows = self._wave_rows(max(len(p) for p in prompts), params.max_new_tokens)
+        while start < len(rows):
+            wave = rows[start : start + wave_rows]
+            member_ids = None if members is None else [slots[s] for s, _ in wave]
+            outputs = self._decode_wave([prompts[p] for _, p in wave], member_ids, params, generator)
+            for (slot, p), out in zip(wave, outputs):
+                tokens[slot][p] = out
+            waves.append(len(wave))
+            start += len(wave)
+        texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
+        return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), waves)
+
+    def _text(self, tokens: list[int], stop_strings: Sequence[str]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return _cut_at_stop(text, stop_strings)[0]
+
+    def _wave_rows(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Rows per wave: the configured cap, else what the KV cache and logits of a row allow."""
+        if self.max_batch_rows:
+            return self.max_batch_rows
+        config = self.model.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        bytes_per = torch.finfo(self.dtype).bits // 8
+        seq = prompt_len + max_new_tokens
+        kv = 2 * config.num_hidden_layers * kv_heads * head_dim * seq * bytes_per
+        # a dynamic cache is copied when it grows and when rows are dropped: count it three times
+        row_bytes = 3 * kv + prompt_len * config.intermediate_size * 4 * bytes_per + config.vocab_size * 8
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.memory_fraction
+        else:
+            budget = 4 * 2**30
+        return max(1, int(budget // row_bytes))
+
+    def _decode_wave(
+        self,
+        prompts: list[Sequence[int]],
+        row_members: list[int] | None,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> list[list[int]]:
+        device, n = self.device, len(prompts)
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        input_ids = torch.full((n, width), pad, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding, as generate() does for decoder-only models
+            input_ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            attention[i, width - len(p) :] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        member_tensor = None if row_members is None else torch.as_tensor(row_members, device=device)
+        self.rows.set(member_tensor, self.population, self.rank, self.dtype)
+        eos = torch.as_tensor(self.eos_token_ids, device=device)
+        out = torch.full((n, params.max_new_tokens), -1, dtype=torch.long, device=device)
+        active = torch.arange(n, device=device)  # original row of each live batch row
+        cache = DynamicCache(config=self.model.config)
+        try:
+            logits = self._forward(input_ids, attention, positions, cache)
+            next_position = positions[:, -1:] + 1
+            for step in range(params.max_new_tokens):
+                token = self._pick(logits, params, generator)
+                out[active, step] = token
+                done = torch.isin(token, eos)
+                if params.stop_strings and (step + 1) % STOP_CHECK_INTERVAL == 0:
+                    done |= self._hit_stop(out[active, : step + 1], params.stop_strings)
+                if step + 1 == params.max_new_tokens:
+                    break
+                if done.any():  # drop finished rows: they cost nothing from here on
+                    keep = (~done).nonzero().squeeze(1)
+                    if keep.numel() == 0:
+                        break
+                    active, token = active[keep], token[keep]
+                    attention, next_position = attention[keep], next_position[keep]
+                    cache.reorder_cache(keep)
+                    self.rows.keep(keep)
+                attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
+                logits = self._forward(token[:, None], attention, next_position, cache)
+                next_position = next_position + 1
+        finally:
+            self.rows.set(None, 0, 0, self.dtype)
+        return [_trim(row, self.eos_token_ids) for row in out.tolist()]
+
+    def _forward(self, input_ids, attention, positions, cache) -> torch.Tensor:
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1, :].float()
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+        if params.temperature == 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    def _hit_stop(self, tokens: torch.Tensor, stop_strings: Sequence[str]) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(tokens.clamp(min=0).tolist(), skip_special_tokens=True)
+        return torch.tensor([_cut_at_stop(t, stop_strings)[1] for t in texts], device=tokens.device)
+
+
+def _trim(row: list[int], eos_ids: Sequence[int]) -> list[int]:
+    """Generated tokens up to and including the first EOS (as generate() returns them)."""
+    out = []
+    for token in row:
+        if token < 0:
+            break
+        out.append(token)
+        if token in eos_ids:
+            break
+    return out
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """Text up to and including the earliest stop string, and whether one was found."""
+    ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
+    return (text[: min(ends)], True) if ends else (text, False)
+

@@ -1,0 +1,100 @@
+"""Figures for an ES run folder: how fitness evolved and where the time went.
+
+Figures are drawn on bare `matplotlib.figure.Figure` objects (Agg rendering, no pyplot), so making
+them never changes the caller's matplotlib backend or global state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+PHASES = ("generate", "score", "update", "eval")
+DPI = 100
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a missing file or a half-written last line (a running run) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _evaluations(run_dir: Path, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Test evaluations from results/evaluations.jsonl, else from the history's `test` entries."""
+    rows = read_jsonl(run_dir / "results" / "evaluations.jsonl")
+    return rows or [{"generation": h["generation"], **h["test"]} for h in history if h.get("test")]
+
+
+def _save(fig: Figure, run_dir: Path, name: str) -> Path:
+    path = run_dir / "figures" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def plot_evolution(run_dir: str | Path) -> Path | None:
+    """figures/evolution.png: mean fitness with its 20th-80th percentile band, best member, test metric."""
+    run_dir = Path(run_dir)
+    history = read_jsonl(run_dir / "results" / "history.jsonl")
+    evaluations = _evaluations(run_dir, history)
+    if not history and not evaluations:
+        return None
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    if history:
+        generations = [h["generation"] for h in history]
+        ax.fill_between(generations, [h["p20"] for h in history], [h["p80"] for h in history],
+                        alpha=0.25, color="C0", label="20th-80th percentile")
+        ax.plot(generations, [h["mean"] for h in history], color="C0", label="mean fitness")
+        ax.plot(generations, [h["max"] for h in history], color="C1", linewidth=0.8, label="best member")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("training fitness (mean reward)")
+    handles, labels = ax.get_legend_handles_labels()
+    if evaluations:
+        metric = "accuracy" if all(e.get("accuracy") is not None for e in evaluations) else "reward"
+        test_ax = ax.twinx()
+        test_ax.plot([e["generation"] for e in evaluations], [e[metric] for e in evaluations],
+                     color="C2", marker="o", markersize=3, label=f"test {metric}")
+        test_ax.set_ylabel(f"test {metric}")
+        more_handles, more_labels = test_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="best", fontsize="small")
+    ax.set_title("Evolution")
+    return _save(fig, run_dir, "evolution.png")
+
+
+def plot_time_breakdown(run_dir: str | Path) -> Path | None:
+    """figures/time_breakdown.png: seconds per generation spent generating, scoring, updating, evaluating."""
+    run_dir = Path(run_dir)
+    history = read_jsonl(run_dir / "results" / "history.jsonl")
+    if not history:
+        return None
+    extra = sorted({phase for h in history for phase in h.get("time", {})} - set(PHASES))
+    generations = [h["generation"] for h in history]
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    bottom = [0.0] * len(history)
+    for phase in (*PHASES, *extra):
+        seconds = [float(h.get("time", {}).get(phase, 0.0)) for h in history]
+        ax.bar(generations, seconds, bottom=bottom, width=1.0 if len(history) > 50 else 0.8, label=phase)
+        bottom = [b + s for b, s in zip(bottom, seconds)]
+    ax.set_xlabel("generation")
+    ax.set_ylabel("seconds")
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title("Time per generation")
+    return _save(fig, run_dir, "time_breakdown.png")
+
+
+def write_figures(run_dir: str | Path) -> list[Path]:
+    """Every figure the run's results allow; none (and no error) for a run with no history yet."""
+    return [path for path in (plot_evolution(run_dir), plot_time_breakdown(run_dir)) if path is not None]

@@ -1,0 +1,162 @@
+"""The population engine must reproduce PEFT + generate exactly, member by member (fp32, CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from evolm.engine import PopulationEngine, SamplingParams
+from evolm.models import load_tokenizer
+from evolm.space import LoRASpace
+
+PROMPTS = ["Hello there", "The quick brown fox", "1 + 1 =", "a", "Once upon a time, in a land far away"]
+
+
+def _members(space: LoRASpace, n: int, seed: int) -> torch.Tensor:
+    """Random non-zero A and B so every member's adapter really changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, space.dim, generator=g) * 0.3
+
+
+def _mid_text_token(tokens: list[list[list[int]]]) -> int:
+    """A token that first appears after a few steps in some rows and not at all in others."""
+    rows = [t for member in tokens for t in member]
+    counts: dict[int, int] = {}
+    for row in rows:
+        for tok in set(row[3:]) - set(row[:3]):
+            counts[tok] = counts.get(tok, 0) + 1
+    return min(counts, key=lambda tok: abs(counts[tok] - len(rows) / 2))
+
+
+def _peft_generate(base, member_theta, space, targets, tokenizer, prompts, max_new_tokens, eos):
+    config = LoraConfig(r=space.rank, lora_alpha=space.alpha, target_modules=targets, lora_dropout=0.0)
+    peft_model = get_peft_model(copy.deepcopy(base), config).eval()
+    weights = space.unflatten(member_theta[None])
+    with torch.no_grad():
+        for name, w in weights.items():
+            module = peft_model.base_model.model.get_submodule(name)
+            module.lora_A["default"].weight.copy_(w.A[0])
+            module.lora_B["default"].weight.copy_(w.B[0])
+    outs = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        y = peft_model.generate(
+            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+        )
+        outs.append(y[0, x.shape[1]:].tolist())
+    return outs
+
+
+@pytest.mark.parametrize(
+    "fixture,rank,alpha,targets",
+    [
+        ("tiny_llama", 1, 1.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        ("tiny_llama", 4, 8.0, ["q_proj", "v_proj"]),
+        ("tiny_qwen", 2, 3.0, ["o_proj", "down_proj", "up_proj"]),
+    ],
+)
+def test_engine_matches_peft_generate_per_member(request, fixture, rank, alpha, targets):
+    path = request.getfixturevalue(fixture)
+    tokenizer = load_tokenizer(str(path))
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = copy.deepcopy(base)
+    engine = PopulationEngine(model, tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id], max_batch_rows=7)
+    space = LoRASpace(engine.shapes(), rank, alpha)
+    members = _members(space, 4, seed=rank)
+    engine.set_adapters(space.unflatten(members), space.scale)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=24)
+    free = engine.generate(prompts, members=[0, 1, 2, 3], params=params)
+    # A random tiny model rarely emits its real EOS: make a token it does emit mid-text the EOS, so
+    # rows finish at different steps and the engine's dropping of finished rows is exercised.
+    eos = _mid_text_token(free.tokens)
+    engine.eos_token_ids = [eos]
+    out = engine.generate(prompts, members=[0, 1, 2, 3], params=params)
+    lengths = {len(t) for row in out.tokens for t in row}
+    assert len(lengths) > 2 and max(lengths) == 24, "rows should stop at different steps"
+    assert out.waves == [7, 7, 6]  # 20 rows in waves of at most 7
+    distinct = set()
+    for m in range(4):
+        expected = _peft_generate(base, members[m], space, targets, tokenizer, prompts, 24, eos)
+        assert out.tokens[m] == expected, f"member {m} differs from PEFT + generate"
+        distinct.add(tuple(map(tuple, expected)))
+    assert len(distinct) == 4, "the members' adapters should give different completions"
+    plain = engine.generate(prompts, members=None, params=SamplingParams(max_new_tokens=24))
+    base_out = [
+        base.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                      max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)[0, len(p):].tolist()
+        for p in prompts
+    ]
+    assert plain.tokens[0] == base_out
+
+
+def test_subset_of_members_and_eos_stop(tiny_llama):
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    engine = PopulationEngine(model, tokenizer, ["q_proj", "v_proj"], eos_token_ids=[tokenizer.eos_token_id])
+    space = LoRASpace(engine.shapes(), 2, 2.0)
+    members = _members(space, 6, seed=3)
+    engine.set_adapters(space.unflatten(members), space.scale)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:3]]
+    params = SamplingParams(max_new_tokens=40)
+    full = engine.generate(prompts, members=list(range(6)), params=params)
+    share = engine.generate(prompts, members=[4, 1], params=params)
+    assert share.tokens == [full.tokens[4], full.tokens[1]]
+    for row in full.tokens:
+        for toks in row:
+            assert len(toks) <= 40
+            assert tokenizer.eos_token_id not in toks[:-1]  # nothing is generated after EOS
+
+
+def test_sampling_is_reproducible_with_seed(tiny_llama):
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    engine = PopulationEngine(model, tokenizer, ["q_proj"], eos_token_ids=[tokenizer.eos_token_id])
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=11)
+    a = engine.generate(prompts, None, params)
+    b = engine.generate(prompts, None, params)
+    c = engine.generate(prompts, None, SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=12))
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+def test_stop_strings_cut_text(tiny_llama):
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    engine = PopulationEngine(model, tokenizer, ["q_proj"], eos_token_ids=[tokenizer.eos_token_id])
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    free = engine.generate(prompts, None, SamplingParams(max_new_tokens=32))
+    # pick a character the model does produce, and stop on it
+    sample = next(t for t in free.texts[0] if len(t) > 4)
+    stop = sample[2]
+    cut = engine.generate(prompts, None, SamplingParams(max_new_tokens=32, stop_strings=[stop]))
+    for full_text, text in zip(free.texts[0], cut.texts[0]):
+        if stop in full_text:
+            assert text == full_text[: full_text.index(stop) + 1]
+        else:
+            assert text == full_text
+
+
+def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_llama, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_llama))
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id])
+    space = LoRASpace(engine.shapes(), 2, 4.0)
+    theta = _members(space, 1, seed=5)[0]
+    space.export_peft(theta, tmp_path / "adapter", str(tiny_llama))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    engine.set_adapters(space.unflatten(theta[None]), space.scale)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    ours = engine.generate(prompts, [0], SamplingParams(max_new_tokens=16)).tokens[0]
+    for ids, mine in zip(prompts, ours):
+        x = torch.tensor([ids])
+        ref = peft_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16,
+                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        assert mine == ref
