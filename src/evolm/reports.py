@@ -90,7 +90,7 @@ def plot_time_breakdown(run_dir: str | Path) -> Path | None:
         bottom = [b + s for b, s in zip(bottom, seconds)]
     ax.set_xlabel("generation")
     ax.set_ylabel("seconds")
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     ax.set_title("Time per generation")
     return _save(fig, run_dir, "time_breakdown.png")
 
