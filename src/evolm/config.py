@@ -43,7 +43,7 @@ class TaskConfig(Section):
 
 
 class SpaceConfig(Section):
-    kind: Literal["lora", "full-lowrank", "full"] = "lora"
+    kind: Literal["lora"] = Field("lora", description="What evolves; only LoRA adapters in this version.")
     rank: int = Field(1, ge=1, le=1024)
     alpha: float = Field(1.0, gt=0)
     target_modules: list[str] = Field(

@@ -6,27 +6,15 @@ them never changes the caller's matplotlib backend or global state.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from evolm.runs import read_jsonl
+
 PHASES = ("generate", "score", "update", "eval")
 DPI = 100
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a missing file or a half-written last line (a running run) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def _evaluations(run_dir: Path, history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,148 @@
+"""The `evolm` command: parses arguments and hands over to the modules that do the work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune language models by evolution.")
+runs_app = typer.Typer(no_args_is_help=True, help="List and clean up run folders.")
+app.add_typer(runs_app, name="runs")
+console = Console()
+
+CONFIG_HELP = "YAML config file or preset name (countdown, conciseness, …)"
+OVERRIDES_HELP = "Dotted key=value overrides, e.g. es.population=8 output_dir=runs/x"
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def split_config_and_overrides(config: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+    """`evolm es --resume RUN key=value` puts the first override where the config would go."""
+    rest = list(overrides or [])
+    if config is not None and "=" in config:
+        return None, [config, *rest]
+    return config, rest
+
+
+@app.command("es")
+def es_command(
+    config: Optional[str] = typer.Argument(None, help=CONFIG_HELP),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
+) -> None:
+    """Evolution Strategies in weight space: a population of LoRA-perturbed models, one batched generation."""
+    from evolm.config import ConfigError
+    from evolm.es import run_es
+    from evolm.runs import RunDirError
+    from evolm.tasks import TaskError
+
+    config, rest = split_config_and_overrides(config, overrides)
+    try:
+        run, summary = run_es(config, rest, resume=str(resume) if resume else None, overwrite=overwrite)
+    except (ConfigError, RunDirError, TaskError, FileNotFoundError) as exc:
+        _fail(exc)
+    if summary.get("status") == "interrupted":
+        console.print(f"interrupted; resume with: evolm es --resume {run.root}")
+        raise typer.Exit(130)
+    console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    adapter: Path = typer.Option(..., "--adapter", help="PEFT LoRA adapter folder."),
+    task: str = typer.Option(..., "--task", help="Task name or module:Class."),
+    compare: bool = typer.Option(False, "--compare", help="Also score the base model and compare per example."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data source (path, PATH[a:b] or dataset id)."),
+    split: str = typer.Option("test", "--split"),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the adapter's)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples."),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens"),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the full report (with texts) as JSON."),
+) -> None:
+    """Score an adapter on a task; with --compare, list improvements, regressions and both-wrong cases."""
+    from evolm.evaluate import EvalOptions, evaluate_adapter
+    from evolm.tasks import TaskError
+
+    options = EvalOptions(task=task, data=data, split=split, model=model, limit=limit,
+                          max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+    try:
+        report = evaluate_adapter(adapter, options, compare=compare)
+    except (TaskError, FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    table = Table(title=f"{task} on {report['examples']} examples")
+    table.add_column("model")
+    table.add_column("mean reward", justify="right")
+    table.add_column("accuracy", justify="right")
+    rows = [("base", report.get("base_metrics")), ("adapter", report["adapter_metrics"])]
+    for name, metrics in rows:
+        if metrics:
+            acc = metrics["accuracy"]
+            table.add_row(name, f"{metrics['reward']:.4f}", "-" if acc is None else f"{acc:.2%}")
+    console.print(table)
+    if compare:
+        console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report["comparison"].items()))
+    if output:
+        output.write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {output}")
+
+
+@runs_app.command("list")
+def runs_list_command(
+    root: Path = typer.Argument(Path("runs"), help="Folder holding run folders."),
+    cleanup: bool = typer.Option(False, "--cleanup", help="Delete all but the --keep most recent runs."),
+    keep: int = typer.Option(5, "--keep", min=0),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
+) -> None:
+    """List runs (newest first); with --cleanup remove older ones."""
+    from evolm.runs import cleanup_runs, format_age, list_runs
+
+    runs = list_runs(root)
+    table = Table(title=f"runs under {root}")
+    for col in ("path", "status", "generations", "last mean fitness", "final", "size", "modified"):
+        table.add_column(col)
+    for r in runs:
+        final = r["final"] or {}
+        metric = final.get("accuracy") if final.get("accuracy") is not None else final.get("reward")
+        table.add_row(r["path"], r["status"], str(r["generations"]),
+                      "-" if r["last_mean_fitness"] is None else f"{r['last_mean_fitness']:.4g}",
+                      "-" if metric is None else f"{metric:.4g}", f"{r['size_mb']:.1f} MB", format_age(r["modified"]))
+    console.print(table)
+    if cleanup:
+        doomed = [r["path"] for r in runs[keep:]]
+        if not doomed:
+            console.print("nothing to delete")
+            return
+        if not yes and not typer.confirm(f"delete {len(doomed)} run folder(s): {', '.join(doomed)}?"):
+            raise typer.Exit(1)
+        for path in cleanup_runs(root, keep):
+            console.print(f"deleted {path}")
+
+
+@app.command("datasets")
+def datasets_command() -> None:
+    """The built-in tasks, their data, and where else data can come from."""
+    from evolm.tasks.catalog import describe_tasks
+
+    table = Table(title="tasks (any task also reads local JSON/JSONL: task.train / task.test = PATH or PATH\\[a:b])")
+    for col in ("task", "description", "built-in data", "hub dataset"):
+        table.add_column(col)
+    for row in describe_tasks():
+        table.add_row(row["name"], row.get("error") or row["description"], row.get("builtin_data") or "-",
+                      row.get("hub_dataset") or "-")
+    console.print(table)
+    console.print("custom tasks: task.name=my_package.my_module:MyTask (a subclass of evolm.tasks.Task)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,375 @@
+"""The ES loop: ask the strategy for a population, score it with the engine, tell, log, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from evolm import distributed, reports
+from evolm.config import ConfigError, ESRunConfig, apply_overrides, dump_config, validate
+from evolm.engine import PopulationEngine, SamplingParams
+from evolm.models import LoadedModel, eos_token_ids, load_model
+from evolm.noise import stream_key
+from evolm.prompts import render_all, score_all, summarize
+from evolm.runs import RunDir, append_jsonl, atomic_write_text, read_jsonl, write_jsonl
+from evolm.space import LoRASpace
+from evolm.strategy import EvolutionStrategy
+from evolm.tasks import Example, Task, load_task
+
+log = logging.getLogger("evolm")
+
+# Changing these on --resume would make the checkpoint mean something else.
+FROZEN_ON_RESUME = ("seed", "model.name_or_path", "space", "es.population", "es.antithetic", "es.optimizer")
+
+
+@dataclass
+class Split:
+    examples: list[Example]
+    prompt_ids: list[list[int]]
+
+
+def load_splits(config: ESRunConfig, task: Task) -> tuple[list[Example], list[Example]]:
+    train = task.load_split("train", config.task.train)[: config.task.train_size]
+    test = task.load_split("test", config.task.test)[: config.task.test_size]
+    if not train:
+        raise ConfigError(f"task '{config.task.name}': the training split is empty ({config.task.train or 'built-in'})")
+    return train, test
+
+
+def prepare_run(
+    config_source: str | None, overrides: list[str], *, resume: str | None, overwrite: bool
+) -> tuple[ESRunConfig, RunDir]:
+    """Validate everything that can be checked without a model; create or reopen the run folder."""
+    from evolm.config import load_config, read_source
+
+    if resume:
+        run = RunDir.open(resume)
+        saved = read_source(run.config_file)
+        config = validate(apply_overrides(read_source(run.config_file), overrides), ESRunConfig)
+        before, after = validate(saved, ESRunConfig).model_dump(), config.model_dump()
+        for key in FROZEN_ON_RESUME:
+            if _get(before, key) != _get(after, key):
+                raise ConfigError(f"{key} cannot change on --resume (it defines what the checkpoint means)")
+        config.output_dir = str(run.root)
+        return config, run
+    if config_source is None:
+        raise ConfigError("give a config file or preset name, or --resume RUN_DIR")
+    config = load_config(config_source, overrides, ESRunConfig)
+    return config, RunDir.create(config.output_dir, overwrite)
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+class ESRun:
+    """One ES run in one process (or one of several under torchrun: a share of the members each)."""
+
+    def __init__(self, config: ESRunConfig, run: RunDir, loaded: LoadedModel, task: Task,
+                 train: list[Example], test: list[Example]):
+        self.config, self.run, self.task = config, run, task
+        self.rank, self.world_size = distributed.world()
+        self.is_main = self.rank == 0
+        self.loaded = loaded
+        tokenizer = loaded.tokenizer
+        self.train = Split(train, render_all(tokenizer, train))
+        self.test = Split(test, render_all(tokenizer, test))
+        space_cfg = config.space
+        gen = config.generation
+        self.engine = PopulationEngine(
+            loaded.model, tokenizer, space_cfg.target_modules, space_cfg.layers,
+            eos_token_ids=eos_token_ids(loaded.model, tokenizer),
+            max_batch_rows=gen.max_batch_rows, memory_fraction=gen.memory_fraction,
+        )
+        self.space = LoRASpace(self.engine.shapes(), space_cfg.rank, space_cfg.alpha)
+        es = config.es
+        self.strategy = EvolutionStrategy(
+            self.space.initial_theta(config.seed, space_cfg.init).to(loaded.device),
+            population=es.population, sigma=es.sigma, learning_rate=es.learning_rate, antithetic=es.antithetic,
+            fitness_shaping=es.fitness, optimizer=es.optimizer, weight_decay=es.weight_decay,
+            betas=es.adam_betas, seed=config.seed,
+        )
+        self.members = distributed.member_share(es.population, self.rank, self.world_size)
+        self.tracker: Tracker | None = None
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def sampling(self, generation: int, max_new_tokens: int | None = None) -> SamplingParams:
+        gen = self.config.generation
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+            stop_strings=tuple(gen.stop) + tuple(self.task.stop_strings),
+            seed=stream_key(self.config.seed, generation)[0],
+        )
+
+    def prompt_indices(self, generation: int) -> list[int]:
+        """All training prompts, or the generation's slice of a cycle through them."""
+        m, k = len(self.train.prompt_ids), self.config.es.prompts_per_generation
+        if k is None or k >= m:
+            return list(range(m))
+        return [(generation * k + j) % m for j in range(k)]
+
+    def population_fitness(self, members_theta: torch.Tensor, generation: int) -> tuple[torch.Tensor, dict]:
+        """Mean reward of each member on this generation's prompts (every process gets all N)."""
+        indices = self.prompt_indices(generation)
+        examples = [self.train.examples[i] for i in indices]
+        t0 = time.perf_counter()
+        self.engine.set_adapters(self.space.unflatten(members_theta), self.space.scale)
+        out = self.engine.generate([self.train.prompt_ids[i] for i in indices], self.members, self.sampling(generation))
+        t1 = time.perf_counter()
+        local = {m: summarize(score_all(self.task, examples, texts))["reward"] for m, texts in zip(self.members, out.texts)}
+        fitness = distributed.gather_fitness(local, self.config.es.population, self.loaded.device)
+        t2 = time.perf_counter()
+        return fitness, {"generate": t1 - t0, "score": t2 - t1, "tokens": out.num_tokens, "prompts": len(indices)}
+
+    def evaluate_theta(self, generation: int) -> tuple[dict, list[dict]]:
+        """Test metrics of the unperturbed θ (greedy by default), with its completions."""
+        if not self.test.examples:
+            return {}, []
+        self.engine.set_adapters(self.space.unflatten(self.strategy.theta[None]), self.space.scale)
+        out = self.engine.generate(
+            self.test.prompt_ids, [0], self.sampling(generation, self.config.eval.max_new_tokens)
+        )
+        scores = score_all(self.task, self.test.examples, out.texts[0])
+        rows = [
+            {"index": i, "completion": text, "reward": s.reward, "correct": s.correct}
+            for i, (text, s) in enumerate(zip(out.texts[0], scores))
+        ]
+        return summarize(scores), rows
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def record_evaluation(self, generation: int, metrics: dict, rows: list[dict], keep_completions: bool) -> None:
+        if not self.is_main or not metrics:
+            return
+        append_jsonl(self.run.evaluations_file, {"generation": generation, **metrics})
+        if keep_completions:
+            write_jsonl(self.run.results / f"completions_gen{generation:05d}.jsonl", rows)
+        if self.tracker:
+            self.tracker.log({f"test/{k}": v for k, v in metrics.items()}, generation)
+
+    def checkpoint(self) -> None:
+        if self.is_main:
+            self.run.save_checkpoint({"strategy": self.strategy.state_dict(), "config": self.config.model_dump()})
+
+    def restore(self) -> int:
+        """Load the checkpoint if there is one; trim result files written after it. Returns the generation."""
+        state = self.run.load_checkpoint()
+        if state is None:
+            if self.is_main:
+                write_jsonl(self.run.history_file, [])
+                write_jsonl(self.run.evaluations_file, [])
+            return 0
+        self.strategy.load_state_dict(state["strategy"])
+        g = self.strategy.generation
+        if self.is_main:
+            write_jsonl(self.run.history_file, [r for r in read_jsonl(self.run.history_file) if r["generation"] < g])
+            write_jsonl(self.run.evaluations_file,
+                        [r for r in read_jsonl(self.run.evaluations_file) if r["generation"] <= g])
+        return g
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train_loop(self) -> dict:
+        config, es = self.config, self.config.es
+        start = self.restore()
+        started = time.time()
+        if self.is_main:
+            atomic_write_text(self.run.config_file, dump_config(config))
+            self.tracker = Tracker(config, self.run.logs)
+        evaluated = {r["generation"] for r in read_jsonl(self.run.evaluations_file)}
+        if start == 0 and 0 not in evaluated:
+            metrics, rows = self.evaluate_theta(0)
+            self.record_evaluation(0, metrics, rows, keep_completions=True)
+            log.info("base model test metrics: %s", _fmt(metrics))
+        bar = tqdm(total=es.generations, initial=start, desc="ES", unit="gen",
+                   disable=not (self.is_main and config.logging.progress), dynamic_ncols=True)
+        status = "finished"
+        try:
+            with _sigterm_as_interrupt():
+                for g in range(start, es.generations):
+                    row = self.one_generation(g)
+                    bar.update(1)
+                    bar.set_postfix_str(_postfix(row))
+        except KeyboardInterrupt:
+            status = "interrupted"
+            log.warning("interrupted: the generation in progress is abandoned; the checkpoint at generation %d is kept",
+                        self.strategy.generation)
+            state = self.run.load_checkpoint()
+            if state is not None:
+                self.strategy.load_state_dict(state["strategy"])
+        finally:
+            bar.close()
+        return self.finish(status, time.time() - started)
+
+    def one_generation(self, g: int) -> dict:
+        es, every = self.config.es, self.config.eval.every
+        members_theta = self.strategy.ask()
+        fitness, stats = self.population_fitness(members_theta, g)
+        t0 = time.perf_counter()
+        update = self.strategy.tell(fitness)
+        t_update = time.perf_counter() - t0
+        test_metrics, t_eval = None, 0.0
+        done = self.strategy.generation
+        if every and done % every == 0 and done < es.generations:
+            t0 = time.perf_counter()
+            test_metrics, rows = self.evaluate_theta(done)
+            t_eval = time.perf_counter() - t0
+            self.record_evaluation(done, test_metrics, rows, keep_completions=False)
+        f = fitness.numpy()
+        row = {
+            "generation": g,
+            "fitness": f.tolist(),
+            "mean": float(f.mean()), "std": float(f.std()), "min": float(f.min()), "max": float(f.max()),
+            "p20": float(np.percentile(f, 20)), "p80": float(np.percentile(f, 80)),
+            "best_member": int(f.argmax()),
+            "tokens": stats["tokens"], "prompts": stats["prompts"],
+            "tokens_per_s": stats["tokens"] / max(stats["generate"], 1e-9),
+            "time": {"generate": stats["generate"], "score": stats["score"], "update": t_update, "eval": t_eval},
+            **update,
+        }
+        if test_metrics:
+            row["test"] = test_metrics
+        if self.is_main:
+            append_jsonl(self.run.history_file, row)
+            if self.tracker:
+                metrics = {f"fitness/{k}": row[k] for k in ("mean", "max", "min", "std", "p20", "p80")}
+                metrics["speed/tokens_per_s"] = row["tokens_per_s"]
+                self.tracker.log(metrics | {f"time/{k}": v for k, v in row["time"].items()}, g)
+        self.checkpoint()
+        return row
+
+    def finish(self, status: str, wall_time: float) -> dict:
+        g = self.strategy.generation
+        evaluations = {r["generation"]: r for r in read_jsonl(self.run.evaluations_file)}
+        if status == "finished" and g not in evaluations:
+            metrics, rows = self.evaluate_theta(g)
+            self.record_evaluation(g, metrics, rows, keep_completions=True)
+            evaluations[g] = {"generation": g, **metrics}
+        if not self.is_main:
+            return {}
+        self.space.export_peft(self.strategy.theta, self.run.adapter_dir, self.config.model.name_or_path,
+                               self.config.space.layers)
+        history = read_jsonl(self.run.history_file)
+        summary = {
+            "status": status,
+            "generations": g,
+            "base": evaluations.get(0),
+            "final": evaluations.get(g) if status == "finished" else None,
+            "last_evaluated": evaluations[max(evaluations)] if evaluations else None,
+            "best_mean_fitness": max((h["mean"] for h in history), default=None),
+            "tokens_generated": sum(h["tokens"] for h in history),
+            "wall_time_s_this_session": wall_time,
+            "device": str(self.loaded.device),
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "world_size": self.world_size,
+            "model": self.config.model.name_or_path,
+            "task": self.config.task.name,
+        }
+        atomic_write_text(self.run.summary_file, json.dumps(summary, indent=2))
+        reports.write_figures(self.run.root)
+        if self.tracker:
+            self.tracker.close()
+        log.info("run %s: %s after %d generations; base %s, final %s", self.run.root, status, g,
+                 _fmt(summary["base"]), _fmt(summary["final"]))
+        return summary
+
+
+def run_es(config_source: str | None, overrides: list[str], *, resume: str | None = None,
+           overwrite: bool = False) -> tuple[RunDir, dict]:
+    """Validate, load data, then the model; run; return the run folder and its summary."""
+    config, run = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
+    rank, _ = distributed.world()
+    _log_to(run.logs / "run.log" if rank == 0 else None)
+    task = load_task(config.task.name, config.task.options)
+    train, test = load_splits(config, task)
+    config.model.device = distributed.local_device_name(config.model.device)
+    torch.manual_seed(config.seed)
+    loaded = load_model(config.model)
+    log.info("model %s on %s (%s); %d train / %d test examples", config.model.name_or_path, loaded.device,
+             loaded.dtype, len(train), len(test))
+    es_run = ESRun(config, run, loaded, task, train, test)
+    summary = es_run.train_loop()
+    return run, summary
+
+
+def _fmt(metrics: dict | None) -> str:
+    if not metrics:
+        return "-"
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _postfix(row: dict) -> str:
+    text = f"mean={row['mean']:.4g} best={row['max']:.4g} tok/s={row['tokens_per_s']:.0f}"
+    test = row.get("test") or {}
+    metric = test.get("accuracy") if test.get("accuracy") is not None else test.get("reward")
+    return text + (f" test={metric:.4g}" if metric is not None else "")
+
+
+class Tracker:
+    """TensorBoard events under logs/, and Weights & Biases when enabled."""
+
+    def __init__(self, config: ESRunConfig, logs: Path):
+        self.tensorboard = None
+        self.wandb = None
+        if config.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(logs / "tensorboard"))
+        if config.logging.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("logging.wandb=true needs the wandb extra: pip install 'evolm[wandb]'") from None
+            self.wandb = wandb.init(project=config.logging.wandb_project, config=config.model_dump(), dir=str(logs))
+
+    def log(self, metrics: dict[str, float | None], step: int) -> None:
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        if self.tensorboard:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _log_to(path: Path | None) -> None:
+    log.setLevel(logging.INFO)
+    if path is not None and not any(isinstance(h, logging.FileHandler) for h in log.handlers):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """A scheduler's SIGTERM gets the same clean stop as Ctrl-C."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,182 @@
+"""Run folders: creation without silent overwrites, atomic checkpoints, history files, listing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class RunDirError(RuntimeError):
+    """A run folder cannot be used as asked; the message says what to do instead."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a missing file or a half-written line (a run still going) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@dataclass
+class RunDir:
+    """The layout of one run folder (see SPEC "Run folder")."""
+
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def history_file(self) -> Path:
+        return self.results / "history.jsonl"
+
+    @property
+    def evaluations_file(self) -> Path:
+        return self.results / "evaluations.jsonl"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.results / "summary.json"
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.root / "checkpoints" / "latest.pt"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @classmethod
+    def create(cls, path: str | Path, overwrite: bool) -> "RunDir":
+        """A fresh run folder; a non-empty one is only emptied when `overwrite` is set."""
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise RunDirError(f"output_dir {root} exists and is not a folder")
+        if root.is_dir() and any(root.iterdir()):
+            if not overwrite:
+                raise RunDirError(
+                    f"output_dir {root} is not empty; pass --overwrite to replace it, "
+                    f"--resume {root} to continue it, or choose another output_dir"
+                )
+            shutil.rmtree(root)
+        run = cls(root)
+        for folder in (run.results, run.checkpoint_file.parent, run.figures, run.logs):
+            folder.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        run = cls(Path(path))
+        if not run.config_file.is_file():
+            raise RunDirError(f"{path} is not a run folder (no config.yaml)")
+        return run
+
+    def save_checkpoint(self, state: dict) -> None:
+        atomic_torch_save(state, self.checkpoint_file)
+
+    def load_checkpoint(self) -> dict | None:
+        if not self.checkpoint_file.is_file():
+            return None
+        return torch.load(self.checkpoint_file, map_location="cpu", weights_only=False)
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Every run folder below `root` (ES and search), newest first."""
+    rows = []
+    for config in sorted(Path(root).glob("**/config.yaml")):
+        run = config.parent
+        history = read_jsonl(run / "results" / "history.jsonl")
+        summary_path = run / "results" / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        last = history[-1] if history else {}
+        rows.append(
+            {
+                "path": str(run),
+                "modified": max(p.stat().st_mtime for p in run.rglob("*") if p.is_file()),
+                "generations": len(history),
+                "last_mean_fitness": last.get("mean"),
+                "final": summary.get("final"),
+                "status": summary.get("status", "running or stopped" if history else "new"),
+                "size_mb": sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) / 2**20,
+            }
+        )
+    rows.sort(key=lambda r: r["modified"], reverse=True)
+    return rows
+
+
+def cleanup_runs(root: Path, keep: int) -> list[str]:
+    """Delete all but the `keep` most recently modified runs; returns what was deleted."""
+    doomed = [r["path"] for r in list_runs(root)[keep:]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def format_age(timestamp: float) -> str:
+    seconds = time.time() - timestamp
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return "just now"
