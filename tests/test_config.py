@@ -1,0 +1,76 @@
+"""Configuration: presets, overrides and the messages users see for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from evolm.config import ConfigError, ESRunConfig, apply_overrides, load_config, preset_names
+from evolm.space import LoRASpace
+
+
+def test_presets_carry_the_paper_defaults():
+    assert {"countdown", "conciseness"} <= set(preset_names())
+    for name in ("countdown", "conciseness"):
+        config = load_config(name)
+        assert (config.es.population, config.es.sigma, config.es.learning_rate) == (30, 0.001, 0.0005)
+        assert config.generation.temperature == 0.0 and config.space.kind == "lora"
+    assert load_config("countdown").generation.max_new_tokens == 1024
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config("countdown", ["es.population=8", "es.sigma=1e-2", "es.antithetic=false",
+                                       "space.target_modules=[q_proj, v_proj]", "output_dir=runs/x"])
+    assert config.es.population == 8 and config.es.sigma == 0.01 and config.es.antithetic is False
+    assert config.space.target_modules == ["q_proj", "v_proj"] and config.output_dir == "runs/x"
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("es.sigmaa=1", "unknown field 'es.sigmaa'; allowed: generations, population, sigma"),
+        ("es.population=7", "even"),
+        ("es.fitness=softmax", "es.fitness"),
+        ("model.device=tpu", "model.device"),
+        ("es.generations=many", "es.generations"),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_bad_values_name_the_field(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        load_config("countdown", [override])
+
+
+def test_missing_and_unknown_sources(tmp_path):
+    with pytest.raises(ConfigError, match="neither a config file nor a preset"):
+        load_config("no-such-preset")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "c.yaml").write_text("task: {name: countdown}\n")
+    with pytest.raises(ConfigError, match="missing required field 'model'"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_override_cannot_descend_into_a_value():
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_lora_space_layout_and_standard_init():
+    space = LoRASpace({"b.proj": (8, 4), "a.proj": (6, 10)}, rank=2, alpha=4.0)
+    assert space.dim == 2 * 6 + 10 * 2 + 2 * 8 + 4 * 2 and space.scale == 2.0
+    theta = space.initial_theta(seed=0)
+    weights = space.unflatten(theta[None])
+    assert list(weights) == ["a.proj", "b.proj"]  # sorted, whatever the input order
+    for name, (fan_in, _) in space.shapes.items():
+        A, B = weights[name].A[0], weights[name].B[0]
+        assert B.abs().sum() == 0  # generation 0 is the base model exactly
+        assert A.abs().max() <= fan_in**-0.5 and A.abs().sum() > 0
+    assert space.initial_theta(seed=0).equal(theta) and not space.initial_theta(seed=1).equal(theta)
+    random_b = space.unflatten(space.initial_theta(0, "random")[None])
+    assert all(w.B.abs().sum() > 0 for w in random_b.values())
+    assert space.flatten({n: (w.A[0], w.B[0]) for n, w in weights.items()}).equal(theta)
+
+
+def test_schema_round_trip():
+    config = load_config("conciseness")
+    assert ESRunConfig.model_validate(config.model_dump()) == config

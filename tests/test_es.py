@@ -1,0 +1,163 @@
+"""The ES loop end to end on a tiny real model: it learns, resumes bit-identically, refuses to clobber."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from evolm.config import ConfigError
+from evolm.es import run_es
+from evolm.runs import RunDirError, read_jsonl
+
+TESTS = Path(__file__).parent
+LETTER_TASK = "helpers.letter_task:LetterTask"
+
+
+def write_config(path: Path, model: Path, out: Path, **sections) -> Path:
+    config = {
+        "output_dir": str(out),
+        "model": {"name_or_path": str(model)},
+        "task": {"name": LETTER_TASK},
+        "space": {"rank": 2, "alpha": 2.0, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+        "es": {"generations": 12, "population": 8, "sigma": 1.0, "learning_rate": 1.0, "optimizer": "adam"},
+        "generation": {"max_new_tokens": 12},
+        "eval": {"every": 4},
+        "logging": {"progress": False},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def test_es_improves_reward_on_tiny_problem(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run")
+    run, summary = run_es(str(config), [])
+    history = read_jsonl(run.history_file)
+    assert [h["generation"] for h in history] == list(range(12))
+    assert all(len(h["fitness"]) == 8 for h in history)
+    early = sum(h["mean"] for h in history[:3]) / 3
+    late = sum(h["mean"] for h in history[-3:]) / 3
+    assert late > early + 0.2, f"mean fitness should rise clearly: {early:.3f} -> {late:.3f}"
+    assert summary["final"]["reward"] > summary["base"]["reward"] + 0.2
+    assert summary["status"] == "finished"
+    evaluations = read_jsonl(run.evaluations_file)
+    assert [e["generation"] for e in evaluations] == [0, 4, 8, 12]
+    for name in ("figures/evolution.png", "figures/time_breakdown.png", "adapter/adapter_config.json",
+                 "checkpoints/latest.pt", "config.yaml", "logs/run.log"):
+        assert (run.root / name).is_file(), name
+    assert any((run.root / "logs" / "tensorboard").iterdir())
+    # the exported adapter is a PEFT adapter of that model
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    PeftModel.from_pretrained(base, run.adapter_dir)
+
+
+def test_resume_is_bit_identical(tiny_llama, tmp_path):
+    straight = write_config(tmp_path / "a.yaml", tiny_llama, tmp_path / "straight", es={"generations": 4})
+    run_a, _ = run_es(str(straight), [])
+    stopped = write_config(tmp_path / "b.yaml", tiny_llama, tmp_path / "stopped", es={"generations": 2})
+    run_b, first = run_es(str(stopped), [])
+    assert first["generations"] == 2
+    run_b, _ = run_es(None, ["es.generations=4"], resume=str(run_b.root))
+    a = load_file(run_a.adapter_dir / "adapter_model.safetensors")
+    b = load_file(run_b.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), key
+    assert [h["fitness"] for h in read_jsonl(run_a.history_file)] == [
+        h["fitness"] for h in read_jsonl(run_b.history_file)
+    ]
+
+
+def test_resume_refuses_to_change_what_the_checkpoint_means(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", es={"generations": 1})
+    run, _ = run_es(str(config), [])
+    with pytest.raises(ConfigError, match="es.population"):
+        run_es(None, ["es.population=4"], resume=str(run.root))
+
+
+def test_non_empty_output_dir_is_refused_and_untouched(tiny_llama, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    config = write_config(tmp_path / "c.yaml", tiny_llama, out)
+    with pytest.raises(RunDirError, match="--overwrite"):
+        run_es(str(config), [])
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert (out / "precious.txt").read_text() == "keep me"
+    run, _ = run_es(str(config), ["es.generations=1"], overwrite=True)
+    assert not (out / "precious.txt").exists() and run.summary_file.is_file()
+
+
+def test_bad_config_fails_before_anything_is_loaded(tmp_path):
+    missing_model = tmp_path / "no-such-model"
+    config = write_config(tmp_path / "c.yaml", missing_model, tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        run_es(str(config), ["es.sigma=-0.1", "es.populaton=8"])
+    message = str(err.value)
+    assert "es.sigma" in message and "greater than 0" in message
+    assert "unknown field 'es.populaton'" in message and "population" in message
+    assert not (tmp_path / "run").exists()
+
+
+def _cli(*args: str) -> tuple[list[str], dict]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return [sys.executable, "-m", "evolm.cli", *args], env
+
+
+def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_llama, out, es={"generations": 400}, eval={"every": 0})
+    cmd, env = _cli("es", str(config))
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    history = out / "results" / "history.jsonl"
+    deadline = time.time() + 120
+    while len(read_jsonl(history)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["final"] is None
+    done = summary["generations"]
+    assert 3 <= done < 400
+    assert len(read_jsonl(history)) == done
+    # continue to a few generations past the stop; it must equal an uninterrupted run of that length
+    target = done + 2
+    cmd, env = _cli("es", "--resume", str(out), f"es.generations={target}")
+    subprocess.run(cmd, env=env, cwd=tmp_path, check=True, capture_output=True)
+    ref, _ = run_es(str(config), [f"es.generations={target}", f"output_dir={tmp_path / 'ref'}"])
+    a = load_file(out / "adapter" / "adapter_model.safetensors")
+    b = load_file(ref.adapter_dir / "adapter_model.safetensors")
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_evaluate_compare_reports_improvements(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run")
+    run, _ = run_es(str(config), [])
+    cmd, env = _cli("evaluate", "--adapter", str(run.adapter_dir), "--task", LETTER_TASK, "--compare",
+                    "--max-new-tokens", "12", "--output", str(tmp_path / "report.json"))
+    subprocess.run(cmd, env=env, cwd=tmp_path, check=True, capture_output=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["adapter_metrics"]["reward"] > report["base_metrics"]["reward"]
+    assert report["comparison"]["improvements"] >= 1
+    assert sum(report["comparison"].values()) == report["examples"]
+    cmd, env = _cli("runs", "list", str(tmp_path))
+    listing = subprocess.run(cmd, env=env, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    assert "run" in listing and "finished" in listing
