@@ -1,0 +1,1 @@
+"""Built-in `evolm search` presets (YAML files in this package)."""

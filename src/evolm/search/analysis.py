@@ -1,0 +1,267 @@
+"""`evolm analyze RUN_DIR`: figures and a Markdown report from a search run's database.
+
+Works on a finished or a running run (it only reads). Figures: family tree, performance timeline,
+hyperparameter heatmaps, survival, mutation effectiveness; all in RUN_DIR/analysis/.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from evolm.config import ConfigError  # noqa: E402
+from evolm.search.outputs import atomic_write, best_variant  # noqa: E402
+from evolm.search.store import Store, Variant  # noqa: E402
+
+EDGE_STYLE = {"survivor": ("0.5", "-"), "mutation": ("tab:blue", "-"), "crossover": ("tab:red", "--")}
+
+
+def analyze(run_dir: Path) -> Path:
+    """Write RUN_DIR/analysis/*.png and RUN_DIR/analysis/report.md; returns the report's path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.db").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not an evolm search run folder (config.yaml and run.db expected)")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    store = Store(run_dir / "run.db")
+    try:
+        variants = store.variants()
+    finally:
+        store.close()
+    out = run_dir / "analysis"
+    out.mkdir(exist_ok=True)
+    scored = [v for v in variants if v.state == "done"]
+    figures = {}
+    if scored:
+        figures = {
+            "Family tree": family_tree(variants, out / "family_tree.png"),
+            "Performance timeline": timeline(scored, out / "timeline.png"),
+            "Hyperparameter heatmap": heatmaps(scored, out / "hyperparameter_heatmap.png"),
+            "Survival": survival(variants, out / "survival.png"),
+            "Mutation effectiveness": mutation_effect(variants, out / "mutation_effectiveness.png"),
+        }
+    report = out / "report.md"
+    atomic_write(report, render_report(config, variants, figures))
+    return report
+
+
+def _save(fig: plt.Figure, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def family_tree(variants: list[Variant], path: Path) -> str:
+    """Generations left to right; edges: survivor (grey), mutation (blue), crossover (red, dashed)."""
+    where = {v.id: (v.generation, v.slot) for v in variants}
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * (max(x for x, _ in where.values()) + 2)), 5))
+    for v in variants:
+        colour, style = EDGE_STYLE.get(v.origin, ("0.5", "-"))
+        for parent in v.parents:
+            (x0, y0), (x1, y1) = where[parent], where[v.id]
+            ax.plot([x0, x1], [y0, y1], color=colour, linestyle=style, linewidth=1.2, zorder=1)
+    done = [v for v in variants if v.state == "done"]
+    points = ax.scatter([v.generation for v in done], [v.slot for v in done], c=[v.fitness for v in done],
+                        cmap="viridis", s=260, zorder=2, edgecolors="k")
+    waiting = [v for v in variants if v.state != "done"]
+    ax.scatter([v.generation for v in waiting], [v.slot for v in waiting], c="white", s=260, zorder=2, edgecolors="0.6")
+    for v in variants:
+        ax.annotate(str(v.id), where[v.id], ha="center", va="center", fontsize=7, zorder=3)
+    best = best_variant(variants)
+    if best:
+        ax.scatter([best.generation], [best.slot], s=520, facecolors="none", edgecolors="tab:orange", linewidths=2.5, zorder=3)
+    fig.colorbar(points, ax=ax, label="fitness")
+    for origin, (colour, style) in EDGE_STYLE.items():
+        ax.plot([], [], color=colour, linestyle=style, label=origin)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
+    ax.set(xlabel="generation", ylabel="slot", title="Family tree (orange ring: best)",
+           xticks=sorted({v.generation for v in variants}), yticks=sorted({v.slot for v in variants}))
+    ax.invert_yaxis()
+    return _save(fig, path)
+
+
+def timeline(scored: list[Variant], path: Path) -> str:
+    """Fitness (every variant, mean, best), accuracy and answer perplexity per generation."""
+    generations = sorted({v.generation for v in scored})
+    by_gen = {g: [v for v in scored if v.generation == g] for g in generations}
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    for ax, key, label in zip(axes, ("fitness", "accuracy", "perplexity"), ("fitness", "accuracy", "answer perplexity")):
+        values = {g: [_metric(v, key) for v in vs if _metric(v, key) is not None] for g, vs in by_gen.items()}
+        xs = [g for g in generations for _ in values[g]]
+        ax.scatter(xs, [y for g in generations for y in values[g]], s=18, color="0.6", label="variants")
+        present = [g for g in generations if values[g]]
+        ax.plot(present, [np.mean(values[g]) for g in present], marker="o", label="mean")
+        best = max if key != "perplexity" else min
+        ax.plot(present, [best(values[g]) for g in present], marker="s", label="best")
+        ax.set_ylabel(label)
+        if key == "perplexity" and present and min(min(values[g]) for g in present) > 0:
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    axes[-1].set_xlabel("generation")
+    axes[-1].set_xticks(generations)
+    return _save(fig, path)
+
+
+def _metric(v: Variant, key: str) -> float | None:
+    return v.fitness if key == "fitness" else v.metrics.get(key)
+
+
+def _label(gene: str, value) -> str:
+    return f"{value:.2g}" if gene == "learning_rate" else str(value)
+
+
+def heatmaps(scored: list[Variant], path: Path) -> str:
+    """Mean fitness over variants for pairs of hyperparameters (blank: never tried)."""
+    pairs = [("rank", "learning_rate"), ("target_modules", "alpha_multiplier"), ("dropout", "epochs")]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4))
+    for ax, (row_gene, col_gene) in zip(axes, pairs):
+        cells = defaultdict(list)
+        for v in scored:
+            genes = v.genes.to_dict()
+            cells[(genes[row_gene], _label(col_gene, genes[col_gene]))].append(v.fitness)
+        rows = sorted({r for r, _ in cells}, key=str if row_gene == "target_modules" else float)
+        cols = sorted({c for _, c in cells}, key=float)
+        grid = np.full((len(rows), len(cols)), np.nan)
+        for (r, c), values in cells.items():
+            grid[rows.index(r), cols.index(c)] = np.mean(values)
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.3g}\n(n={len(cells[(rows[i], cols[j])])})", ha="center", va="center",
+                        fontsize=7, color="w")
+        ax.set_xticks(range(len(cols)), cols, rotation=45)
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        ax.set(xlabel=col_gene, ylabel=row_gene)
+        fig.colorbar(image, ax=ax, label="mean fitness")
+    return _save(fig, path)
+
+
+def lines(variants: list[Variant]) -> dict[int, list[Variant]]:
+    """Variants grouped by the configuration line they continue (survivors join their parent's line)."""
+    root: dict[int, int] = {}
+    grouped: dict[int, list[Variant]] = defaultdict(list)
+    for v in sorted(variants, key=lambda v: v.id):
+        root[v.id] = root[v.parents[0]] if v.origin == "survivor" else v.id
+        grouped[root[v.id]].append(v)
+    return grouped
+
+
+def survival_rates(variants: list[Variant]) -> dict[str, tuple[int, int]]:
+    """For each origin, (variants selected to survive, variants that could have been), last generation excluded."""
+    survived = {v.parents[0] for v in variants if v.origin == "survivor"}
+    last = max((v.generation for v in variants), default=0)
+    rates: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for v in variants:
+        if v.state == "done" and v.generation < last:
+            rates[v.origin][0] += v.id in survived
+            rates[v.origin][1] += 1
+    return {origin: (a, b) for origin, (a, b) in rates.items()}
+
+
+def survival(variants: list[Variant], path: Path) -> str:
+    """Generations each configuration line lived, and how often each kind of variant was selected."""
+    grouped = lines(variants)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    roots = sorted(grouped, key=lambda r: (-len(grouped[r]), r))
+    best = [max((x.fitness for x in grouped[r] if x.fitness is not None), default=np.nan) for r in roots]
+    bars = left.bar(range(len(roots)), [len(grouped[r]) for r in roots], color=plt.cm.viridis(_unit(best)))
+    left.set_xticks(range(len(roots)), [f"{r}\nr{grouped[r][0].genes.rank}" for r in roots], fontsize=7)
+    left.set(xlabel="line (first variant id, rank)", ylabel="generations alive", title="Survival of configurations")
+    left.bar_label(bars, [f"{b:.3g}" for b in best], fontsize=7)
+    rates = survival_rates(variants)
+    names = sorted(rates)
+    right.bar(names, [rates[n][0] / rates[n][1] for n in names], color="tab:green")
+    right.set(ylabel="share selected to survive", title="Selection by origin", ylim=(0, 1))
+    for i, n in enumerate(names):
+        right.text(i, rates[n][0] / rates[n][1] + 0.02, f"{rates[n][0]}/{rates[n][1]}", ha="center", fontsize=8)
+    return _save(fig, path)
+
+
+def _unit(values: list[float]) -> np.ndarray:
+    array = np.nan_to_num(np.array(values, dtype=float), nan=np.nanmin(values) if np.isfinite(values).any() else 0.0)
+    span = array.max() - array.min() if array.size else 0.0
+    return (array - array.min()) / span if span > 0 else np.full_like(array, 0.5)
+
+
+def fitness_changes(variants: list[Variant]) -> dict[str, list[float]]:
+    """Fitness gained over the first (fitter) parent: by origin, and by each mutated hyperparameter."""
+    by_id = {v.id: v for v in variants}
+    changes: dict[str, list[float]] = defaultdict(list)
+    for v in variants:
+        parent = by_id[v.parents[0]] if v.parents else None
+        if v.state != "done" or parent is None or parent.fitness is None:
+            continue
+        delta = v.fitness - parent.fitness
+        changes["continued training" if v.origin == "survivor" else v.origin].append(delta)
+        for gene in v.mutated:
+            changes[f"mutated {gene}"].append(delta)
+    return dict(changes)
+
+
+def mutation_effect(variants: list[Variant], path: Path) -> str:
+    changes = fitness_changes(variants)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(changes) + 2), 4))
+    names = sorted(changes)
+    if names:
+        ax.boxplot([changes[n] for n in names], showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={len(changes[n])})" for n in names], fontsize=7, rotation=30)
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.set(ylabel="fitness - parent's fitness", title="Mutation effectiveness")
+    return _save(fig, path)
+
+
+def _row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def render_report(config: dict, variants: list[Variant], figures: dict[str, str]) -> str:
+    scored = [v for v in variants if v.state == "done"]
+    evolution = config.get("evolution", {})
+    total = evolution.get("population", 0) * evolution.get("generations", 0)
+    text = [f"# evolm search report: {config['task']['name']} on {config['model']['name_or_path']}", "",
+            f"{len(scored)} of {total} variants scored; fitness = {config['fitness']['accuracy_weight']} x accuracy "
+            f"- {config['fitness']['perplexity_weight']} x answer perplexity.", ""]
+    best = best_variant(variants)
+    if best is None:
+        return "\n".join(text + ["No variant has been scored yet."]) + "\n"
+    genes = best.genes.to_dict()
+    text += ["## Best variant", "", _row(["id", "generation", *genes, "alpha", "fitness", "accuracy", "perplexity"]),
+             _row(["---"] * (len(genes) + 6)),
+             _row([best.id, best.generation, *[_label(k, x) for k, x in genes.items()], best.genes.alpha,
+                   _num(best.fitness), _num(best.metrics.get("accuracy")), _num(best.metrics.get("perplexity"))]),
+             "", f"Adapter: `{best.adapter}` (exported to `best_adapter/` when the run ends).", "",
+             "## Generations", "", _row(["generation", "scored", "best fitness", "mean fitness", "best accuracy",
+                                         "lowest perplexity", "train s", "eval s"]), _row(["---"] * 8)]
+    for g in sorted({v.generation for v in scored}):
+        vs = [v for v in scored if v.generation == g]
+        accuracies = [v.metrics["accuracy"] for v in vs if v.metrics.get("accuracy") is not None]
+        text.append(_row([g, len(vs), _num(max(v.fitness for v in vs)), _num(np.mean([v.fitness for v in vs])),
+                          _num(max(accuracies)) if accuracies else "n/a", _num(min(v.metrics["perplexity"] for v in vs)),
+                          f"{sum(v.metrics['train_s'] for v in vs):.0f}", f"{sum(v.metrics['eval_s'] for v in vs):.0f}"]))
+    text += ["", "## Mutation effectiveness", "", "Fitness of a variant minus that of its first (fitter) parent.", "",
+             _row(["change", "n", "mean", "improved"]), _row(["---"] * 4)]
+    for name, deltas in sorted(fitness_changes(variants).items()):
+        text.append(_row([name, len(deltas), _num(float(np.mean(deltas))), f"{sum(d > 0 for d in deltas)}/{len(deltas)}"]))
+    text += ["", "## Survival", "", _row(["origin", "selected to survive"]), _row(["---"] * 2)]
+    text += [_row([origin, f"{a}/{b}"]) for origin, (a, b) in sorted(survival_rates(variants).items())]
+    text += ["", "## All scored variants (best first)", "",
+             _row(["id", "gen", "origin", "parents", *genes, "fitness", "accuracy", "perplexity", "loss"]),
+             _row(["---"] * (len(genes) + 8))]
+    for v in sorted(scored, key=lambda v: -v.fitness):
+        text.append(_row([v.id, v.generation, v.origin + (f" ({', '.join(v.mutated)})" if v.mutated else ""),
+                          ",".join(map(str, v.parents)) or "-", *[_label(k, x) for k, x in v.genes.to_dict().items()],
+                          _num(v.fitness), _num(v.metrics.get("accuracy")), _num(v.metrics.get("perplexity")),
+                          _num(v.metrics.get("train_loss"))]))
+    text += [""] + [f"## {title}\n\n![{title}]({name})\n" for title, name in figures.items()]
+    return "\n".join(text) + "\n"

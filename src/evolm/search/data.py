@@ -1,0 +1,88 @@
+"""Examples for search: the train / evaluation split, and prompt + answer token ids in batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from evolm.config import TaskConfig
+from evolm.tasks import Example, Task, TaskError
+
+
+def load_splits(config: TaskConfig, task: Task) -> tuple[list[Example], list[Example]]:
+    """Training and evaluation examples. With a local training source and no test source, the last
+    test_size (default: a tenth, at most 200) training records are held out for evaluation."""
+    if not callable(getattr(task, "answer_text", None)):
+        raise TaskError(f"task '{config.name}' has no reference answers "
+                        "(an answer_text(example) method), which supervised fine-tuning needs")
+    train = task.load_split("train", config.train)
+    if config.test is None and config.train is not None:
+        held_out = config.test_size or max(1, min(200, len(train) // 10))
+        if held_out >= len(train):
+            raise TaskError(f"{config.train}: {len(train)} records leave nothing to train on after holding out "
+                            f"{held_out} for evaluation; set task.test or a smaller task.test_size")
+        train, test = train[:-held_out], train[-held_out:]
+    else:
+        test = task.load_split("test", config.test)
+    train, test = train[: config.train_size], test[: config.test_size]
+    if not train or not test:
+        raise TaskError(f"task '{config.name}': the {'training' if not train else 'evaluation'} split is empty")
+    return train, test
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt: list[int]
+    answer: list[int]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+    """Chat messages through the tokenizer's chat template (with the assistant turn opened); raw text as is."""
+    if isinstance(example.prompt, str):
+        return tokenizer(example.prompt).input_ids
+    text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example], max_length: int,
+           eos: int | None) -> list[Encoded]:
+    """Prompt and reference-answer ids (plus `eos` when given, so fine-tuning learns to stop). Rows longer
+    than max_length keep their answer (up to max_length - 1 tokens) and lose the start of the prompt."""
+    rows = []
+    for example in examples:
+        answer = tokenizer(task.answer_text(example), add_special_tokens=False).input_ids
+        answer = (answer + ([eos] if eos is not None else []))[: max_length - 1]
+        rows.append(Encoded(prompt_ids(tokenizer, example)[-(max_length - len(answer)):], answer))
+    return rows
+
+
+def collate(rows: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-padded prompt+answer rows, so every answer ends at the last position: the answer tokens of
+    all rows lie in the last `width` positions, and logits are needed there only."""
+    sequences = [r.prompt + r.answer for r in rows]
+    length = max(map(len, sequences))
+    width = max(len(r.answer) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    answer_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row, seq) in enumerate(zip(rows, sequences)):
+        input_ids[i, length - len(seq):] = torch.tensor(seq)
+        attention[i, length - len(seq):] = 1
+        answer_mask[i, width - len(row.answer):] = True
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    batch = dict(input_ids=input_ids, attention_mask=attention, position_ids=positions, answer_mask=answer_mask)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of each row's answer tokens, and their count (prompt tokens never
+    count). Only the last width+1 positions' logits are computed."""
+    mask = batch["answer_mask"]
+    width = mask.shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], logits_to_keep=width + 1).logits[:, :-1]
+    targets = batch["input_ids"][:, -width:]
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return (nll * mask).sum(-1), mask.sum(-1)

@@ -1,0 +1,85 @@
+"""Run-folder views of the database: results/history.jsonl, results/summary.json, best_adapter/."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evolm.search.evolution import Member, rank
+from evolm.search.store import Store, Variant
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def best_variant(variants: list[Variant]) -> Variant | None:
+    done = {v.id: v for v in variants if v.state == "done"}
+    ranked = rank([Member(v.id, v.genes, v.fitness) for v in done.values()])
+    return done[ranked[0].id] if ranked else None
+
+
+def member_record(v: Variant) -> dict[str, Any]:
+    return {"id": v.id, "slot": v.slot, "origin": v.origin, "parents": v.parents, "mutated": v.mutated,
+            "init_from": v.init_from, "genes": v.genes.to_dict(), "fitness": v.fitness, **v.metrics}
+
+
+def generation_record(generation: int, variants: list[Variant]) -> dict[str, Any]:
+    fitness = np.array([v.fitness for v in variants], dtype=float)
+    best = best_variant(variants)
+    return {
+        "generation": generation,
+        "members": [member_record(v) for v in variants],
+        "fitness": {"mean": fitness.mean(), "std": fitness.std(), "min": fitness.min(), "max": fitness.max(),
+                    "p20": np.percentile(fitness, 20), "p80": np.percentile(fitness, 80)},
+        "best_id": best.id if best else None,
+        "train_s": sum(v.metrics.get("train_s", 0.0) for v in variants),
+        "eval_s": sum(v.metrics.get("eval_s", 0.0) for v in variants),
+    }
+
+
+def complete_generations(store: Store) -> list[tuple[int, list[Variant]]]:
+    """(generation, its variants) for every generation whose variants are all scored."""
+    result = []
+    for generation in range(store.latest_generation() + 1):
+        variants = store.variants(generation)
+        if not all(v.state == "done" for v in variants):
+            break
+        result.append((generation, variants))
+    return result
+
+
+def write_history(store: Store, run_dir: Path) -> None:
+    lines = [json.dumps(generation_record(g, vs), default=float) for g, vs in complete_generations(store)]
+    atomic_write(run_dir / "results" / "history.jsonl", "".join(line + "\n" for line in lines))
+
+
+def export_best(store: Store, run_dir: Path, generations: int) -> Variant | None:
+    """Copy the best scored adapter to best_adapter/ (a PEFT folder) and write results/summary.json."""
+    variants = store.variants()
+    best = best_variant(variants)
+    if best is None:
+        return None
+    target = run_dir / "best_adapter"
+    temporary = run_dir / f".best_adapter.{os.getpid()}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.copytree(run_dir / best.adapter, temporary)
+    shutil.rmtree(target, ignore_errors=True)
+    temporary.rename(target)
+    summary = {
+        "finished": store.finished(generations),
+        "generations_completed": len(complete_generations(store)),
+        "variants_scored": sum(v.state == "done" for v in variants),
+        "best": {**member_record(best), "generation": best.generation, "alpha": best.genes.alpha,
+                 "adapter": str(best.adapter), "exported_to": "best_adapter"},
+    }
+    atomic_write(run_dir / "results" / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    return best

@@ -1,0 +1,216 @@
+"""`evolm search`: open or create a run folder, then work through its variants until the run is done.
+
+Any number of processes may run the same folder at once (`--resume RUN_DIR`, one per GPU): each
+claims pending variants from the database, and whoever finds a generation complete breeds the next.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+import yaml
+
+from evolm.config import ConfigError, apply_overrides, dump_config, load_config, validate
+from evolm.models import LoadedModel, eos_token_ids, load_model
+from evolm.search.config import SearchRunConfig, apply_mode
+from evolm.search.data import encode, load_splits, prompt_ids
+from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
+from evolm.search.fitness import evaluate
+from evolm.search.outputs import best_variant, export_best, write_history
+from evolm.search.store import Store, Variant, worker_name
+from evolm.search.training import attach, check_target_modules, inherit, save_adapter, train
+from evolm.tasks import Example, Task, load_task
+
+PRESETS = "evolm.presets.search"
+RESUMABLE = ("model.device", "model.attn_implementation", "workers.")  # what a resumed run may change
+log = logging.getLogger("evolm.search")
+
+
+def run_search(config_source: str | None, overrides: list[str], *, resume: str | None = None,
+               overwrite: bool = False, mode: Literal["full", "quick", "pipeline"] = "full") -> Path:
+    """Start a run (config file or preset + overrides), or continue / join one with `resume`; returns
+    the run folder. Everything is validated and the data loaded before the folder is touched."""
+    if resume is not None:
+        run_dir = Path(resume)
+        config = _resumed_config(run_dir, overrides, mode)
+    elif not config_source:
+        raise ConfigError("give a config file or preset name, or --resume RUN_DIR")
+    else:
+        config = apply_mode(load_config(config_source, overrides, SearchRunConfig, presets=PRESETS), mode)
+        run_dir = Path(config.output_dir)
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            raise ConfigError(f"output folder {run_dir} is not empty; pass --overwrite to replace it, "
+                              f"or --resume {run_dir} to continue it")
+    task = load_task(config.task.name, config.task.options)
+    train_examples, test_examples = load_splits(config.task, task)
+    if resume is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    with _logging(run_dir):
+        store = Store(run_dir / "run.db")
+        try:
+            Worker(config, run_dir, store, task, train_examples, test_examples).run()
+            write_history(store, run_dir)
+            best = export_best(store, run_dir, config.evolution.generations)
+            if best is not None and store.finished(config.evolution.generations):
+                log.info("run complete: best variant %d (fitness %.4f) exported to %s", best.id, best.fitness,
+                         run_dir / "best_adapter")
+        finally:
+            store.close()
+    return run_dir
+
+
+def _resumed_config(run_dir: Path, overrides: list[str], mode: str) -> SearchRunConfig:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file() or not (run_dir / "run.db").is_file():
+        raise ConfigError(f"{run_dir} is not an evolm search run folder (config.yaml and run.db expected)")
+    if mode != "full":
+        raise ConfigError("--quick-test and --pipeline-test apply when a run starts, not on --resume")
+    saved = yaml.safe_load(saved_path.read_text())
+    wanted = apply_overrides(copy.deepcopy(saved), overrides)
+    before, after = _flat(saved), _flat(wanted)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    frozen = [k for k in changed if not k.startswith(RESUMABLE)]
+    if frozen:
+        raise ConfigError(f"a resumed run keeps its configuration; cannot change {', '.join(frozen)} "
+                          f"(only {', '.join(RESUMABLE)} may change)")
+    return validate(wanted, SearchRunConfig)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()} or {prefix: {}}
+
+
+@contextmanager
+def _logging(run_dir: Path) -> Iterator[None]:
+    """Progress to stderr and to logs/search.log in the run folder."""
+    (run_dir / "logs").mkdir(exist_ok=True)
+    handlers = [logging.FileHandler(run_dir / "logs" / "search.log"), logging.StreamHandler()]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+
+
+class Worker:
+    """One process's share of a run: claim a variant, train it, score it, record it; repeat."""
+
+    def __init__(self, config: SearchRunConfig, run_dir: Path, store: Store, task: Task,
+                 train_examples: list[Example], test_examples: list[Example]):
+        self.config, self.run_dir, self.store, self.task = config, run_dir, store, task
+        self.train_examples, self.test_examples = train_examples, test_examples
+        self.name = worker_name()
+        self.loaded: LoadedModel | None = None
+        self.started = time.time()
+
+    def run(self) -> None:
+        evolution = self.config.evolution
+        while True:
+            for variant_id in self.store.requeue_stale(self.config.workers.stale_after_s):
+                log.info("variant %d: its worker is gone; it goes back to the queue", variant_id)
+            variant = self.store.claim(self.name)
+            if variant is not None:
+                self.process(variant)
+                write_history(self.store, self.run_dir)
+            elif self.store.add_generation(self.breed):
+                log.info("generation %d of 0-%d bred", self.store.latest_generation(), evolution.generations - 1)
+            elif self.store.finished(evolution.generations):
+                return
+            else:  # other workers hold the rest of this generation
+                time.sleep(self.config.workers.poll_s)
+
+    def breed(self, generation: int, everything: list[Variant]) -> list[Plan]:
+        space, evolution = self.config.space, self.config.evolution
+        rng = generation_rng(self.config.seed, generation)
+        if generation >= evolution.generations:
+            return []
+        if generation == 0:
+            return initial_population(space, evolution.population, rng)
+        previous = [Member(v.id, v.genes, v.fitness) for v in everything if v.generation == generation - 1]
+        seen = {v.genes.key() for v in everything}
+        return next_generation(previous, evolution, space, rng, seen)
+
+    def _load(self) -> LoadedModel:
+        """The base model, tokenizer and encoded data, on first use (a finished run needs none)."""
+        if self.loaded is None:
+            self.loaded = load_model(self.config.model)
+            check_target_modules(self.loaded.model, self.config.space)
+            tokenizer, max_length = self.loaded.tokenizer, self.config.training.max_length
+            self.train_rows = encode(tokenizer, self.task, self.train_examples, max_length, tokenizer.eos_token_id)
+            self.test_rows = encode(tokenizer, self.task, self.test_examples, max_length, None)
+            self.test_prompts = [prompt_ids(tokenizer, ex)[-max_length:] for ex in self.test_examples]
+            self.eos_ids = eos_token_ids(self.loaded.model, tokenizer)
+        return self.loaded
+
+    def process(self, variant: Variant) -> None:
+        loaded = self._load()
+        config = self.config
+        seed = (config.seed * 1_000_003 + variant.id) % 2**31  # this variant's own stream: resume retrains it identically
+        torch.manual_seed(seed)
+        model = attach(loaded.model, variant.genes, config.space)
+        last_beat = [time.time()]
+
+        def heartbeat() -> None:
+            if time.time() - last_beat[0] > 10:
+                self.store.beat(variant.id, self.name)
+                last_beat[0] = time.time()
+
+        try:
+            inherited = 0
+            if variant.init_from is not None:
+                donor = self.store.get(variant.init_from)
+                inherited = inherit(model, self.run_dir / donor.adapter, donor.genes, variant.genes)
+            start = time.time()
+            stats = train(model, self.train_rows, variant.genes, config.training, seed=seed,
+                          pad_id=loaded.tokenizer.pad_token_id, device=loaded.device, heartbeat=heartbeat)
+            folder = Path("variants") / str(variant.id) / "adapter"
+            save_adapter(model, self.run_dir / folder)
+            trained = time.time()
+            metrics, samples = evaluate(model, loaded.tokenizer, self.task, self.test_examples, self.test_prompts,
+                                        self.test_rows, config.fitness, self.eos_ids, config.training.mixed_precision,
+                                        heartbeat)
+            (self.run_dir / folder.parent / "completions.jsonl").write_text(
+                "".join(json.dumps(s) + "\n" for s in samples))
+            metrics.update(stats, inherited_tensors=inherited, train_s=trained - start, eval_s=time.time() - trained)
+            if not self.store.finish(variant.id, self.name, metrics.pop("fitness"), metrics, str(folder)):
+                log.warning("variant %d was handed to another worker meanwhile; this result is dropped", variant.id)
+                return
+        except BaseException:
+            self.store.release(variant.id, self.name)
+            raise
+        finally:
+            loaded.model = model.unload()
+        self._report(self.store.get(variant.id))
+
+    def _report(self, v: Variant) -> None:
+        lineage = "" if v.origin == "initial" else f" ({v.origin} of {'+'.join(map(str, v.parents))}" + (
+            f": {', '.join(v.mutated)})" if v.mutated else ")")
+        accuracy = v.metrics["accuracy"]
+        everything = self.store.variants()
+        done = [x for x in everything if x.state == "done"]
+        best = best_variant(done)
+        total = self.config.evolution.population * self.config.evolution.generations
+        elapsed = (time.time() - self.started) / max(1, sum(x.worker == self.name for x in done))
+        log.info("generation %d variant %d%s: fitness %.4f (accuracy %s, reward %.3f, perplexity %.2f, loss %.3f) "
+                 "train %.0fs eval %.0fs | best %d %.4f | %d/%d scored, ~%.0f min left on this worker",
+                 v.generation, v.id, lineage, v.fitness,
+                 "n/a" if accuracy is None else f"{accuracy:.3f}", v.metrics["reward"], v.metrics["perplexity"],
+                 v.metrics["train_loss"], v.metrics["train_s"], v.metrics["eval_s"], best.id, best.fitness,
+                 len(done), total, elapsed * (total - len(done)) / 60)
