@@ -9,7 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from evolm.engine import PopulationEngine, SamplingParams
+from evolm.decoding import SamplingParams
+from evolm.engine import PopulationEngine
 from evolm.models import load_tokenizer
 from evolm.space import LoRASpace
 
@@ -52,6 +53,7 @@ def _peft_generate(base, member_theta, space, targets, tokenizer, prompts, max_n
     return outs
 
 
+@pytest.mark.parametrize("backend", ["transformers", "fused"])
 @pytest.mark.parametrize(
     "fixture,rank,alpha,targets",
     [
@@ -60,12 +62,13 @@ def _peft_generate(base, member_theta, space, targets, tokenizer, prompts, max_n
         ("tiny_qwen", 2, 3.0, ["o_proj", "down_proj", "up_proj"]),
     ],
 )
-def test_engine_matches_peft_generate_per_member(request, fixture, rank, alpha, targets):
+def test_engine_matches_peft_generate_per_member(request, fixture, rank, alpha, targets, backend):
     path = request.getfixturevalue(fixture)
     tokenizer = load_tokenizer(str(path))
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model = copy.deepcopy(base)
-    engine = PopulationEngine(model, tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id], max_batch_rows=7)
+    engine = PopulationEngine(model, tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id], max_batch_rows=7,
+                              backend=backend)
     space = LoRASpace(engine.shapes(), rank, alpha)
     members = _members(space, 4, seed=rank)
     engine.set_adapters(space.unflatten(members), space.scale)
@@ -95,10 +98,12 @@ def test_engine_matches_peft_generate_per_member(request, fixture, rank, alpha, 
     assert plain.tokens[0] == base_out
 
 
-def test_subset_of_members_and_eos_stop(tiny_llama):
+@pytest.mark.parametrize("backend", ["transformers", "fused"])
+def test_subset_of_members_and_eos_stop(tiny_llama, backend):
     tokenizer = load_tokenizer(str(tiny_llama))
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    engine = PopulationEngine(model, tokenizer, ["q_proj", "v_proj"], eos_token_ids=[tokenizer.eos_token_id])
+    engine = PopulationEngine(model, tokenizer, ["q_proj", "v_proj"], eos_token_ids=[tokenizer.eos_token_id],
+                              backend=backend)
     space = LoRASpace(engine.shapes(), 2, 2.0)
     members = _members(space, 6, seed=3)
     engine.set_adapters(space.unflatten(members), space.scale)

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-STOP_CHECK_INTERVAL = 8  # decoding steps between stop-string checks (they need detokenising)
+from evolm.decoding import SamplingParams, cut_at_stop, decode, left_pad
 
+SYNC_EVERY_ON_GPU = 8  # decoding steps between host checks for finished rows on an accelerator
 
 @dataclass
 class LoRAWeights:
@@ -28,15 +29,6 @@ class LoRAWeights:
 
     A: torch.Tensor
     B: torch.Tensor
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    stop_strings: Sequence[str] = ()
-    seed: int = 0  # sampled decoding draws from torch.Generator(seed): same seed, same device, same text
 
 
 @dataclass
@@ -134,6 +126,7 @@ class PopulationEngine:
         eos_token_ids: Sequence[int] = (),
         max_batch_rows: int | None = None,
         memory_fraction: float = 0.85,
+        backend: str = "auto",
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -152,6 +145,19 @@ class PopulationEngine:
             self.layers[name] = wrapped
         self.population = 0
         self.rank = 0
+        self.adapter_version = 0  # bumped on every change of adapters, so backends re-stack lazily
+        self.current_max_new_tokens = 0
+        self.backend = self._choose_backend(backend)
+        self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY_ON_GPU
+
+    def _choose_backend(self, name: str):
+        from evolm import fused
+
+        if name == "fused" or (name == "auto" and fused.supports(self.model)):
+            if not fused.supports(self.model):
+                raise ValueError(f"the fused backend does not support {self.model.config.model_type} models")
+            return fused.FusedBackend(self)
+        return TransformersBackend(self)
 
     @property
     def device(self) -> torch.device:
@@ -177,11 +183,13 @@ class PopulationEngine:
             layer.lora_A = w.A.reshape(-1, w.A.shape[-1]).to(self.device, self.dtype)
             layer.lora_B = w.B.transpose(1, 2).reshape(-1, w.B.shape[1]).to(self.device, self.dtype)
             layer.scale = scale
+        self.adapter_version += 1
 
     def clear_adapters(self) -> None:
         for layer in self.layers.values():
             layer.lora_A = layer.lora_B = None
         self.population = self.rank = 0
+        self.adapter_version += 1
 
     @torch.inference_mode()
     def generate(
@@ -198,13 +206,16 @@ class PopulationEngine:
         rows = [(slot, p) for slot in range(len(slots)) for p in range(len(prompts))]
         tokens: list[list[list[int]]] = [[[] for _ in prompts] for _ in slots]
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.current_max_new_tokens = params.max_new_tokens
         waves: list[int] = []
         start = 0
         wave_rows = self._wave_rows(max(len(p) for p in prompts), params.max_new_tokens)
         while start < len(rows):
             wave = rows[start : start + wave_rows]
             member_ids = None if members is None else [slots[s] for s, _ in wave]
-            outputs = self._decode_wave([prompts[p] for _, p in wave], member_ids, params, generator)
+            members_tensor = None if member_ids is None else torch.as_tensor(member_ids, device=self.device)
+            outputs = decode(self.backend, [prompts[p] for _, p in wave], members_tensor, params,
+                             self.eos_token_ids, self.tokenizer, generator, self.sync_every)
             for (slot, p), out in zip(wave, outputs):
                 tokens[slot][p] = out
             waves.append(len(wave))
@@ -214,7 +225,7 @@ class PopulationEngine:
 
     def _text(self, tokens: list[int], stop_strings: Sequence[str]) -> str:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return _cut_at_stop(text, stop_strings)[0]
+        return cut_at_stop(text, stop_strings)[0]
 
     def _wave_rows(self, prompt_len: int, max_new_tokens: int) -> int:
         """Rows per wave: the configured cap, else what the KV cache and logits of a row allow."""
@@ -235,97 +246,42 @@ class PopulationEngine:
             budget = 4 * 2**30
         return max(1, int(budget // row_bytes))
 
-    def _decode_wave(
-        self,
-        prompts: list[Sequence[int]],
-        row_members: list[int] | None,
-        params: SamplingParams,
-        generator: torch.Generator,
-    ) -> list[list[int]]:
-        device, n = self.device, len(prompts)
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
-        input_ids = torch.full((n, width), pad, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding, as generate() does for decoder-only models
-            input_ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-            attention[i, width - len(p) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        member_tensor = None if row_members is None else torch.as_tensor(row_members, device=device)
-        self.rows.set(member_tensor, self.population, self.rank, self.dtype)
-        eos = torch.as_tensor(self.eos_token_ids, device=device)
-        out = torch.full((n, params.max_new_tokens), -1, dtype=torch.long, device=device)
-        active = torch.arange(n, device=device)  # original row of each live batch row
-        cache = DynamicCache(config=self.model.config)
-        try:
-            logits = self._forward(input_ids, attention, positions, cache)
-            next_position = positions[:, -1:] + 1
-            for step in range(params.max_new_tokens):
-                token = self._pick(logits, params, generator)
-                out[active, step] = token
-                done = torch.isin(token, eos)
-                if params.stop_strings and (step + 1) % STOP_CHECK_INTERVAL == 0:
-                    done |= self._hit_stop(out[active, : step + 1], params.stop_strings)
-                if step + 1 == params.max_new_tokens:
-                    break
-                if done.any():  # drop finished rows: they cost nothing from here on
-                    keep = (~done).nonzero().squeeze(1)
-                    if keep.numel() == 0:
-                        break
-                    active, token = active[keep], token[keep]
-                    attention, next_position = attention[keep], next_position[keep]
-                    cache.reorder_cache(keep)
-                    self.rows.keep(keep)
-                attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
-                logits = self._forward(token[:, None], attention, next_position, cache)
-                next_position = next_position + 1
-        finally:
-            self.rows.set(None, 0, 0, self.dtype)
-        return [_trim(row, self.eos_token_ids) for row in out.tolist()]
 
-    def _forward(self, input_ids, attention, positions, cache) -> torch.Tensor:
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
+class TransformersBackend:
+    """Any causal LM through its own forward and a transformers DynamicCache (the reference path)."""
+
+    def __init__(self, engine: PopulationEngine):
+        self.engine = engine
+
+    def prefill(self, prompts, row_members):
+        engine = self.engine
+        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else engine.eos_token_ids[0]
+        ids, attention = left_pad(prompts, pad)
+        self.attention = attention.to(engine.device)
+        positions = (self.attention.cumsum(-1) - 1).clamp(min=0)
+        engine.rows.set(row_members, engine.population, engine.rank, engine.dtype)
+        self.cache = DynamicCache(config=engine.model.config)
+        self.next_position = positions[:, -1:] + 1
+        return self._forward(ids.to(engine.device), positions)
+
+    def step(self, tokens):
+        self.attention = torch.cat([self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=1)
+        logits = self._forward(tokens[:, None], self.next_position)
+        self.next_position = self.next_position + 1
+        return logits
+
+    def keep(self, index):
+        self.attention, self.next_position = self.attention[index], self.next_position[index]
+        self.cache.reorder_cache(index)
+        self.engine.rows.keep(index)
+
+    def close(self):
+        self.engine.rows.set(None, 0, 0, self.engine.dtype)
+        self.cache = None
+
+    def _forward(self, input_ids, positions):
+        output = self.engine.model(
+            input_ids=input_ids, attention_mask=self.attention, position_ids=positions,
+            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
         )
         return output.logits[:, -1, :].float()
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-        if params.temperature == 0:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(logits / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-    def _hit_stop(self, tokens: torch.Tensor, stop_strings: Sequence[str]) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(tokens.clamp(min=0).tolist(), skip_special_tokens=True)
-        return torch.tensor([_cut_at_stop(t, stop_strings)[1] for t in texts], device=tokens.device)
-
-
-def _trim(row: list[int], eos_ids: Sequence[int]) -> list[int]:
-    """Generated tokens up to and including the first EOS (as generate() returns them)."""
-    out = []
-    for token in row:
-        if token < 0:
-            break
-        out.append(token)
-        if token in eos_ids:
-            break
-    return out
-
-
-def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
-    """Text up to and including the earliest stop string, and whether one was found."""
-    ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
-    return (text[: min(ends)], True) if ends else (text, False)
-

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from evolm import distributed, reports
 from evolm.config import ConfigError, ESRunConfig, apply_overrides, dump_config, validate
-from evolm.engine import PopulationEngine, SamplingParams
+from evolm.decoding import SamplingParams
+from evolm.engine import PopulationEngine
 from evolm.models import LoadedModel, eos_token_ids, load_model
 from evolm.noise import stream_key
 from evolm.prompts import render_all, score_all, summarize

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from evolm.config import ModelConfig
-from evolm.engine import PopulationEngine, SamplingParams
+from evolm.decoding import SamplingParams
+from evolm.engine import PopulationEngine
 from evolm.models import eos_token_ids, load_model
 from evolm.prompts import render_all, score_all, summarize
 from evolm.space import LoRASpace, read_peft_adapter

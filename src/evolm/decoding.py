@@ -1,0 +1,127 @@
+"""The decoding loop shared by the engine's backends: pick tokens, stop rows, drop finished rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+STOP_CHECK_INTERVAL = 8  # decoding steps between stop-string checks (they need detokenising)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop_strings: Sequence[str] = ()
+    seed: int = 0  # sampled decoding draws from torch.Generator(seed): same seed, same device, same text
+
+
+class Backend(Protocol):
+    """Runs the model for a batch of rows whose KV cache it owns."""
+
+    def prefill(self, prompts: list[Sequence[int]], row_members: torch.Tensor | None) -> torch.Tensor:
+        """Logits [rows, vocab] after the prompts."""
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, vocab] after one more token per live row."""
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only these live rows (in this order) from now on."""
+
+    def close(self) -> None: ...
+
+
+def left_pad(prompts: list[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, left padded as generate() does for decoder-only models."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def decode(
+    backend: Backend,
+    prompts: list[Sequence[int]],
+    row_members: torch.Tensor | None,
+    params: SamplingParams,
+    eos_token_ids: Sequence[int],
+    tokenizer: PreTrainedTokenizerBase,
+    generator: torch.Generator,
+    sync_every: int = 1,
+) -> list[list[int]]:
+    """Generated tokens per row (up to and including EOS).
+
+    The host looks at which rows finished only every `sync_every` steps, so that on a GPU the
+    host can queue work ahead; rows that finished in between run on idly until then.
+    """
+    logits = backend.prefill(prompts, row_members)
+    device = logits.device
+    n = len(prompts)
+    eos = torch.as_tensor(list(eos_token_ids), device=device)
+    out = torch.full((n, params.max_new_tokens), -1, dtype=torch.long, device=device)
+    live = torch.arange(n, device=device)  # original row of each live row
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    try:
+        for step in range(params.max_new_tokens):
+            token = pick_token(logits, params, generator)
+            out[live, step] = token
+            finished |= torch.isin(token, eos)
+            last = step + 1 == params.max_new_tokens
+            if last:
+                break
+            if (step + 1) % sync_every == 0:
+                if params.stop_strings and (step + 1) % STOP_CHECK_INTERVAL == 0:
+                    finished |= _hit_stop(tokenizer, out[live, : step + 1], params.stop_strings)
+                if finished.any():
+                    keep = (~finished).nonzero().squeeze(1)
+                    if keep.numel() == 0:
+                        break
+                    live, token, finished = live[keep], token[keep], finished[keep]
+                    backend.keep(keep)
+            logits = backend.step(token)
+    finally:
+        backend.close()
+    return [trim_at_eos(row, eos_token_ids) for row in out.tolist()]
+
+
+def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _hit_stop(tokenizer: PreTrainedTokenizerBase, tokens: torch.Tensor, stop_strings: Sequence[str]) -> torch.Tensor:
+    texts = tokenizer.batch_decode(tokens.clamp(min=0).tolist(), skip_special_tokens=True)
+    return torch.tensor([cut_at_stop(t, stop_strings)[1] for t in texts], device=tokens.device)
+
+
+def trim_at_eos(row: list[int], eos_ids: Sequence[int]) -> list[int]:
+    """Generated tokens up to and including the first EOS (as generate() returns them)."""
+    out = []
+    for token in row:
+        if token < 0:
+            break
+        out.append(token)
+        if token in eos_ids:
+            break
+    return out
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """Text up to and including the earliest stop string, and whether one was found."""
+    ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
+    return (text[: min(ends)], True) if ends else (text, False)
