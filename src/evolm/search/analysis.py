@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from evolm.config import ConfigError  # noqa: E402
-from evolm.search.outputs import atomic_write, best_variant  # noqa: E402
+from evolm.runs import atomic_write_text
+from evolm.search.outputs import best_variant  # noqa: E402
 from evolm.search.store import Store, Variant  # noqa: E402
 
 EDGE_STYLE = {"survivor": ("0.5", "-"), "mutation": ("tab:blue", "-"), "crossover": ("tab:red", "--")}
@@ -47,7 +48,7 @@ def analyze(run_dir: Path) -> Path:
             "Mutation effectiveness": mutation_effect(variants, out / "mutation_effectiveness.png"),
         }
     report = out / "report.md"
-    atomic_write(report, render_report(config, variants, figures))
+    atomic_write_text(report, render_report(config, variants, figures))
     return report
 
 

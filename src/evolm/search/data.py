@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from evolm.config import TaskConfig
+from evolm.prompts import render
 from evolm.tasks import Example, Task, TaskError
 
 
@@ -38,14 +39,6 @@ class Encoded:
     answer: list[int]
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
-    """Chat messages through the tokenizer's chat template (with the assistant turn opened); raw text as is."""
-    if isinstance(example.prompt, str):
-        return tokenizer(example.prompt).input_ids
-    text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
 def encode(tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example], max_length: int,
            eos: int | None) -> list[Encoded]:
     """Prompt and reference-answer ids (plus `eos` when given, so fine-tuning learns to stop). Rows longer
@@ -54,7 +47,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Exampl
     for example in examples:
         answer = tokenizer(task.answer_text(example), add_special_tokens=False).input_ids
         answer = (answer + ([eos] if eos is not None else []))[: max_length - 1]
-        rows.append(Encoded(prompt_ids(tokenizer, example)[-(max_length - len(answer)):], answer))
+        rows.append(Encoded(render(tokenizer, example)[-(max_length - len(answer)):], answer))
     return rows
 
 

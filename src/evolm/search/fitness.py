@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from evolm.prompts import score_all, summarize
 from evolm.search.config import FitnessConfig
 from evolm.search.data import Encoded, answer_nll, collate
 from evolm.search.training import autocast
@@ -70,10 +71,9 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: T
     """Metrics (accuracy where the task has right answers, mean reward, answer perplexity, fitness) and
     the per-example completions. Tasks without right answers use their mean reward as accuracy."""
     completions = greedy_completions(model, tokenizer, prompts, config, eos_ids, task.stop_strings, precision, heartbeat)
-    scores = [task.checked_score(c, ex, i) for i, (c, ex) in enumerate(zip(completions, examples))]
-    verdicts = [s.correct for s in scores if s.correct is not None]
-    accuracy = sum(verdicts) / len(verdicts) if verdicts else None
-    reward = sum(s.reward for s in scores) / len(scores)
+    scores = score_all(task, examples, completions)
+    summary = summarize(scores)
+    accuracy, reward = summary["accuracy"], summary["reward"]
     perplexity, nll = answer_perplexity(model, answers, config.batch_size, tokenizer.pad_token_id, precision)
     metrics = {"accuracy": accuracy, "reward": reward, "perplexity": perplexity, "answer_nll": nll,
                "fitness": fitness_value(reward if accuracy is None else accuracy, perplexity, config)}

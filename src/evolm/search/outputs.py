@@ -10,15 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from evolm.runs import atomic_write_text
 from evolm.search.evolution import Member, rank
 from evolm.search.store import Store, Variant
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def best_variant(variants: list[Variant]) -> Variant | None:
@@ -38,8 +32,8 @@ def generation_record(generation: int, variants: list[Variant]) -> dict[str, Any
     return {
         "generation": generation,
         "members": [member_record(v) for v in variants],
-        "fitness": {"mean": fitness.mean(), "std": fitness.std(), "min": fitness.min(), "max": fitness.max(),
-                    "p20": np.percentile(fitness, 20), "p80": np.percentile(fitness, 80)},
+        "mean": fitness.mean(), "std": fitness.std(), "min": fitness.min(), "max": fitness.max(),
+        "p20": np.percentile(fitness, 20), "p80": np.percentile(fitness, 80),
         "best_id": best.id if best else None,
         "train_s": sum(v.metrics.get("train_s", 0.0) for v in variants),
         "eval_s": sum(v.metrics.get("eval_s", 0.0) for v in variants),
@@ -59,7 +53,7 @@ def complete_generations(store: Store) -> list[tuple[int, list[Variant]]]:
 
 def write_history(store: Store, run_dir: Path) -> None:
     lines = [json.dumps(generation_record(g, vs), default=float) for g, vs in complete_generations(store)]
-    atomic_write(run_dir / "results" / "history.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write_text(run_dir / "results" / "history.jsonl", "".join(line + "\n" for line in lines))
 
 
 def export_best(store: Store, run_dir: Path, generations: int) -> Variant | None:
@@ -70,16 +64,19 @@ def export_best(store: Store, run_dir: Path, generations: int) -> Variant | None
         return None
     target = run_dir / "best_adapter"
     temporary = run_dir / f".best_adapter.{os.getpid()}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    shutil.copytree(run_dir / best.adapter, temporary)
-    shutil.rmtree(target, ignore_errors=True)
-    temporary.rename(target)
+    with store.transaction():  # the database's write lock keeps workers that finish together from colliding
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.copytree(run_dir / best.adapter, temporary)
+        shutil.rmtree(target, ignore_errors=True)
+        temporary.rename(target)
     summary = {
-        "finished": store.finished(generations),
+        "status": "finished" if store.finished(generations) else "running or stopped",
+        "final": {"fitness": best.fitness, "accuracy": best.metrics.get("accuracy"),
+                  "perplexity": best.metrics.get("perplexity")},
         "generations_completed": len(complete_generations(store)),
         "variants_scored": sum(v.state == "done" for v in variants),
         "best": {**member_record(best), "generation": best.generation, "alpha": best.genes.alpha,
                  "adapter": str(best.adapter), "exported_to": "best_adapter"},
     }
-    atomic_write(run_dir / "results" / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    atomic_write_text(run_dir / "results" / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
     return best

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
-import yaml
 
-from evolm.config import ConfigError, apply_overrides, dump_config, load_config, validate
+from evolm.config import ConfigError, apply_overrides, dump_config, load_config, read_source, validate
 from evolm.models import LoadedModel, eos_token_ids, load_model
+from evolm.prompts import render
+from evolm.runs import RunDirError
 from evolm.search.config import SearchRunConfig, apply_mode
-from evolm.search.data import encode, load_splits, prompt_ids
+from evolm.search.data import encode, load_splits
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
 from evolm.search.fitness import evaluate
 from evolm.search.outputs import best_variant, export_best, write_history
@@ -47,8 +48,8 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
         config = apply_mode(load_config(config_source, overrides, SearchRunConfig, presets=PRESETS), mode)
         run_dir = Path(config.output_dir)
         if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-            raise ConfigError(f"output folder {run_dir} is not empty; pass --overwrite to replace it, "
-                              f"or --resume {run_dir} to continue it")
+            raise RunDirError(f"output_dir {run_dir} is not empty; pass --overwrite to replace it, "
+                              f"--resume {run_dir} to continue it, or choose another output_dir")
     task = load_task(config.task.name, config.task.options)
     train_examples, test_examples = load_splits(config.task, task)
     if resume is None:
@@ -75,7 +76,7 @@ def _resumed_config(run_dir: Path, overrides: list[str], mode: str) -> SearchRun
         raise ConfigError(f"{run_dir} is not an evolm search run folder (config.yaml and run.db expected)")
     if mode != "full":
         raise ConfigError("--quick-test and --pipeline-test apply when a run starts, not on --resume")
-    saved = yaml.safe_load(saved_path.read_text())
+    saved = read_source(saved_path)
     wanted = apply_overrides(copy.deepcopy(saved), overrides)
     before, after = _flat(saved), _flat(wanted)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
@@ -155,7 +156,7 @@ class Worker:
             tokenizer, max_length = self.loaded.tokenizer, self.config.training.max_length
             self.train_rows = encode(tokenizer, self.task, self.train_examples, max_length, tokenizer.eos_token_id)
             self.test_rows = encode(tokenizer, self.task, self.test_examples, max_length, None)
-            self.test_prompts = [prompt_ids(tokenizer, ex)[-max_length:] for ex in self.test_examples]
+            self.test_prompts = [render(tokenizer, ex)[-max_length:] for ex in self.test_examples]
             self.eos_ids = eos_token_ids(self.loaded.model, tokenizer)
         return self.loaded
 

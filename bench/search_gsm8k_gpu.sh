@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A short real `evolm search` on one H100/H200: Qwen2.5-Coder-0.5B-Instruct on GSM8K, sized for about
+# 8 minutes (4 variants x 3 generations, 400 training / 100 held-out evaluation examples), then
+# `evolm analyze`. Resumable: run it again with the same RUN_DIR and it continues where it stopped.
+#
+# usage: bench/search_gsm8k_gpu.sh DATA_JSONL RUN_DIR [COPY_TO] [key=value ...]
+#   DATA_JSONL  gsm8k rows {question|problem, answer}, e.g. the ES paper's gsm8k_train.jsonl
+#   RUN_DIR     the run folder (keep it on the machine's disk: adapters are large)
+#   COPY_TO     optional flat folder (e.g. $OUT) that receives the report, summary, history, log
+#               and two figures (8 small files)
+#   key=value   extra overrides for a fresh run, e.g. evolution.generations=2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:?usage: $0 DATA_JSONL RUN_DIR [COPY_TO] [key=value ...]}
+RUN=${2:?usage: $0 DATA_JSONL RUN_DIR [COPY_TO] [key=value ...]}
+COPY_TO=${3:-}
+shift $(( $# < 3 ? $# : 3 ))
+MODEL=${MODEL:-/tmp/models/qwen2.5-coder-0.5b-instruct}
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+EVOLM="python3 -m evolm.cli"
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+start=$(date +%s)
+if [[ -f "$RUN/run.db" ]]; then
+  $EVOLM search --resume "$RUN"
+else
+  $EVOLM search gsm8k \
+    model.name_or_path="$MODEL" model.dtype=bfloat16 \
+    task.train="$DATA" task.train_size=400 task.test_size=100 \
+    output_dir="$RUN" seed=0 \
+    evolution.population=4 evolution.generations=3 evolution.keep_top=2 \
+    'space.ranks=[8, 16, 32, 64]' \
+    training.batch_size=16 training.gradient_accumulation=1 training.max_length=768 \
+    fitness.max_new_tokens=256 fitness.batch_size=100 \
+    "$@"
+fi
+echo "search wall time: $(( $(date +%s) - start )) s"
+$EVOLM analyze "$RUN"
+
+if [[ -n "$COPY_TO" ]]; then
+  mkdir -p "$COPY_TO"
+  cp "$RUN/analysis/report.md" "$RUN/results/summary.json" "$RUN/results/history.jsonl" "$RUN/logs/search.log" \
+     "$RUN/analysis/timeline.png" "$RUN/analysis/family_tree.png" "$COPY_TO/"
+fi

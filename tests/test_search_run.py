@@ -1,0 +1,245 @@
+"""`evolm search` end to end on a tiny random model: run folder, lineage, export, analysis, seed
+reproducibility, refusal to clobber, kill -9 and resume with two workers, atomic claims.
+
+A tiny random model answers nothing right (accuracy 0); these tests check the machinery."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evolm.config import ConfigError
+from evolm.runs import RunDirError
+from evolm.search import analyze, run_search
+from evolm.search.config import SearchSpace
+from evolm.search.evolution import Plan
+from evolm.search.space import Genes
+from evolm.search.store import Store
+from evolm.search.training import attach, inherit, save_adapter
+from evolm.tasks import TaskError
+
+SLOW_TASK = '''
+import os, time
+from evolm.tasks.qa import GSM8KTask
+
+class SlowGSM8K(GSM8KTask):
+    """gsm8k whose scoring sleeps SLOW_SCORE_S seconds, so a test can kill a run mid-generation."""
+
+    def score(self, completion, example):
+        time.sleep(float(os.environ.get("SLOW_SCORE_S", "0")))
+        return super().score(completion, example)
+'''
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("search-data") / "sums.jsonl"
+    rows = [{"problem": f"Tom has {a} apples and buys {b} more. How many now?", "answer": str(a + b)}
+            for a in range(8) for b in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.name_or_path={model}", f"task.train={data}", f"output_dir={out}", "space.ranks=[2,4]",
+            "fitness.max_new_tokens=8", "training.batch_size=4", "training.max_length=160", *extra]
+
+
+def variants(run_dir: Path):
+    store = Store(run_dir / "run.db")
+    try:
+        return store.variants()
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_llama, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("search-runs") / "pipeline"
+    return run_search("gsm8k", overrides(tiny_llama, data_file, out), mode="pipeline")
+
+
+def test_pipeline_run_fills_the_run_folder(pipeline_run, tiny_llama):
+    rows = variants(pipeline_run)
+    assert [(v.generation, v.state) for v in rows] == [(0, "done")] * 3 + [(1, "done")] * 3
+    assert all(v.attempts == 1 and v.fitness is not None and v.metrics["perplexity"] > 0 for v in rows)
+    by_id = {v.id: v for v in rows}
+    for v in rows[3:]:
+        assert v.parents and all(by_id[p].generation == 0 for p in v.parents)
+        assert v.init_from in v.parents
+    survivors = [v for v in rows if v.origin == "survivor"]
+    assert len(survivors) == 2 and all(v.metrics["inherited_tensors"] > 0 for v in survivors)
+    assert all((pipeline_run / v.adapter / "adapter_model.safetensors").is_file() for v in rows)
+    assert all((pipeline_run / "variants" / str(v.id) / "completions.jsonl").is_file() for v in rows)
+    history = [json.loads(line) for line in (pipeline_run / "results" / "history.jsonl").read_text().splitlines()]
+    assert [h["generation"] for h in history] == [0, 1] and all(len(h["members"]) == 3 for h in history)
+    assert {"mean", "std", "min", "max", "p20", "p80"} <= history[0].keys()
+    summary = json.loads((pipeline_run / "results" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["best"]["fitness"] == max(v.fitness for v in rows)
+
+
+def test_best_adapter_is_a_peft_folder(pipeline_run, tiny_llama):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = pipeline_run / "best_adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), folder)
+    best = json.loads((pipeline_run / "results" / "summary.json").read_text())["best"]
+    assert model.peft_config["default"].r == best["genes"]["rank"]
+
+
+def test_analyze_writes_figures_and_report(pipeline_run):
+    report = analyze(pipeline_run)
+    figures = {"family_tree.png", "timeline.png", "hyperparameter_heatmap.png", "survival.png",
+               "mutation_effectiveness.png"}
+    assert figures <= {p.name for p in (pipeline_run / "analysis").iterdir()}
+    text = report.read_text()
+    for heading in ("## Best variant", "## Generations", "## Mutation effectiveness", "## Survival", "![Family tree]"):
+        assert heading in text
+    with pytest.raises(ConfigError, match="not an evolm search run folder"):
+        analyze(pipeline_run / "variants")
+
+
+def test_same_seed_same_run(pipeline_run, tiny_llama, data_file, tmp_path):
+    again = run_search("gsm8k", overrides(tiny_llama, data_file, tmp_path / "again"), mode="pipeline")
+    assert [(v.genes, v.origin, v.parents, v.fitness) for v in variants(again)] == \
+           [(v.genes, v.origin, v.parents, v.fitness) for v in variants(pipeline_run)]
+
+
+def test_a_child_inherits_its_parents_function(tiny_llama):
+    """Same rank, other alpha and dropout: the inherited adapter computes exactly the parent's update."""
+    from transformers import AutoModelForCausalLM
+
+    space = SearchSpace()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.tensor([[5, 9, 23, 40, 41]])
+    parent_genes, child_genes = Genes(4, 1.0, 1e-3, 0.0, "attention", 1), Genes(4, 2.0, 1e-3, 0.1, "attention", 1)
+    parent = attach(base, parent_genes, space)
+    with torch.no_grad():
+        for name, p in parent.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    parent.eval()
+    expected = parent(input_ids=ids).logits
+    save_adapter(parent, Path(tiny_llama).parent / "parent-adapter")
+    base = parent.unload()
+    child = attach(base, child_genes, space)
+    assert inherit(child, Path(tiny_llama).parent / "parent-adapter", parent_genes, child_genes) > 0
+    child.eval()
+    torch.testing.assert_close(child(input_ids=ids).logits, expected)
+    child.unload()
+
+
+def test_refuses_a_non_empty_folder_and_validates_before_touching_anything(tiny_llama, data_file, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not empty.*--overwrite"):
+        run_search("gsm8k", overrides(tiny_llama, data_file, busy), mode="pipeline")
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(TaskError, match="not found"):
+        run_search("gsm8k", overrides(tiny_llama, tmp_path / "missing.jsonl", fresh), mode="pipeline")
+    with pytest.raises(ConfigError, match="unknown field 'evolution.elite'"):
+        run_search("gsm8k", overrides(tiny_llama, data_file, fresh, "evolution.elite=2"))
+    assert not fresh.exists()
+
+
+def test_resume_refuses_to_change_what_the_run_means(pipeline_run):
+    with pytest.raises(ConfigError, match="cannot change evolution.population"):
+        run_search(None, ["evolution.population=8"], resume=str(pipeline_run))
+    with pytest.raises(ConfigError, match="apply when a run starts"):
+        run_search(None, [], resume=str(pipeline_run), mode="quick")
+
+
+def _python(code: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_kill_mid_generation_then_resume_with_two_workers(pipeline_run, tiny_llama, data_file, tmp_path):
+    (tmp_path / "slowtask.py").write_text(textwrap.dedent(SLOW_TASK))
+    out = tmp_path / "killed"
+    args = overrides(tiny_llama, data_file, out, "task.name=slowtask:SlowGSM8K")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    start = f"from evolm.search import run_search; run_search('gsm8k', {args!r}, mode='pipeline')"
+    first = _python(start, dict(env, SLOW_SCORE_S="0.3"))
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        if (out / "run.db").is_file():
+            with sqlite3.connect(out / "run.db") as db:
+                states = [s for (s,) in db.execute("SELECT state FROM variants")]
+            if states.count("done") >= 1 and "running" in states:
+                break
+        time.sleep(0.1)
+    assert first.poll() is None, first.stdout.read().decode()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = {v.id: v for v in variants(out)}
+    killed = [v.id for v in before.values() if v.state == "running"]
+    assert len(killed) == 1
+
+    join = f"from evolm.search import run_search; run_search(None, ['workers.poll_s=0.2'], resume={str(out)!r})"
+    workers = [_python(join, dict(env, SLOW_SCORE_S="0.05")) for _ in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=180) == 0, worker.stdout.read().decode()
+
+    after = variants(out)
+    assert [v.state for v in after] == ["done"] * 6
+    for v in after:  # nothing lost, nothing trained twice, finished work untouched
+        assert v.attempts == (2 if v.id in killed else 1)
+        if v.id in before and before[v.id].state == "done":
+            assert (v.finished, v.fitness) == (before[v.id].finished, before[v.id].fitness)
+    by_id = {v.id: v for v in after}
+    assert all(by_id[p].generation == v.generation - 1 for v in after for p in v.parents)
+    # and the interrupted run ends exactly where the uninterrupted one did
+    assert [(v.genes, v.parents, v.fitness) for v in after] == \
+           [(v.genes, v.parents, v.fitness) for v in variants(pipeline_run)]
+    assert (out / "best_adapter" / "adapter_model.safetensors").is_file()
+
+
+def _claim_all(path: str) -> list[int]:
+    store = Store(Path(path))
+    claimed = []
+    while (variant := store.claim(f"worker-{os.getpid()}")) is not None:
+        claimed.append(variant.id)
+    store.close()
+    return claimed
+
+
+def test_claims_are_atomic_across_processes(tmp_path):
+    store = Store(tmp_path / "run.db")
+    genes = Genes(4, 1.0, 1e-4, 0.0, "qv", 1)
+    store.add_generation(lambda generation, _: [Plan(genes, "initial")] * 60)
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        shares = pool.map(_claim_all, [str(tmp_path / "run.db")] * 4)
+    claimed = [i for share in shares for i in share]
+    assert sorted(claimed) == [v.id for v in store.variants()]  # each variant handed out exactly once
+    assert all(v.state == "running" and v.attempts == 1 for v in store.variants())
+
+
+def test_claims_of_dead_workers_are_requeued(tmp_path):
+    store = Store(tmp_path / "run.db")
+    store.add_generation(lambda generation, _: [Plan(Genes(4, 1.0, 1e-4, 0.0, "qv", 1), "initial")] * 2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    first = store.claim(f"{socket.gethostname()}:{dead.pid}")
+    second = store.claim(f"{socket.gethostname()}:{os.getpid()}")
+    assert store.requeue_stale(stale_after_s=3600) == [first.id]
+    assert store.get(first.id).state == "pending" and store.get(second.id).state == "running"
+    store.beat(second.id, "someone else")
+    time.sleep(0.05)
+    assert store.requeue_stale(stale_after_s=0.01) == [second.id]
