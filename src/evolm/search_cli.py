@@ -20,17 +20,17 @@ def search_command(
     pipeline_test: Annotated[bool, typer.Option("--pipeline-test", help="3 variants, 2 generations, 15 examples.")] = False,
 ) -> None:
     """Evolutionary search over LoRA hyperparameters (rank, alpha, learning rate, dropout, modules)."""
+    from evolm.cli import split_config_and_overrides
+    from evolm.runs import RunDirError
     from evolm.search import run_search
 
-    overrides = list(overrides or [])
-    if config is not None and "=" in config:  # `--resume DIR key=value`: no config, only overrides
-        config, overrides = None, [config, *overrides]
+    config, overrides = split_config_and_overrides(config, overrides)
     if quick_test and pipeline_test:
         raise typer.BadParameter("choose one of --quick-test and --pipeline-test")
     mode = "quick" if quick_test else "pipeline" if pipeline_test else "full"
     try:
         run_dir = run_search(config, overrides, resume=str(resume) if resume else None, overwrite=overwrite, mode=mode)
-    except (ConfigError, TaskError) as exc:
+    except (ConfigError, RunDirError, TaskError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
