@@ -84,8 +84,8 @@ def test_squad_exact_match_and_f1(tmp_path):
     assert token_f1("Denver Broncos", "the Broncos") == pytest.approx(2 / 3)
     assert span_answer("\nAnswer: Denver Broncos\nbecause ...") == "Denver Broncos"
     task = load_task("squad")
-    source = write_jsonl(tmp_path / "s.jsonl", [{"context": "C", "question": "Who won?",
-                                                 "answers": {"text": ["Denver Broncos", "Broncos"], "answer_start": [0, 7]}}])
+    answers = {"text": ["Denver Broncos", "Broncos"], "answer_start": [0, 7]}
+    source = write_jsonl(tmp_path / "s.jsonl", [{"context": "C", "question": "Who won?", "answers": answers}])
     (example,) = task.load_split("test", source)
     assert task.answer_text(example) == "Denver Broncos"
     assert task.score("the broncos.", example).correct

@@ -243,3 +243,23 @@ def test_claims_of_dead_workers_are_requeued(tmp_path):
     store.beat(second.id, "someone else")
     time.sleep(0.05)
     assert store.requeue_stale(stale_after_s=0.01) == [second.id]
+
+
+def test_command_line_functions(tiny_llama, data_file, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from evolm.search_cli import analyze_command, search_command
+
+    app = typer.Typer()
+    app.command("search")(search_command)
+    app.command("analyze")(analyze_command)
+    out = tmp_path / "cli"
+    started = CliRunner().invoke(app, ["search", "gsm8k", "--pipeline-test", *overrides(tiny_llama, data_file, out)])
+    assert started.exit_code == 0, started.output
+    refused = CliRunner().invoke(app, ["search", "gsm8k", *overrides(tiny_llama, data_file, out)])
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
+    resumed = CliRunner().invoke(app, ["search", "--resume", str(out), "workers.poll_s=1"])
+    assert resumed.exit_code == 0, resumed.output
+    analyzed = CliRunner().invoke(app, ["analyze", str(out)])
+    assert analyzed.exit_code == 0 and (out / "analysis" / "report.md").is_file()

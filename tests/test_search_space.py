@@ -38,7 +38,7 @@ def test_mutation_steps_to_neighbours_half_the_time_and_clamps_learning_rates():
     genes = Genes(64, 1.0, 1e-2, 0.05, "attention", 1)
     ranks, rates = [], []
     for _ in range(4000):
-        child, changed = mutate(genes, SPACE, 1.0, rng)
+        child, _ = mutate(genes, SPACE, 1.0, rng)
         ranks.append(child.rank)
         rates.append(child.learning_rate)
     neighbours = sum(r in (32, 128) for r in ranks) / len(ranks)
@@ -128,7 +128,8 @@ def test_duplicates_are_avoided_within_a_generation_and_across_the_run():
         assert len(set(keys)) == len(keys)
         assert not {p.genes.key() for p in plans[2:]} & seen
         seen |= set(keys)
-        members = [Member(100 * generation + i, p.genes, random.Random(generation).random()) for i, p in enumerate(plans)]
+        fitness = random.Random(generation)
+        members = [Member(100 * generation + i, p.genes, fitness.random()) for i, p in enumerate(plans)]
 
 
 def test_breeding_is_reproducible_with_a_seed():

@@ -77,7 +77,8 @@ def family_tree(variants: list[Variant], path: Path) -> str:
         ax.annotate(str(v.id), where[v.id], ha="center", va="center", fontsize=7, zorder=3)
     best = best_variant(variants)
     if best:
-        ax.scatter([best.generation], [best.slot], s=520, facecolors="none", edgecolors="tab:orange", linewidths=2.5, zorder=3)
+        ax.scatter([best.generation], [best.slot], s=520, facecolors="none", edgecolors="tab:orange", linewidths=2.5,
+                   zorder=3)
     fig.colorbar(points, ax=ax, label="fitness")
     for origin, (colour, style) in EDGE_STYLE.items():
         ax.plot([], [], color=colour, linestyle=style, label=origin)
@@ -93,7 +94,8 @@ def timeline(scored: list[Variant], path: Path) -> str:
     generations = sorted({v.generation for v in scored})
     by_gen = {g: [v for v in scored if v.generation == g] for g in generations}
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    for ax, key, label in zip(axes, ("fitness", "accuracy", "perplexity"), ("fitness", "accuracy", "answer perplexity")):
+    panels = (("fitness", "fitness"), ("accuracy", "accuracy"), ("perplexity", "answer perplexity"))
+    for ax, (key, label) in zip(axes, panels, strict=True):
         values = {g: [_metric(v, key) for v in vs if _metric(v, key) is not None] for g, vs in by_gen.items()}
         xs = [g for g in generations for _ in values[g]]
         ax.scatter(xs, [y for g in generations for y in values[g]], s=18, color="0.6", label="variants")
@@ -122,7 +124,7 @@ def heatmaps(scored: list[Variant], path: Path) -> str:
     """Mean fitness over variants for pairs of hyperparameters (blank: never tried)."""
     pairs = [("rank", "learning_rate"), ("target_modules", "alpha_multiplier"), ("dropout", "epochs")]
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4))
-    for ax, (row_gene, col_gene) in zip(axes, pairs):
+    for ax, (row_gene, col_gene) in zip(axes, pairs, strict=True):
         cells = defaultdict(list)
         for v in scored:
             genes = v.genes.to_dict()
@@ -248,12 +250,15 @@ def render_report(config: dict, variants: list[Variant], figures: dict[str, str]
         vs = [v for v in scored if v.generation == g]
         accuracies = [v.metrics["accuracy"] for v in vs if v.metrics.get("accuracy") is not None]
         text.append(_row([g, len(vs), _num(max(v.fitness for v in vs)), _num(np.mean([v.fitness for v in vs])),
-                          _num(max(accuracies)) if accuracies else "n/a", _num(min(v.metrics["perplexity"] for v in vs)),
-                          f"{sum(v.metrics['train_s'] for v in vs):.0f}", f"{sum(v.metrics['eval_s'] for v in vs):.0f}"]))
+                          _num(max(accuracies)) if accuracies else "n/a",
+                          _num(min(v.metrics["perplexity"] for v in vs)),
+                          f"{sum(v.metrics['train_s'] for v in vs):.0f}",
+                          f"{sum(v.metrics['eval_s'] for v in vs):.0f}"]))
     text += ["", "## Mutation effectiveness", "", "Fitness of a variant minus that of its first (fitter) parent.", "",
              _row(["change", "n", "mean", "improved"]), _row(["---"] * 4)]
     for name, deltas in sorted(fitness_changes(variants).items()):
-        text.append(_row([name, len(deltas), _num(float(np.mean(deltas))), f"{sum(d > 0 for d in deltas)}/{len(deltas)}"]))
+        improved = f"{sum(d > 0 for d in deltas)}/{len(deltas)}"
+        text.append(_row([name, len(deltas), _num(float(np.mean(deltas))), improved]))
     text += ["", "## Survival", "", _row(["origin", "selected to survive"]), _row(["---"] * 2)]
     text += [_row([origin, f"{a}/{b}"]) for origin, (a, b) in sorted(survival_rates(variants).items())]
     text += ["", "## All scored variants (best first)", "",

@@ -19,7 +19,8 @@ class SearchSpace(Section):
     alpha_multipliers: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1,
                                            description="alpha = rank x multiplier")
     learning_rates: list[float] = Field(default_factory=lambda: [5e-5, 1e-4, 2e-4, 5e-4, 1e-3], min_length=1)
-    learning_rate_bounds: tuple[float, float] = Field((1e-6, 1e-2), description="scaled learning rates are clamped here")
+    learning_rate_bounds: tuple[float, float] = Field((1e-6, 1e-2),
+                                                      description="scaled learning rates are clamped here")
     dropouts: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1], min_length=1)
     target_modules: dict[str, list[str]] = Field(
         default_factory=lambda: {"qv": ["q_proj", "v_proj"], "attention": ATTENTION, "all_linear": ATTENTION + MLP},
@@ -33,7 +34,7 @@ class SearchSpace(Section):
         if not 0 < low <= high:
             raise ValueError(f"space.learning_rate_bounds must satisfy 0 < low <= high (got {low}, {high})")
         if any(not low <= lr <= high for lr in self.learning_rates):
-            raise ValueError(f"space.learning_rates must lie within space.learning_rate_bounds {list(self.learning_rate_bounds)}")
+            raise ValueError(f"space.learning_rates must lie within space.learning_rate_bounds {[low, high]}")
         if any(r < 1 for r in self.ranks) or any(e < 1 for e in self.epochs):
             raise ValueError("space.ranks and space.epochs must be positive")
         if any(not 0 <= d < 1 for d in self.dropouts) or any(m <= 0 for m in self.alpha_multipliers):
@@ -53,7 +54,8 @@ class EvolutionConfig(Section):
     @model_validator(mode="after")
     def _sizes(self) -> "EvolutionConfig":
         if self.keep_top >= self.population:
-            raise ValueError(f"evolution.keep_top ({self.keep_top}) must be below evolution.population ({self.population})")
+            raise ValueError(f"evolution.keep_top ({self.keep_top}) must be below evolution.population "
+                             f"({self.population})")
         return self
 
 
@@ -65,7 +67,8 @@ class TrainingConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(1024, ge=8, description="prompt + answer tokens; prompts are cut from the left")
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per generation")
-    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto = bf16 autocast on a GPU that has it")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto",
+                                                           description="auto = bf16 autocast on a GPU that has it")
 
 
 class FitnessConfig(Section):

@@ -60,7 +60,7 @@ def collate(rows: list[Encoded], pad_id: int, device: torch.device) -> dict[str,
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     answer_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (row, seq) in enumerate(zip(rows, sequences)):
+    for i, (row, seq) in enumerate(zip(rows, sequences, strict=True)):
         input_ids[i, length - len(seq):] = torch.tensor(seq)
         attention[i, length - len(seq):] = 1
         answer_mask[i, width - len(row.answer):] = True

@@ -70,7 +70,8 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: T
              precision: str, heartbeat: Callable[[], None]) -> tuple[dict[str, float | None], list[dict]]:
     """Metrics (accuracy where the task has right answers, mean reward, answer perplexity, fitness) and
     the per-example completions. Tasks without right answers use their mean reward as accuracy."""
-    completions = greedy_completions(model, tokenizer, prompts, config, eos_ids, task.stop_strings, precision, heartbeat)
+    completions = greedy_completions(model, tokenizer, prompts, config, eos_ids, task.stop_strings, precision,
+                                     heartbeat)
     scores = score_all(task, examples, completions)
     summary = summarize(scores)
     accuracy, reward = summary["accuracy"], summary["reward"]
@@ -78,5 +79,5 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: T
     metrics = {"accuracy": accuracy, "reward": reward, "perplexity": perplexity, "answer_nll": nll,
                "fitness": fitness_value(reward if accuracy is None else accuracy, perplexity, config)}
     samples = [{"index": i, "completion": c, "reward": s.reward, "correct": s.correct}
-               for i, (c, s) in enumerate(zip(completions, scores))]
+               for i, (c, s) in enumerate(zip(completions, scores, strict=True))]
     return metrics, samples

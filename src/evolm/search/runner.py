@@ -163,7 +163,7 @@ class Worker:
     def process(self, variant: Variant) -> None:
         loaded = self._load()
         config = self.config
-        seed = (config.seed * 1_000_003 + variant.id) % 2**31  # this variant's own stream: resume retrains it identically
+        seed = (config.seed * 1_000_003 + variant.id) % 2**31  # its own stream: a retry retrains it identically
         torch.manual_seed(seed)
         model = attach(loaded.model, variant.genes, config.space)
         last_beat = [time.time()]

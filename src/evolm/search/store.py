@@ -150,7 +150,8 @@ class Store:
     def claim(self, worker: str) -> Variant | None:
         """Hand the first pending variant (oldest generation, lowest slot) to `worker`, or None."""
         with self.transaction() as db:
-            row = db.execute("SELECT id FROM variants WHERE state = 'pending' ORDER BY generation, slot LIMIT 1").fetchone()
+            row = db.execute("SELECT id FROM variants WHERE state = 'pending'"
+                             " ORDER BY generation, slot LIMIT 1").fetchone()
             if row is None:
                 return None
             db.execute("UPDATE variants SET state = 'running', worker = ?, heartbeat = ?, attempts = attempts + 1"
@@ -172,8 +173,8 @@ class Store:
 
     def release(self, variant_id: int, worker: str) -> None:
         """Give a claim back (Ctrl-C, an error): the variant will be trained again from its start."""
-        self.db.execute("UPDATE variants SET state = 'pending', worker = NULL WHERE id = ? AND worker = ? AND state = 'running'",
-                        (variant_id, worker))
+        self.db.execute("UPDATE variants SET state = 'pending', worker = NULL"
+                        " WHERE id = ? AND worker = ? AND state = 'running'", (variant_id, worker))
 
     def requeue_stale(self, stale_after_s: float) -> list[int]:
         """Claims of dead workers back to pending; returns their variant ids."""

@@ -70,8 +70,9 @@ def train(model: PeftModel, rows: list[Encoded], genes: Genes, config: TrainingC
     warmup = round(config.warmup_ratio * len(steps))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=genes.learning_rate, weight_decay=config.weight_decay)
+    decay = max(len(steps) - warmup, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(len(steps) - s, 0) / max(len(steps) - warmup, 1))
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(len(steps) - s, 0) / decay)
     model.train()
     total_nll, total_tokens = 0.0, 0
     for step in steps:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import string
+from abc import abstractmethod
 from collections import Counter
 from typing import Any
 
@@ -26,7 +27,7 @@ class QATask(Task):
     optional_roles: frozenset[str] = frozenset()
 
     def __init__(self, system_prompt: str | None = None, **field_options: str):
-        unknown = sorted(k for k in field_options if k.removesuffix("_field") not in self.fields or not k.endswith("_field"))
+        unknown = sorted(k for k in field_options if not k.endswith("_field") or k[:-6] not in self.fields)
         if unknown:
             allowed = ", ".join(["system_prompt"] + [f"{role}_field" for role in self.fields])
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; allowed: {allowed}")
@@ -39,9 +40,9 @@ class QATask(Task):
         where = source or self.hub_dataset
         return [self.make_example(self._roles(record, f"{where}[{i}]")) for i, record in enumerate(records)]
 
+    @abstractmethod
     def make_example(self, values: dict[str, Any]) -> Example:
         """An Example from the record's role values (question, answer, …)."""
-        raise NotImplementedError
 
     def answer_text(self, example: Example) -> str:
         """The reference completion: what fine-tuning learns and answer perplexity is measured on."""
@@ -76,7 +77,8 @@ class QATask(Task):
         try:
             ds = datasets.load_dataset(self.hub_dataset, self.hub_config, split=self.hub_splits[split])
         except Exception as exc:
-            raise TaskError(f"task '{self.name}': could not load {self.hub_dataset} ({exc}); give a local file") from exc
+            raise TaskError(f"task '{self.name}': could not load {self.hub_dataset} ({exc}); "
+                            "give a local file") from exc
         return [dict(row) for row in ds]
 
 
@@ -156,7 +158,8 @@ class MMLUProTask(QATask):
     description = "multiple-choice questions (A-J); correct = the stated letter"
     hub_dataset = "TIGER-Lab/MMLU-Pro"
     hub_splits = {"train": "test[:50%]", "test": "test[50%:]"}
-    fields = {"question": ("question",), "options": ("options", "choices"), "answer": ("answer", "answer_index", "label")}
+    fields = {"question": ("question",), "options": ("options", "choices"),
+              "answer": ("answer", "answer_index", "label")}
 
     def make_example(self, values: dict[str, Any]) -> Example:
         options = list(values["options"])
@@ -174,7 +177,8 @@ class MMLUProTask(QATask):
         listing = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
         prompt = (f"{values['question']}\n\nOptions:\n{listing}\n\n"
                   "Answer with the letter of the correct option, in the form 'The answer is (X).'")
-        return Example(self.messages(prompt), letter, {"answer_text": f"The answer is ({letter}).", "n_options": len(options)})
+        meta = {"answer_text": f"The answer is ({letter}).", "n_options": len(options)}
+        return Example(self.messages(prompt), letter, meta)
 
     def score(self, completion: str, example: Example) -> Score:
         correct = choice_letter(completion, example.meta["n_options"]) == example.target
