@@ -104,7 +104,8 @@ def timeline(scored: list[Variant], path: Path) -> str:
         best = max if key != "perplexity" else min
         ax.plot(present, [best(values[g]) for g in present], marker="s", label="best")
         ax.set_ylabel(label)
-        if key == "perplexity" and present and min(min(values[g]) for g in present) > 0:
+        spread = [y for g in present for y in values[g]]
+        if key == "perplexity" and spread and min(spread) > 0 and max(spread) / min(spread) > 20:
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     axes[-1].set_xlabel("generation")

@@ -15,6 +15,10 @@ from evolm.search.training import autocast
 from evolm.tasks import Example, Task
 
 
+# greedy without the penalties a model's generation_config may carry (Qwen's repetition_penalty, …)
+PLAIN_GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+
 def fitness_value(accuracy: float, perplexity: float, config: FitnessConfig) -> float:
     return config.accuracy_weight * accuracy - config.perplexity_weight * perplexity
 
@@ -37,8 +41,8 @@ def greedy_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
             attention[row, width - len(prompts[i]):] = 1
         with autocast(device, precision):
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                    max_new_tokens=config.max_new_tokens, do_sample=False,
-                                    eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+                                    max_new_tokens=config.max_new_tokens, eos_token_id=eos_ids,
+                                    pad_token_id=tokenizer.pad_token_id, **PLAIN_GREEDY)
         for row, i in enumerate(chunk):
             texts[i] = _cut(tokenizer.decode(output[row, width:], skip_special_tokens=True), stop)
         heartbeat()

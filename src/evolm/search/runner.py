@@ -47,7 +47,7 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
     else:
         config = apply_mode(load_config(config_source, overrides, SearchRunConfig, presets=PRESETS), mode)
         run_dir = Path(config.output_dir)
-        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
             raise RunDirError(f"output_dir {run_dir} is not empty; pass --overwrite to replace it, "
                               f"--resume {run_dir} to continue it, or choose another output_dir")
     task = load_task(config.task.name, config.task.options)
