@@ -168,22 +168,45 @@ def _python(code: str, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_kill_mid_generation_then_resume_with_two_workers(pipeline_run, tiny_llama, data_file, tmp_path):
+def _slow_env(tmp_path: Path) -> dict:
     (tmp_path / "slowtask.py").write_text(textwrap.dedent(SLOW_TASK))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+
+
+def _wait_until_busy(process: subprocess.Popen, db_path: Path, done: int) -> None:
+    """Return once `done` variants are scored and another is being worked on."""
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if db_path.is_file():
+            with sqlite3.connect(db_path) as db:
+                states = [s for (s,) in db.execute("SELECT state FROM variants")]
+            if states.count("done") >= done and "running" in states:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the run never got busy: {process.stdout.read().decode() if process.stdout else ''}")
+
+
+def test_ctrl_c_gives_the_variant_back(tiny_llama, data_file, tmp_path):
+    out = tmp_path / "interrupted"
+    args = ["gsm8k", "--pipeline-test", *overrides(tiny_llama, data_file, out, "task.name=slowtask:SlowGSM8K")]
+    code = ("import typer; from evolm.search_cli import search_command; "
+            f"app = typer.Typer(); app.command()(search_command); app({args!r})")
+    process = _python(code, dict(_slow_env(tmp_path), SLOW_SCORE_S="0.3"))
+    _wait_until_busy(process, out / "run.db", done=0)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 130 and "--resume" in output, output
+    states = [(v.state, v.worker) for v in variants(out)]
+    assert ("pending", None) in states and all(state != "running" for state, _ in states), states
+
+
+def test_kill_mid_generation_then_resume_with_two_workers(pipeline_run, tiny_llama, data_file, tmp_path):
+    env = _slow_env(tmp_path)
     out = tmp_path / "killed"
     args = overrides(tiny_llama, data_file, out, "task.name=slowtask:SlowGSM8K")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     start = f"from evolm.search import run_search; run_search('gsm8k', {args!r}, mode='pipeline')"
     first = _python(start, dict(env, SLOW_SCORE_S="0.3"))
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None:
-        if (out / "run.db").is_file():
-            with sqlite3.connect(out / "run.db") as db:
-                states = [s for (s,) in db.execute("SELECT state FROM variants")]
-            if states.count("done") >= 1 and "running" in states:
-                break
-        time.sleep(0.1)
-    assert first.poll() is None, first.stdout.read().decode()
+    _wait_until_busy(first, out / "run.db", done=1)
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = {v.id: v for v in variants(out)}

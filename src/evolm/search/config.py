@@ -78,7 +78,7 @@ class FitnessConfig(Section):
     accuracy_weight: float = 1.0
     perplexity_weight: float = Field(0.01, description="0.01 = the LoRALab formula accuracy - perplexity/100")
     max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(32, ge=1, description="prompts per generate / perplexity batch")
+    batch_size: int = Field(32, ge=1, description="prompts per batched greedy generate call")
 
 
 class WorkerConfig(Section):

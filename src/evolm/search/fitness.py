@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evolm.prompts import score_all, summarize
-from evolm.search.config import FitnessConfig
+from evolm.search.config import FitnessConfig, TrainingConfig
 from evolm.search.data import Encoded, answer_nll, collate
 from evolm.search.training import autocast
 from evolm.tasks import Example, Task
@@ -70,16 +70,18 @@ def answer_perplexity(model: PreTrainedModel, rows: list[Encoded], batch_size: i
 
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example],
-             prompts: list[list[int]], answers: list[Encoded], config: FitnessConfig, eos_ids: list[int],
-             precision: str, heartbeat: Callable[[], None]) -> tuple[dict[str, float | None], list[dict]]:
+             prompts: list[list[int]], answers: list[Encoded], config: FitnessConfig, training: TrainingConfig,
+             eos_ids: list[int], heartbeat: Callable[[], None]) -> tuple[dict[str, float | None], list[dict]]:
     """Metrics (accuracy where the task has right answers, mean reward, answer perplexity, fitness) and
-    the per-example completions. Tasks without right answers use their mean reward as accuracy."""
+    the per-example completions. Tasks without right answers use their mean reward as accuracy.
+    Perplexity batches are training-sized: their logits cost what a training step's do."""
+    precision = training.mixed_precision
     completions = greedy_completions(model, tokenizer, prompts, config, eos_ids, task.stop_strings, precision,
                                      heartbeat)
     scores = score_all(task, examples, completions)
     summary = summarize(scores)
     accuracy, reward = summary["accuracy"], summary["reward"]
-    perplexity, nll = answer_perplexity(model, answers, config.batch_size, tokenizer.pad_token_id, precision)
+    perplexity, nll = answer_perplexity(model, answers, training.batch_size, tokenizer.pad_token_id, precision)
     metrics = {"accuracy": accuracy, "reward": reward, "perplexity": perplexity, "answer_nll": nll,
                "fitness": fitness_value(reward if accuracy is None else accuracy, perplexity, config)}
     samples = [{"index": i, "completion": c, "reward": s.reward, "correct": s.correct}

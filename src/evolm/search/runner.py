@@ -161,6 +161,18 @@ class Worker:
         return self.loaded
 
     def process(self, variant: Variant) -> None:
+        """Train and score a claimed variant; on any error or Ctrl-C the claim goes back to the queue."""
+        try:
+            metrics, folder = self._train_and_score(variant)
+        except BaseException:
+            self.store.release(variant.id, self.name)
+            raise
+        if not self.store.finish(variant.id, self.name, metrics.pop("fitness"), metrics, str(folder)):
+            log.warning("variant %d was handed to another worker meanwhile; this result is dropped", variant.id)
+            return
+        self._report(self.store.get(variant.id))
+
+    def _train_and_score(self, variant: Variant) -> tuple[dict, Path]:
         loaded = self._load()
         config = self.config
         seed = (config.seed * 1_000_003 + variant.id) % 2**31  # its own stream: a retry retrains it identically
@@ -185,20 +197,12 @@ class Worker:
             save_adapter(model, self.run_dir / folder)
             trained = time.time()
             metrics, samples = evaluate(model, loaded.tokenizer, self.task, self.test_examples, self.test_prompts,
-                                        self.test_rows, config.fitness, self.eos_ids, config.training.mixed_precision,
-                                        heartbeat)
-            (self.run_dir / folder.parent / "completions.jsonl").write_text(
-                "".join(json.dumps(s) + "\n" for s in samples))
-            metrics.update(stats, inherited_tensors=inherited, train_s=trained - start, eval_s=time.time() - trained)
-            if not self.store.finish(variant.id, self.name, metrics.pop("fitness"), metrics, str(folder)):
-                log.warning("variant %d was handed to another worker meanwhile; this result is dropped", variant.id)
-                return
-        except BaseException:
-            self.store.release(variant.id, self.name)
-            raise
+                                        self.test_rows, config.fitness, config.training, self.eos_ids, heartbeat)
         finally:
             loaded.model = model.unload()
-        self._report(self.store.get(variant.id))
+        (self.run_dir / folder.parent / "completions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        metrics.update(stats, inherited_tensors=inherited, train_s=trained - start, eval_s=time.time() - trained)
+        return metrics, folder
 
     def _report(self, v: Variant) -> None:
         lineage = "" if v.origin == "initial" else f" ({v.origin} of {'+'.join(map(str, v.parents))}" + (
