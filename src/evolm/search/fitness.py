@@ -14,7 +14,6 @@ from evolm.search.data import Encoded, answer_nll, collate
 from evolm.search.training import autocast
 from evolm.tasks import Example, Task
 
-
 # greedy without the penalties a model's generation_config may carry (Qwen's repetition_penalty, …)
 PLAIN_GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
