@@ -87,6 +87,7 @@ class GenerationConfig(Section):
 class EvalConfig(Section):
     every: int = Field(10, ge=0, description="Evaluate θ on the test split every N generations (0 = only base and final).")
     max_new_tokens: int | None = Field(None, ge=1, description="None = generation.max_new_tokens.")
+    kl: bool = Field(False, description="Also report KL(θ ‖ base) on the test prompts along θ's completions.")
 
 
 class LoggingConfig(Section):

@@ -56,8 +56,8 @@ def decode(
     tokenizer: PreTrainedTokenizerBase,
     generator: torch.Generator,
     sync_every: int = 1,
-) -> list[list[int]]:
-    """Generated tokens per row (up to and including EOS).
+) -> tuple[list[list[int]], int]:
+    """Generated tokens per row (up to and including EOS), and how many decoding steps ran.
 
     The host looks at which rows finished only every `sync_every` steps, so that on a GPU the
     host can queue work ahead; rows that finished in between run on idly until then.
@@ -69,8 +69,10 @@ def decode(
     out = torch.full((n, params.max_new_tokens), -1, dtype=torch.long, device=device)
     live = torch.arange(n, device=device)  # original row of each live row
     finished = torch.zeros(n, dtype=torch.bool, device=device)
+    steps = 0
     try:
         for step in range(params.max_new_tokens):
+            steps = step + 1
             token = pick_token(logits, params, generator)
             out[live, step] = token
             finished |= torch.isin(token, eos)
@@ -89,7 +91,7 @@ def decode(
             logits = backend.step(token)
     finally:
         backend.close()
-    return [trim_at_eos(row, eos_token_ids) for row in out.tolist()]
+    return [trim_at_eos(row, eos_token_ids) for row in out.tolist()], steps
 
 
 def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:

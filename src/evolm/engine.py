@@ -39,6 +39,7 @@ class Generation:
     texts: list[list[str]]
     num_tokens: int = 0
     waves: list[int] = field(default_factory=list)  # rows per wave
+    steps: list[int] = field(default_factory=list)  # decoding steps per wave
 
 
 class PopulationLinear(nn.Module):
@@ -208,20 +209,47 @@ class PopulationEngine:
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.current_max_new_tokens = params.max_new_tokens
         waves: list[int] = []
+        steps: list[int] = []
         start = 0
         wave_rows = self._wave_rows(max(len(p) for p in prompts), params.max_new_tokens)
         while start < len(rows):
             wave = rows[start : start + wave_rows]
             member_ids = None if members is None else [slots[s] for s, _ in wave]
             members_tensor = None if member_ids is None else torch.as_tensor(member_ids, device=self.device)
-            outputs = decode(self.backend, [prompts[p] for _, p in wave], members_tensor, params,
+            outputs, wave_steps = decode(self.backend, [prompts[p] for _, p in wave], members_tensor, params,
                              self.eos_token_ids, self.tokenizer, generator, self.sync_every)
             for (slot, p), out in zip(wave, outputs):
                 tokens[slot][p] = out
             waves.append(len(wave))
+            steps.append(wave_steps)
             start += len(wave)
         texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
-        return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), waves)
+        return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), waves, steps)
+
+    @torch.inference_mode()
+    def kl_to_base(self, member: int, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> dict:
+        """KL(member ‖ base) along the member's own completions, summed over tokens per sequence.
+
+        For each completion token position t: Σ_v p(v) (log p(v) − log p_base(v)), with p the member's
+        next-token distribution; the base is the same model with no adapter.
+        """
+        totals, tokens = [], 0
+        for prompt, completion in zip(prompts, completions):
+            if not completion:
+                totals.append(0.0)
+                continue
+            ids = torch.as_tensor([list(prompt) + list(completion)] * 2, device=self.device)
+            self.rows.set(torch.tensor([member, 0], device=self.device), self.population, self.rank, self.dtype)
+            self.rows.selector[1].zero_()  # second row: no adapter at all
+            try:
+                logits = self.model(input_ids=ids).logits[:, len(prompt) - 1 : -1].float()
+            finally:
+                self.rows.set(None, 0, 0, self.dtype)
+            logp = torch.log_softmax(logits, dim=-1)
+            kl = (logp[0].exp() * (logp[0] - logp[1])).sum(-1)
+            totals.append(kl.sum().item())
+            tokens += kl.numel()
+        return {"kl": sum(totals) / max(len(totals), 1), "kl_per_token": sum(totals) / max(tokens, 1)}
 
     def _text(self, tokens: list[int], stop_strings: Sequence[str]) -> str:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -237,8 +265,9 @@ class PopulationEngine:
         bytes_per = torch.finfo(self.dtype).bits // 8
         seq = prompt_len + max_new_tokens
         kv = 2 * config.num_hidden_layers * kv_heads * head_dim * seq * bytes_per
-        # a dynamic cache is copied when it grows and when rows are dropped: count it three times
-        row_bytes = 3 * kv + prompt_len * config.intermediate_size * 4 * bytes_per + config.vocab_size * 8
+        # a dynamic cache is copied when it grows and when rows are dropped; the fused one is allocated once
+        copies = 1 if getattr(self.backend, "preallocates", False) else 3
+        row_bytes = copies * kv + prompt_len * config.intermediate_size * 4 * bytes_per + config.vocab_size * 8
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * self.memory_fraction

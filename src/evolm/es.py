@@ -129,7 +129,8 @@ class ESRun:
         self.engine.set_adapters(self.space.unflatten(members_theta), self.space.scale)
         out = self.engine.generate([self.train.prompt_ids[i] for i in indices], self.members, self.sampling(generation))
         t1 = time.perf_counter()
-        local = {m: summarize(score_all(self.task, examples, texts))["reward"] for m, texts in zip(self.members, out.texts)}
+        local = {m: summarize(score_all(self.task, examples, texts))["reward"]
+                 for m, texts in zip(self.members, out.texts)}
         fitness = distributed.gather_fitness(local, self.config.es.population, self.loaded.device)
         t2 = time.perf_counter()
         return fitness, {"generate": t1 - t0, "score": t2 - t1, "tokens": out.num_tokens, "prompts": len(indices)}
@@ -143,11 +144,14 @@ class ESRun:
             self.test.prompt_ids, [0], self.sampling(generation, self.config.eval.max_new_tokens)
         )
         scores = score_all(self.task, self.test.examples, out.texts[0])
+        metrics = summarize(scores, self.task)
+        if self.config.eval.kl:
+            metrics |= self.engine.kl_to_base(0, self.test.prompt_ids, out.tokens[0])
         rows = [
             {"index": i, "completion": text, "reward": s.reward, "correct": s.correct}
             for i, (text, s) in enumerate(zip(out.texts[0], scores))
         ]
-        return summarize(scores), rows
+        return metrics, rows
 
     # -- bookkeeping ----------------------------------------------------------------------------
 

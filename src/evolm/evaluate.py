@@ -59,9 +59,9 @@ def evaluate_adapter(adapter: Path, options: EvalOptions, compare: bool = False)
     out = engine.generate(render_all(loaded.tokenizer, examples), list(range(len(members))), params)
     scores = [score_all(task, examples, texts) for texts in out.texts]
     report = {"adapter": str(adapter), "model": base_name, "task": options.task, "examples": len(examples),
-              "adapter_metrics": summarize(scores[-1])}
+              "adapter_metrics": summarize(scores[-1], task)}
     if compare:
-        report["base_metrics"] = summarize(scores[0])
+        report["base_metrics"] = summarize(scores[0], task)
         report["comparison"] = compare_scores(scores[0], scores[1])
         report["examples_detail"] = [
             {"index": i, "base": base_text, "adapter": text, "base_reward": b.reward, "adapter_reward": a.reward,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from evolm.decoding import left_pad
 
@@ -31,6 +32,9 @@ GROUPS = {
     "down": ("mlp", ("down_proj",)),
 }
 PREFILL_TOKENS = 65536  # prompt tokens per prefill chunk: bounds activation memory
+# cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200),
+# which a decoding step meets in every layer; the memory-efficient kernel has no such cost.
+ATTENTION_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def supports(model: nn.Module) -> bool:
@@ -74,6 +78,8 @@ class Group:
 
 class FusedBackend:
     """Decoding backend of the population engine for supported architectures."""
+
+    preallocates = True  # the KV cache is allocated once per wave at its final size
 
     def __init__(self, engine):
         self.engine = engine
@@ -184,10 +190,11 @@ class FusedBackend:
             self.k_cache[i][:b, :, col] = k[:, :, 0]
             self.v_cache[i][:b, :, col] = v[:, :, 0]
             q = q.reshape(b, self.kv_heads, group_size, self.head_dim)  # heads sharing a KV head as queries
-            attn = F.scaled_dot_product_attention(
-                q, self.k_cache[i][:b, :, : col + 1], self.v_cache[i][:b, :, : col + 1],
-                attn_mask=valid, scale=self.scaling,
-            )
+            with sdpa_kernel(ATTENTION_BACKENDS):
+                attn = F.scaled_dot_product_attention(
+                    q, self.k_cache[i][:b, :, : col + 1], self.v_cache[i][:b, :, : col + 1],
+                    attn_mask=valid, scale=self.scaling,
+                )
             x = self._finish_layer(layer, groups, x, attn.reshape(b, 1, -1), selectors)
         self.length += 1
         self.next_position = self.next_position + 1
@@ -225,7 +232,9 @@ class FusedBackend:
             q, k, v = self._qkv(layer, groups, x, cos, sin, selectors)
             self.k_cache[i][rows, :, :width] = k
             self.v_cache[i][rows, :, :width] = v
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling, enable_gqa=True)
+            with sdpa_kernel(ATTENTION_BACKENDS):
+                attn = F.scaled_dot_product_attention(q, _repeat_kv(k, self.heads), _repeat_kv(v, self.heads),
+                                                      attn_mask=allowed, scale=self.scaling)
             x = self._finish_layer(layer, groups, x, attn.transpose(1, 2).reshape(n, width, -1), selectors)
         return self._logits(x[:, -1:])
 
@@ -251,6 +260,11 @@ class FusedBackend:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.inner.norm(x[:, -1])).float()
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, kv_heads, t, d] -> [b, heads, t, d] (prefill only: the efficient kernel has no GQA)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def _rotate(q, k, cos, sin):

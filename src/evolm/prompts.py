@@ -28,10 +28,11 @@ def score_all(task: Task, examples: Sequence[Example], texts: Sequence[str], off
     return [task.checked_score(text, ex, offset + i) for i, (text, ex) in enumerate(zip(texts, examples))]
 
 
-def summarize(scores: Sequence[Score]) -> dict[str, float | None]:
-    """Mean reward, and accuracy where the task gives verdicts."""
+def summarize(scores: Sequence[Score], task: Task | None = None) -> dict[str, float | None]:
+    """Mean reward, accuracy where the task gives verdicts, and the task's own extra metrics."""
     verdicts = [s.correct for s in scores if s.correct is not None]
-    return {
+    metrics = {
         "reward": sum(s.reward for s in scores) / max(len(scores), 1),
         "accuracy": sum(verdicts) / len(verdicts) if verdicts else None,
     }
+    return metrics | (task.extra_metrics(list(scores)) if task else {})

@@ -49,6 +49,10 @@ class Task(ABC):
     @abstractmethod
     def score(self, completion: str, example: Example) -> Score: ...
 
+    def extra_metrics(self, scores: list[Score]) -> dict[str, float]:
+        """Task-specific summary metrics of a set of scores, reported beside mean reward and accuracy."""
+        return {}
+
     def checked_score(self, completion: str, example: Example, index: int) -> Score:
         """score() with errors and NaN turned into a message naming the task and the example."""
         try:

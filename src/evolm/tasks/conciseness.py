@@ -56,3 +56,6 @@ class ConcisenessTask(Task):
 
     def score(self, completion: str, example: Example) -> Score:
         return Score(length_reward(completion, example.target))
+
+    def extra_metrics(self, scores: list[Score]) -> dict[str, float]:
+        return {"normalized_reward": sum(normalized_reward(s.reward) for s in scores) / max(len(scores), 1)}
