@@ -17,14 +17,16 @@ COPY_TO=${3:-}
 shift $(( $# < 3 ? $# : 3 ))
 MODEL=${MODEL:-/tmp/models/qwen2.5-coder-0.5b-instruct}
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-EVOLM="python3 -m evolm.cli"
+# the `evolm search` / `evolm analyze` commands, called without depending on the main CLI's wiring
+search() { python3 -c 'import typer; from evolm.search_cli import search_command; typer.run(search_command)' "$@"; }
+analyze() { python3 -c 'import typer; from evolm.search_cli import analyze_command; typer.run(analyze_command)' "$@"; }
 
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 start=$(date +%s)
 if [[ -f "$RUN/run.db" ]]; then
-  $EVOLM search --resume "$RUN"
+  search --resume "$RUN"
 else
-  $EVOLM search gsm8k \
+  search gsm8k \
     model.name_or_path="$MODEL" model.dtype=bfloat16 \
     task.train="$DATA" task.train_size=400 task.test_size=100 \
     output_dir="$RUN" seed=0 \
@@ -35,7 +37,7 @@ else
     "$@"
 fi
 echo "search wall time: $(( $(date +%s) - start )) s"
-$EVOLM analyze "$RUN"
+analyze "$RUN"
 
 if [[ -n "$COPY_TO" ]]; then
   mkdir -p "$COPY_TO"

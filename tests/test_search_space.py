@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from evolm.config import ConfigError, load_config
+from evolm.config import ConfigError, load_config, preset_names
 from evolm.search.config import EvolutionConfig, SearchRunConfig, SearchSpace, apply_mode
 from evolm.search.evolution import Member, generation_rng, initial_population, next_generation, rank
 from evolm.search.space import Genes, choices, crossover, mutate, sample
@@ -141,6 +141,12 @@ def test_breeding_is_reproducible_with_a_seed():
     assert first == again
     assert first != other
     assert initial_population(SPACE, 6, generation_rng(5, 0)) == initial_population(SPACE, 6, generation_rng(5, 0))
+
+
+@pytest.mark.parametrize("preset", preset_names("evolm.presets.search"))
+def test_every_search_preset_is_valid(preset):
+    config = load_config(preset, ["model.name_or_path=x"], SearchRunConfig, presets="evolm.presets.search")
+    assert config.task.name == preset
 
 
 def test_config_validation_and_test_modes():

@@ -89,8 +89,8 @@ _MARKERS = ("####", "answer is")
 
 
 def final_number(text: str) -> float | None:
-    """The answer number of a completion: the first number after the last "####" or "answer is"
-    marker when there is one, otherwise the last number in the text; thousands commas are ignored."""
+    """The answer number of a completion: the first number after the last "####" (gsm8k's own marker),
+    else after the last "answer is", else the last number in the text; thousands commas are ignored."""
     text = text.lower().replace(",", "")
     for marker in _MARKERS:
         at = text.rfind(marker)
