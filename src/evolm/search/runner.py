@@ -164,8 +164,15 @@ class Worker:
         """Train and score a claimed variant; on any error or Ctrl-C the claim goes back to the queue."""
         try:
             metrics, folder = self._train_and_score(variant)
-        except BaseException:
+        except BaseException as exc:
             self.store.release(variant.id, self.name)
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                genes, training = variant.genes, self.config.training
+                raise ConfigError(
+                    f"variant {variant.id} (rank {genes.rank}, modules {genes.target_modules}, training.batch_size "
+                    f"{training.batch_size}, training.max_length {training.max_length}) does not fit: {exc}\n"
+                    "lower training.batch_size / fitness.batch_size / training.max_length or drop the largest "
+                    "space.ranks, then continue with --resume") from exc
             raise
         if not self.store.finish(variant.id, self.name, metrics.pop("fitness"), metrics, str(folder)):
             log.warning("variant %d was handed to another worker meanwhile; this result is dropped", variant.id)
