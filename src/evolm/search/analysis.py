@@ -172,13 +172,13 @@ def survival_rates(variants: list[Variant]) -> dict[str, tuple[int, int]]:
 def survival(variants: list[Variant], path: Path) -> str:
     """Generations each configuration line lived, and how often each kind of variant was selected."""
     grouped = lines(variants)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11 + 0.15 * len(grouped), 4), width_ratios=(2, 1))
     roots = sorted(grouped, key=lambda r: (-len(grouped[r]), r))
     best = [max((x.fitness for x in grouped[r] if x.fitness is not None), default=np.nan) for r in roots]
-    bars = left.bar(range(len(roots)), [len(grouped[r]) for r in roots], color=plt.cm.viridis(_unit(best)))
+    left.bar(range(len(roots)), [len(grouped[r]) for r in roots], color=plt.cm.viridis(_unit(best)))
     left.set_xticks(range(len(roots)), [f"{r}\nr{grouped[r][0].genes.rank}" for r in roots], fontsize=7)
-    left.set(xlabel="line (first variant id, rank)", ylabel="generations alive", title="Survival of configurations")
-    left.bar_label(bars, [f"{b:.3g}" for b in best], fontsize=7)
+    left.set(xlabel="line (first variant id, rank); colour: its best fitness (yellow = best)",
+             ylabel="generations alive", title="Survival of configurations")
     rates = survival_rates(variants)
     names = sorted(rates)
     right.bar(names, [rates[n][0] / rates[n][1] for n in names], color="tab:green")
