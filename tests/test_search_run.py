@@ -142,6 +142,37 @@ def test_a_child_inherits_its_parents_function(tiny_llama):
     child.unload()
 
 
+def test_greedy_answers_on_the_engine_match_peft_generate(tiny_qwen):
+    """The variant's adapter (a module subset of the engine's layers) read into the population engine
+    gives the same greedy text as PEFT + generate."""
+    from transformers import AutoModelForCausalLM
+
+    from evolm.config import ModelConfig
+    from evolm.models import load_tokenizer
+    from evolm.search.fitness import GreedyAnswers
+
+    space = SearchSpace()
+    genes = Genes(4, 2.0, 1e-3, 0.0, "qv", 1)
+    tokenizer = load_tokenizer(str(tiny_qwen))
+    model = attach(AutoModelForCausalLM.from_pretrained(tiny_qwen), genes, space)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    model.eval()
+    prompts = [tokenizer(text).input_ids for text in ("Hello there", "What is 2+2?", "abc")]
+    expected = []
+    for prompt in prompts:
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        expected.append(tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True))
+    answers = GreedyAnswers(ModelConfig(name_or_path=str(tiny_qwen), device="cpu"), tokenizer,
+                            space.target_modules["all_linear"], [tokenizer.eos_token_id], batch_rows=8)
+    assert answers(model, genes, prompts, 12, ()) == expected
+    assert len(set(expected)) > 1
+
+
 def test_refuses_a_non_empty_folder_and_validates_before_touching_anything(tiny_llama, data_file, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()

@@ -24,7 +24,7 @@ from evolm.runs import RunDirError
 from evolm.search.config import SearchRunConfig, apply_mode
 from evolm.search.data import encode, load_splits
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
-from evolm.search.fitness import evaluate
+from evolm.search.fitness import GreedyAnswers, evaluate
 from evolm.search.outputs import best_variant, export_best, write_history
 from evolm.search.store import Store, Variant, worker_name
 from evolm.search.training import attach, check_target_modules, inherit, save_adapter, train
@@ -157,7 +157,9 @@ class Worker:
             self.train_rows = encode(tokenizer, self.task, self.train_examples, max_length, tokenizer.eos_token_id)
             self.test_rows = encode(tokenizer, self.task, self.test_examples, max_length, None)
             self.test_prompts = [render(tokenizer, ex)[-max_length:] for ex in self.test_examples]
-            self.eos_ids = eos_token_ids(self.loaded.model, tokenizer)
+            modules = sorted({m for names in self.config.space.target_modules.values() for m in names})
+            self.answer = GreedyAnswers(self.config.model, tokenizer, modules,
+                                        eos_token_ids(self.loaded.model, tokenizer), self.config.fitness.batch_size)
         return self.loaded
 
     def process(self, variant: Variant) -> None:
@@ -203,8 +205,10 @@ class Worker:
             folder = Path("variants") / str(variant.id) / "adapter"
             save_adapter(model, self.run_dir / folder)
             trained = time.time()
-            metrics, samples = evaluate(model, loaded.tokenizer, self.task, self.test_examples, self.test_prompts,
-                                        self.test_rows, config.fitness, config.training, self.eos_ids, heartbeat)
+            heartbeat()
+            metrics, samples = evaluate(model, variant.genes, self.answer, self.task, self.test_examples,
+                                        self.test_prompts, self.test_rows, config.fitness, config.training,
+                                        loaded.tokenizer.pad_token_id)
         finally:
             loaded.model = model.unload()
         (self.run_dir / folder.parent / "completions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
