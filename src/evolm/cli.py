@@ -10,6 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from evolm.search_cli import analyze_command as analyze_search
+from evolm.search_cli import search_command
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune language models by evolution.")
 runs_app = typer.Typer(no_args_is_help=True, help="List and clean up run folders.")
 app.add_typer(runs_app, name="runs")
@@ -95,6 +98,25 @@ def evaluate_command(
     if output:
         output.write_text(json.dumps(report, indent=2))
         console.print(f"report written to {output}")
+
+
+app.command("search")(search_command)
+
+
+@app.command("analyze")
+def analyze_command(run_dir: Path = typer.Argument(..., help="A run folder (ES or search), finished or running.")):
+    """Figures (and for a search, the family tree and Markdown report) of a run."""
+    if (run_dir / "run.db").is_file():
+        return analyze_search(run_dir)
+    from evolm.reports import write_figures
+    from evolm.runs import RunDir, RunDirError
+
+    try:
+        RunDir.open(run_dir)
+    except RunDirError as exc:
+        _fail(exc)
+    for path in write_figures(run_dir):
+        console.print(f"wrote {path}")
 
 
 @runs_app.command("list")

@@ -154,7 +154,8 @@ class PopulationEngine:
     def _choose_backend(self, name: str):
         from evolm import fused
 
-        if name == "fused" or (name == "auto" and fused.supports(self.model)):
+        on_gpu = self.device.type == "cuda"  # on a CPU the transformers path is as fast and simpler
+        if name == "fused" or (name == "auto" and on_gpu and fused.supports(self.model)):
             if not fused.supports(self.model):
                 raise ValueError(f"the fused backend does not support {self.model.config.model_type} models")
             return fused.FusedBackend(self)
@@ -270,7 +271,8 @@ class PopulationEngine:
         row_bytes = copies * kv + prompt_len * config.intermediate_size * 4 * bytes_per + config.vocab_size * 8
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * self.memory_fraction
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            budget = (free + cached) * self.memory_fraction  # blocks the allocator holds but no tensor uses
         else:
             budget = 4 * 2**30
         return max(1, int(budget // row_bytes))
