@@ -161,3 +161,23 @@ def test_evaluate_compare_reports_improvements(tiny_llama, tmp_path):
     cmd, env = _cli("runs", "list", str(tmp_path))
     listing = subprocess.run(cmd, env=env, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
     assert "run" in listing and "finished" in listing
+
+
+def test_torchrun_processes_share_the_population_and_agree(tiny_llama, tmp_path):
+    """Two CPU processes (gloo) each evaluate half the members; the run equals a one-process run."""
+    single = write_config(tmp_path / "a.yaml", tiny_llama, tmp_path / "single", es={"generations": 3})
+    run_a, _ = run_es(str(single), [])
+    shared = write_config(tmp_path / "b.yaml", tiny_llama, tmp_path / "shared", es={"generations": 3})
+    _, env = _cli()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "evolm.cli", "es", str(shared)]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "shared" / "results" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert [h["fitness"] for h in read_jsonl(run_a.history_file)] == [
+        h["fitness"] for h in read_jsonl(tmp_path / "shared" / "results" / "history.jsonl")
+    ]
+    a = load_file(run_a.adapter_dir / "adapter_model.safetensors")
+    b = load_file(tmp_path / "shared" / "adapter" / "adapter_model.safetensors")
+    assert all(a[k].equal(b[k]) for k in a)

@@ -42,3 +42,8 @@ def gather_fitness(local: dict[int, float], population: int, device: torch.devic
         dist.all_reduce(full)  # each member is filled by exactly one process
     return full.cpu()
 
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -47,9 +47,9 @@ def load_splits(config: ESRunConfig, task: Task) -> tuple[list[Example], list[Ex
 
 
 def prepare_run(
-    config_source: str | None, overrides: list[str], *, resume: str | None, overwrite: bool
+    config_source: str | None, overrides: list[str], *, resume: str | None, overwrite: bool, create: bool = True
 ) -> tuple[ESRunConfig, RunDir]:
-    """Validate everything that can be checked without a model; create or reopen the run folder."""
+    """Validate everything that can be checked without a model; create (if `create`) or reopen the run folder."""
     from evolm.config import load_config, read_source
 
     if resume:
@@ -65,7 +65,7 @@ def prepare_run(
     if config_source is None:
         raise ConfigError("give a config file or preset name, or --resume RUN_DIR")
     config = load_config(config_source, overrides, ESRunConfig)
-    return config, RunDir.create(config.output_dir, overwrite)
+    return config, RunDir.create(config.output_dir, overwrite) if create else RunDir(Path(config.output_dir))
 
 
 def _get(tree: dict, dotted: str):
@@ -294,8 +294,10 @@ class ESRun:
 def run_es(config_source: str | None, overrides: list[str], *, resume: str | None = None,
            overwrite: bool = False) -> tuple[RunDir, dict]:
     """Validate, load data, then the model; run; return the run folder and its summary."""
-    config, run = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
     rank, _ = distributed.world()
+    # the first process creates the folder; the others validate the same config and wait for it
+    config, run = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite, create=rank == 0)
+    distributed.barrier()
     _log_to(run.logs / "run.log" if rank == 0 else None)
     task = load_task(config.task.name, config.task.options)
     train, test = load_splits(config, task)
