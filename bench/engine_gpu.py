@@ -249,7 +249,7 @@ def profile(engine, space, strategy, prompt_ids) -> None:
 def report(r: dict) -> None:
     e, p = r["engine"], r["plain"]
     bound = max(e["t_compute"], e["t_memory"])
-    print(f"\n| what | s / ES generation | tokens | tokens/s | peak GB | vs reference |")
+    print("\n| what | s / ES generation | tokens | tokens/s | peak GB | vs reference |")
     print("|---|---|---|---|---|---|")
     print(f"| evolm engine, N={r['members']} | {e['seconds']:.1f} | {e['tokens']} | {e['tokens_per_s']:.0f} | "
           f"{e['peak_gb']:.1f} | {r['reference_per_generation_s'] / e['seconds']:.1f}x faster |")

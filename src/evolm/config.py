@@ -97,11 +97,17 @@ class LoggingConfig(Section):
     progress: bool = True
 
 
-class ESRunConfig(Section):
-    output_dir: str = "runs/es"
+class RunConfig(Section):
+    """What every run has, ES or search: where it writes, its seed, the model and the task."""
+
+    output_dir: str
     seed: int = Field(0, ge=0, lt=2**31)
     model: ModelConfig
     task: TaskConfig
+
+
+class ESRunConfig(RunConfig):
+    output_dir: str = "runs/es"
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     es: ESConfig = Field(default_factory=ESConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evolm import distributed, reports
-from evolm.config import ConfigError, ESRunConfig, apply_overrides, dump_config, validate
+from evolm.config import ConfigError, ESRunConfig, apply_overrides, dump_config, load_config, read_source, validate
 from evolm.decoding import SamplingParams
 from evolm.engine import PopulationEngine
 from evolm.models import LoadedModel, eos_token_ids, load_model
@@ -50,8 +50,6 @@ def prepare_run(
     config_source: str | None, overrides: list[str], *, resume: str | None, overwrite: bool, create: bool = True
 ) -> tuple[ESRunConfig, RunDir]:
     """Validate everything that can be checked without a model; create (if `create`) or reopen the run folder."""
-    from evolm.config import load_config, read_source
-
     if resume:
         run = RunDir.open(resume)
         saved = read_source(run.config_file)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from evolm.config import ModelConfig, Section, TaskConfig
+from evolm.config import RunConfig, Section
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -86,11 +86,8 @@ class WorkerConfig(Section):
     poll_s: float = Field(5, gt=0, description="how often an idle worker looks for work")
 
 
-class SearchRunConfig(Section):
+class SearchRunConfig(RunConfig):
     output_dir: str = "runs/search"
-    seed: int = Field(0, ge=0, lt=2**31)
-    model: ModelConfig
-    task: TaskConfig
     space: SearchSpace = Field(default_factory=SearchSpace)
     evolution: EvolutionConfig = Field(default_factory=EvolutionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
