@@ -136,7 +136,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tiny_llama, tmp_path):
     summary = json.loads((out / "results" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["final"] is None
     done = summary["generations"]
-    assert 3 <= done < 400
+    assert 2 <= done < 400  # the stop may land between a generation's history line and its checkpoint
     assert len(read_jsonl(history)) == done
     # continue to a few generations past the stop; it must equal an uninterrupted run of that length
     target = done + 2

@@ -175,12 +175,16 @@ class ESRun:
                 write_jsonl(self.run.evaluations_file, [])
             return 0
         self.strategy.load_state_dict(state["strategy"])
+        self.trim_results()
+        return self.strategy.generation
+
+    def trim_results(self) -> None:
+        """Drop result lines written after the checkpoint (a stop between the two writes)."""
         g = self.strategy.generation
         if self.is_main:
             write_jsonl(self.run.history_file, [r for r in read_jsonl(self.run.history_file) if r["generation"] < g])
             write_jsonl(self.run.evaluations_file,
                         [r for r in read_jsonl(self.run.evaluations_file) if r["generation"] <= g])
-        return g
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -212,6 +216,7 @@ class ESRun:
             state = self.run.load_checkpoint()
             if state is not None:
                 self.strategy.load_state_dict(state["strategy"])
+                self.trim_results()
         finally:
             bar.close()
         return self.finish(status, time.time() - started)

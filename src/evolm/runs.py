@@ -112,15 +112,8 @@ class RunDir:
     def create(cls, path: str | Path, overwrite: bool) -> "RunDir":
         """A fresh run folder; a non-empty one is only emptied when `overwrite` is set."""
         root = Path(path)
-        if root.exists() and not root.is_dir():
-            raise RunDirError(f"output_dir {root} exists and is not a folder")
-        if root.is_dir() and any(root.iterdir()):
-            if not overwrite:
-                raise RunDirError(
-                    f"output_dir {root} is not empty; pass --overwrite to replace it, "
-                    f"--resume {root} to continue it, or choose another output_dir"
-                )
-            shutil.rmtree(root)
+        refuse_busy_dir(root, overwrite)
+        shutil.rmtree(root, ignore_errors=True)
         run = cls(root)
         for folder in (run.results, run.checkpoint_file.parent, run.figures, run.logs):
             folder.mkdir(parents=True, exist_ok=True)
@@ -140,6 +133,27 @@ class RunDir:
         if not self.checkpoint_file.is_file():
             return None
         return torch.load(self.checkpoint_file, map_location="cpu", weights_only=False)
+
+
+def refuse_busy_dir(root: Path, overwrite: bool) -> None:
+    """Raise unless `root` is absent or empty, or `overwrite` allows replacing it."""
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"output_dir {root} exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise RunDirError(
+            f"output_dir {root} is not empty; pass --overwrite to replace it, "
+            f"--resume {root} to continue it, or choose another output_dir"
+        )
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a fully written folder into place, so a reader never sees half of it."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def list_runs(root: Path) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import math
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from evolm.engine import LoRAWeights
 from evolm.noise import gaussian, stream_key
+from evolm.runs import replace_dir
 
 _INIT_STREAM = 0x1A17  # keeps the initial-A draw apart from the ES noise streams
 
@@ -83,7 +83,7 @@ class LoRASpace:
             layers_to_transform=layers, task_type="CAUSAL_LM", base_model_name_or_path=base_model,
         )
         config.save_pretrained(tmp)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
         return path
 
 
@@ -109,12 +109,3 @@ def _uniform(seed: int, stream: int, count: int) -> torch.Tensor:
     z = gaussian(stream_key(seed, _INIT_STREAM, stream), 0, count)
     return 0.5 * (1 + torch.erf(z.double() / math.sqrt(2))).float()
 
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written folder into place, so a reader never sees half an adapter."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)

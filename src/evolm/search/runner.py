@@ -20,7 +20,7 @@ import torch
 from evolm.config import ConfigError, apply_overrides, dump_config, load_config, read_source, validate
 from evolm.models import LoadedModel, eos_token_ids, load_model
 from evolm.prompts import render
-from evolm.runs import RunDirError
+from evolm.runs import refuse_busy_dir
 from evolm.search.config import SearchRunConfig, apply_mode
 from evolm.search.data import encode, load_splits
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
@@ -47,9 +47,7 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
     else:
         config = apply_mode(load_config(config_source, overrides, SearchRunConfig, presets=PRESETS), mode)
         run_dir = Path(config.output_dir)
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
-            raise RunDirError(f"output_dir {run_dir} is not empty; pass --overwrite to replace it, "
-                              f"--resume {run_dir} to continue it, or choose another output_dir")
+        refuse_busy_dir(run_dir, overwrite)
     task = load_task(config.task.name, config.task.options)
     train_examples, test_examples = load_splits(config.task, task)
     if resume is None:

@@ -8,11 +8,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from evolm.config import ConfigError
+from evolm.runs import replace_dir
 from evolm.search.config import SearchSpace, TrainingConfig
 from evolm.search.data import Encoded, answer_nll, collate
 from evolm.search.space import Genes
@@ -100,5 +107,4 @@ def save_adapter(model: PeftModel, folder: Path) -> None:
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
-    shutil.rmtree(folder, ignore_errors=True)
-    temporary.rename(folder)
+    replace_dir(temporary, folder)
