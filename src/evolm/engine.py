@@ -70,6 +70,12 @@ class PopulationLinear(nn.Module):
         return out + (hidden @ self.lora_B) * self.scale
 
 
+def member_selector(row_members: torch.Tensor, population: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, N·r]: ones on the r columns of each row's own member in x·A_catᵀ, zeros elsewhere."""
+    onehot = torch.nn.functional.one_hot(row_members, population).to(dtype)
+    return onehot.repeat_interleave(rank, dim=1)
+
+
 class RowState:
     """Which member each batch row belongs to, shared by every wrapped layer during a forward."""
 
@@ -80,8 +86,7 @@ class RowState:
         if row_members is None:
             self.selector = None
             return
-        onehot = torch.nn.functional.one_hot(row_members, population).to(dtype)
-        self.selector = onehot.repeat_interleave(rank, dim=1).unsqueeze(1)
+        self.selector = member_selector(row_members, population, rank, dtype).unsqueeze(1)
 
     def keep(self, index: torch.Tensor) -> None:
         if self.selector is not None:
@@ -168,6 +173,12 @@ class PopulationEngine:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def pad_token_id(self) -> int:
+        """What left padding is filled with (masked out, so any id works; the tokenizer's if it has one)."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos_token_ids[0]
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every targeted layer, in a fixed order."""
@@ -286,8 +297,7 @@ class TransformersBackend:
 
     def prefill(self, prompts, row_members):
         engine = self.engine
-        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else engine.eos_token_ids[0]
-        ids, attention = left_pad(prompts, pad)
+        ids, attention = left_pad(prompts, engine.pad_token_id)
         self.attention = attention.to(engine.device)
         positions = (self.attention.cumsum(-1) - 1).clamp(min=0)
         engine.rows.set(row_members, engine.population, engine.rank, engine.dtype)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from evolm.decoding import left_pad
+from evolm.engine import member_selector
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 GROUPS = {
@@ -149,8 +150,7 @@ class FusedBackend:
         engine = self.engine
         self.load_adapters()
         device, dtype = engine.device, engine.dtype
-        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else engine.eos_token_ids[0]
-        ids, mask = left_pad(list(prompts), pad)
+        ids, mask = left_pad(list(prompts), engine.pad_token_id)
         ids, mask = ids.to(device), mask.to(device).bool()
         n, width = ids.shape
         capacity = width + engine.current_max_new_tokens
@@ -159,20 +159,19 @@ class FusedBackend:
         self.v_cache = [torch.empty_like(k) for k in self.k_cache]
         self.valid = torch.zeros((n, capacity), dtype=torch.bool, device=device)
         self.valid[:, :width] = mask
-        self.positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         self.length = width
         self.rows = n
         self.selector = None
         if row_members is not None and engine.population:
-            onehot = F.one_hot(row_members, engine.population).to(dtype)
-            self.selector = onehot.repeat_interleave(engine.rank, dim=1)
+            self.selector = member_selector(row_members, engine.population, engine.rank, dtype)
         self.selectors = self._selectors(self.selector)
         logits = []
         chunk = max(1, PREFILL_TOKENS // width)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            logits.append(self._prefill_rows(ids[rows], mask[rows], self.positions[rows], rows))
-        self.next_position = self.positions[:, -1] + 1
+            logits.append(self._prefill_rows(ids[rows], mask[rows], positions[rows], rows))
+        self.next_position = positions[:, -1] + 1
         return torch.cat(logits)
 
     @torch.inference_mode()
