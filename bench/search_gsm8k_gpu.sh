@@ -8,7 +8,11 @@
 #   RUN_DIR     the run folder (keep it on the machine's disk: adapters are large)
 #   COPY_TO     optional flat folder (e.g. $OUT) that receives the report, summary, history, log
 #               and two figures (8 small files)
-#   key=value   extra overrides for a fresh run, e.g. evolution.generations=2
+#   key=value   extra overrides for a fresh run, e.g. evolution.generations=2, or
+#               training.targets=self to learn the base model's own correct answers instead of the
+#               file's answer-only targets
+# CHECK_DATA=SOURCE (optional): afterwards compare the best adapter with the base model on data the
+#               search never saw (`evolm evaluate --compare`), e.g. 'gsm8k_train.jsonl[6000:6500]'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: $0 DATA_JSONL RUN_DIR [COPY_TO] [key=value ...]}
@@ -20,6 +24,7 @@ export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 # the `evolm search` / `evolm analyze` commands, called without depending on the main CLI's wiring
 search() { python3 -c 'import typer; from evolm.search_cli import search_command; typer.run(search_command)' "$@"; }
 analyze() { python3 -c 'import typer; from evolm.search_cli import analyze_command; typer.run(analyze_command)' "$@"; }
+evaluate() { python3 -m evolm.cli evaluate "$@"; }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 start=$(date +%s)
@@ -39,8 +44,14 @@ fi
 echo "search wall time: $(( $(date +%s) - start )) s"
 analyze "$RUN"
 
+if [[ -n "${CHECK_DATA:-}" ]]; then
+  evaluate --adapter "$RUN/best_adapter" --task gsm8k --compare --data "$CHECK_DATA" --max-new-tokens 256 \
+    --output "$RUN/analysis/check_compare.json"
+fi
+
 if [[ -n "$COPY_TO" ]]; then
   mkdir -p "$COPY_TO"
   cp "$RUN/analysis/report.md" "$RUN/results/summary.json" "$RUN/results/history.jsonl" "$RUN/logs/search.log" \
      "$RUN/analysis/timeline.png" "$RUN/analysis/family_tree.png" "$COPY_TO/"
+  [[ -f "$RUN/analysis/check_compare.json" ]] && cp "$RUN/analysis/check_compare.json" "$COPY_TO/"
 fi

@@ -173,6 +173,41 @@ def test_greedy_answers_on_the_engine_match_peft_generate(tiny_qwen):
     assert len(set(expected)) > 1
 
 
+def test_self_targets_train_on_the_base_models_own_correct_answers(tiny_llama, data_file, tmp_path):
+    from evolm.search.targets import TARGETS_FILE
+
+    out = tmp_path / "self"
+    args = overrides(tiny_llama, data_file, out, "task.name=helpers.even_task:EvenLengthGSM8K",
+                     "training.targets=self", "training.self_samples=2", "training.self_temperature=1.0",
+                     "evolution.generations=1")
+    run_search("gsm8k", args, mode="pipeline")
+    rows = [json.loads(line) for line in (out / TARGETS_FILE).read_text().splitlines()]
+    train = [r["answers"] for r in rows if r["split"] == "train"]
+    assert len(train) == 15 and len([r for r in rows if r["split"] == "test"]) == 15
+    answers = [a for kept in train for a in kept]
+    assert answers and all(len(a) % 2 == 0 for a in answers)  # only answers the task scores correct
+    assert all(len(set(kept)) == len(kept) <= 2 for kept in train)  # distinct, at most one per sample
+    assert sum(not kept for kept in train) > 0  # some questions got no right answer: they are left out
+    # variants learned exactly those answers, each followed by the end-of-sequence token
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    expected = sum(len(tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers)
+    trained = variants(out)
+    assert all(v.metrics["train_tokens"] == expected for v in trained)
+
+    # resuming (here: one more generation) reads the targets instead of sampling new ones
+    stamp = (out / TARGETS_FILE).stat().st_mtime_ns
+    run_search(None, [], resume=str(out))
+    assert (out / TARGETS_FILE).stat().st_mtime_ns == stamp
+
+
+def test_self_targets_with_no_right_answer_stop_with_advice(tiny_llama, data_file, tmp_path):
+    args = overrides(tiny_llama, data_file, tmp_path / "never", "task.name=helpers.even_task:NeverRightGSM8K",
+                     "training.targets=self", "training.self_samples=2")
+    with pytest.raises(TaskError, match="raise training.self_samples"):
+        run_search("gsm8k", args, mode="pipeline")
+
+
 def test_refuses_a_non_empty_folder_and_validates_before_touching_anything(tiny_llama, data_file, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()

@@ -69,6 +69,12 @@ class TrainingConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per generation")
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto",
                                                            description="auto = bf16 autocast on a GPU that has it")
+    targets: Literal["reference", "self"] = Field(
+        "reference", description="what variants learn: the task's reference answers, or the base model's own "
+                                 "answers that the task scores correct (rejection sampling; for reference answers "
+                                 "without the reasoning the model needs, e.g. gsm8k rows with the final number only)")
+    self_samples: int = Field(4, ge=1, description="targets=self: answers sampled per question")
+    self_temperature: float = Field(0.7, gt=0, description="targets=self: sampling temperature")
 
 
 class FitnessConfig(Section):

@@ -12,12 +12,13 @@ from evolm.prompts import render
 from evolm.tasks import Example, Task, TaskError
 
 
-def load_splits(config: TaskConfig, task: Task) -> tuple[list[Example], list[Example]]:
+def load_splits(config: TaskConfig, task: Task, references: bool = True) -> tuple[list[Example], list[Example]]:
     """Training and evaluation examples. With a local training source and no test source, the last
-    test_size (default: a tenth, at most 200) training records are held out for evaluation."""
-    if not callable(getattr(task, "answer_text", None)):
-        raise TaskError(f"task '{config.name}' has no reference answers "
-                        "(an answer_text(example) method), which supervised fine-tuning needs")
+    test_size (default: a tenth, at most 200) training records are held out for evaluation.
+    `references`: the run learns the task's reference answers, so the task must provide them."""
+    if references and not callable(getattr(task, "answer_text", None)):
+        raise TaskError(f"task '{config.name}' has no reference answers (an answer_text(example) method), "
+                        "which supervised fine-tuning on references needs; training.targets=self needs none")
     train = task.load_split("train", config.train)
     if config.test is None and config.train is not None:
         held_out = config.test_size or max(1, min(200, len(train) // 10))
@@ -39,13 +40,14 @@ class Encoded:
     answer: list[int]
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, task: Task, examples: list[Example], max_length: int,
+def encode(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[Example, str]], max_length: int,
            eos: int | None) -> list[Encoded]:
-    """Prompt and reference-answer ids (plus `eos` when given, so fine-tuning learns to stop). Rows longer
-    than max_length keep their answer (up to max_length - 1 tokens) and lose the start of the prompt."""
+    """Prompt and answer ids of (example, answer text) pairs (plus `eos` when given, so fine-tuning learns
+    to stop). Rows longer than max_length keep their answer (up to max_length - 1 tokens) and lose the
+    start of the prompt."""
     rows = []
-    for example in examples:
-        answer = tokenizer(task.answer_text(example), add_special_tokens=False).input_ids
+    for example, text in pairs:
+        answer = tokenizer(text, add_special_tokens=False).input_ids
         answer = (answer + ([eos] if eos is not None else []))[: max_length - 1]
         rows.append(Encoded(render(tokenizer, example)[-(max_length - len(answer)):], answer))
     return rows

@@ -27,6 +27,7 @@ from evolm.search.evolution import Member, Plan, generation_rng, initial_populat
 from evolm.search.fitness import GreedyAnswers, evaluate
 from evolm.search.outputs import best_variant, export_best, write_history
 from evolm.search.store import Store, Variant, worker_name
+from evolm.search.targets import self_targets
 from evolm.search.training import attach, check_target_modules, inherit, save_adapter, train
 from evolm.tasks import Example, Task, load_task
 
@@ -49,7 +50,7 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
         run_dir = Path(config.output_dir)
         refuse_busy_dir(run_dir, overwrite)
     task = load_task(config.task.name, config.task.options)
-    train_examples, test_examples = load_splits(config.task, task)
+    train_examples, test_examples = load_splits(config.task, task, config.training.targets == "reference")
     if resume is None:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
@@ -152,13 +153,30 @@ class Worker:
             self.loaded = load_model(self.config.model)
             check_target_modules(self.loaded.model, self.config.space)
             tokenizer, max_length = self.loaded.tokenizer, self.config.training.max_length
-            self.train_rows = encode(tokenizer, self.task, self.train_examples, max_length, tokenizer.eos_token_id)
-            self.test_rows = encode(tokenizer, self.task, self.test_examples, max_length, None)
             self.test_prompts = [render(tokenizer, ex)[-max_length:] for ex in self.test_examples]
             modules = sorted({m for names in self.config.space.target_modules.values() for m in names})
             self.answer = GreedyAnswers(self.config.model, tokenizer, modules,
                                         eos_token_ids(self.loaded.model, tokenizer), self.config.fitness.batch_size)
+            train_pairs, test_pairs = self._targets()
+            self.train_rows = encode(tokenizer, train_pairs, max_length, tokenizer.eos_token_id)
+            self.test_rows = encode(tokenizer, test_pairs, max_length, None)
         return self.loaded
+
+    def _targets(self) -> tuple[list[tuple[Example, str]], list[tuple[Example, str]]]:
+        """(example, answer) pairs to train on and to measure answer perplexity on: the task's reference
+        answers, or with targets=self every distinct correct sampled answer for training and the first
+        one for perplexity (evaluation questions without one count for accuracy only)."""
+        if self.config.training.targets == "reference":
+            return ([(ex, self.task.answer_text(ex)) for ex in self.train_examples],
+                    [(ex, self.task.answer_text(ex)) for ex in self.test_examples])
+        tokenizer, max_length = self.loaded.tokenizer, self.config.training.max_length
+        splits = {"train": self.train_examples, "test": self.test_examples}
+        prompts = {"train": [render(tokenizer, ex)[-max_length:] for ex in self.train_examples],
+                   "test": self.test_prompts}
+        found = self_targets(self.run_dir, self.answer.engine, self.task, splits, prompts, self.config.training,
+                             self.config.fitness.max_new_tokens, self.config.seed)
+        return ([(ex, answer) for ex, answers in zip(self.train_examples, found["train"]) for answer in answers],
+                [(ex, answers[0]) for ex, answers in zip(self.test_examples, found["test"]) if answers])
 
     def process(self, variant: Variant) -> None:
         """Train and score a claimed variant; on any error or Ctrl-C the claim goes back to the queue."""
