@@ -138,6 +138,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tiny_llama, tmp_path):
     done = summary["generations"]
     assert 2 <= done < 400  # the stop may land between a generation's history line and its checkpoint
     assert len(read_jsonl(history)) == done
+    assert f"the checkpoint at generation {done} is kept" in (out / "logs" / "run.log").read_text()
     # continue to a few generations past the stop; it must equal an uninterrupted run of that length
     target = done + 2
     cmd, env = _cli("es", "--resume", str(out), f"es.generations={target}")

@@ -211,12 +211,12 @@ class ESRun:
                     bar.set_postfix_str(_postfix(row))
         except KeyboardInterrupt:
             status = "interrupted"
-            log.warning("interrupted: the generation in progress is abandoned; the checkpoint at generation %d is kept",
-                        self.strategy.generation)
-            state = self.run.load_checkpoint()
+            state = self.run.load_checkpoint()  # the stop may have come after an update but before its checkpoint
             if state is not None:
                 self.strategy.load_state_dict(state["strategy"])
                 self.trim_results()
+            log.warning("interrupted: the generation in progress is abandoned; the checkpoint at generation %d is kept",
+                        self.strategy.generation if state is not None else 0)
         finally:
             bar.close()
         return self.finish(status, time.time() - started)
