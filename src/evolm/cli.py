@@ -69,6 +69,9 @@ def evaluate_command(
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the adapter's)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    samples: int = typer.Option(1, "--samples", min=1,
+                                help="Sampled answers per example (needs --temperature); adds pass@k."),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the full report (with texts) as JSON."),
@@ -78,7 +81,8 @@ def evaluate_command(
     from evolm.tasks import TaskError
 
     options = EvalOptions(task=task, data=data, split=split, model=model, limit=limit,
-                          max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+                          max_new_tokens=max_new_tokens, temperature=temperature, samples=samples,
+                          device=device, dtype=dtype)
     try:
         report = evaluate_adapter(adapter, options, compare=compare)
     except (TaskError, FileNotFoundError, ValueError) as exc:
@@ -87,11 +91,14 @@ def evaluate_command(
     table.add_column("model")
     table.add_column("mean reward", justify="right")
     table.add_column("accuracy", justify="right")
+    pass_at = f"pass_at_{samples}"
+    if samples > 1:
+        table.add_column(f"pass@{samples}", justify="right")
     rows = [("base", report.get("base_metrics")), ("adapter", report["adapter_metrics"])]
     for name, metrics in rows:
         if metrics:
-            acc = metrics["accuracy"]
-            table.add_row(name, f"{metrics['reward']:.4f}", "-" if acc is None else f"{acc:.2%}")
+            cells = [metrics["accuracy"]] + ([metrics[pass_at]] if samples > 1 else [])
+            table.add_row(name, f"{metrics['reward']:.4f}", *("-" if c is None else f"{c:.2%}" for c in cells))
     console.print(table)
     if compare:
         console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report["comparison"].items()))

@@ -13,7 +13,7 @@ from evolm.engine import PopulationEngine
 from evolm.models import eos_token_ids, load_model
 from evolm.prompts import render_all, score_all, summarize
 from evolm.space import LoRASpace, read_peft_adapter
-from evolm.tasks import load_task
+from evolm.tasks import Score, load_task
 
 
 @dataclass
@@ -25,6 +25,7 @@ class EvalOptions:
     limit: int | None = None
     max_new_tokens: int = 1024
     temperature: float = 0.0
+    samples: int = 1  # answers per example (sampled): reports pass@k, the share of examples with a right one
     device: str = "auto"
     dtype: str = "auto"
     task_options: dict | None = None
@@ -41,6 +42,8 @@ def adapter_space(adapter_config: dict, shapes: dict[str, tuple[int, int]]) -> L
 
 def evaluate_adapter(adapter: Path, options: EvalOptions, compare: bool = False) -> dict:
     """Metrics of the adapter (and with `compare` of the base model too, with a per-example comparison)."""
+    if options.samples > 1 and options.temperature <= 0:
+        raise ValueError("several samples per example need a temperature above 0 (greedy answers are all alike)")
     adapter_config, weights = read_peft_adapter(adapter)
     task = load_task(options.task, options.task_options)
     examples = task.load_split(options.split, options.data)[: options.limit]
@@ -56,19 +59,34 @@ def evaluate_adapter(adapter: Path, options: EvalOptions, compare: bool = False)
     engine.set_adapters(space.unflatten(members), space.scale)
     params = SamplingParams(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                             stop_strings=task.stop_strings)
-    out = engine.generate(render_all(loaded.tokenizer, examples), list(range(len(members))), params)
-    scores = [score_all(task, examples, texts) for texts in out.texts]
+    k = options.samples
+    out = engine.generate(render_all(loaded.tokenizer, examples) * k, list(range(len(members))), params)
+    scores = [score_all(task, examples * k, texts) for texts in out.texts]  # row j: example j % len(examples)
+    best = [best_of(member_scores, len(examples)) for member_scores in scores]
+
+    def metrics(member: int) -> dict:
+        found = summarize(scores[member], task)
+        return found | ({f"pass_at_{k}": summarize(best[member])["accuracy"]} if k > 1 else {})
+
     report = {"adapter": str(adapter), "model": base_name, "task": options.task, "examples": len(examples),
-              "adapter_metrics": summarize(scores[-1], task)}
+              "samples": k, "adapter_metrics": metrics(-1)}
     if compare:
-        report["base_metrics"] = summarize(scores[0], task)
-        report["comparison"] = compare_scores(scores[0], scores[1])
+        report["base_metrics"] = metrics(0)
+        report["comparison"] = compare_scores(best[0], best[1])
         report["examples_detail"] = [
-            {"index": i, "base": base_text, "adapter": text, "base_reward": b.reward, "adapter_reward": a.reward,
+            {"index": i % len(examples), "sample": i // len(examples), "base": base_text, "adapter": text, "base_reward": b.reward, "adapter_reward": a.reward,
              "base_correct": b.correct, "adapter_correct": a.correct}
             for i, (base_text, text, b, a) in enumerate(zip(out.texts[0], out.texts[1], scores[0], scores[1]))
         ]
     return report
+
+
+def best_of(scores: list[Score], n_examples: int) -> list[Score]:
+    """Per example, the best of its samples (rows i, i + n, i + 2n, …): the highest reward, and right if
+    any sample is."""
+    samples = [scores[i::n_examples] for i in range(n_examples)]
+    return [Score(max(s.reward for s in group),
+                  None if group[0].correct is None else any(s.correct for s in group)) for group in samples]
 
 
 def compare_scores(base, adapted) -> dict[str, int]:
