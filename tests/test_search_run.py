@@ -195,6 +195,9 @@ def test_self_targets_train_on_the_base_models_own_correct_answers(tiny_llama, d
     trained = variants(out)
     assert all(v.metrics["train_tokens"] == expected for v in trained)
 
+    answered = sum(bool(kept) for kept in train)
+    assert f"train split: {answered} of 15 questions have a correct sampled answer ({len(answers)} answers)" \
+        in analyze(out).read_text()
     # resuming (here: one more generation) reads the targets instead of sampling new ones
     stamp = (out / TARGETS_FILE).stat().st_mtime_ns
     run_search(None, [], resume=str(out))

@@ -20,6 +20,7 @@ from evolm.config import ConfigError  # noqa: E402
 from evolm.runs import atomic_write_text
 from evolm.search.outputs import best_variant  # noqa: E402
 from evolm.search.store import Store, Variant  # noqa: E402
+from evolm.search.targets import TARGETS_FILE, describe, read_targets  # noqa: E402
 
 EDGE_STYLE = {"survivor": ("0.5", "-"), "mutation": ("tab:blue", "-"), "crossover": ("tab:red", "--")}
 
@@ -47,8 +48,10 @@ def analyze(run_dir: Path) -> Path:
             "Survival": survival(variants, out / "survival.png"),
             "Mutation effectiveness": mutation_effect(variants, out / "mutation_effectiveness.png"),
         }
+    targets_file = run_dir / TARGETS_FILE
+    targets = describe(read_targets(targets_file)) if targets_file.is_file() else None
     report = out / "report.md"
-    atomic_write_text(report, render_report(config, variants, figures))
+    atomic_write_text(report, render_report(config, variants, figures, targets))
     return report
 
 
@@ -229,13 +232,18 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
-def render_report(config: dict, variants: list[Variant], figures: dict[str, str]) -> str:
+def render_report(config: dict, variants: list[Variant], figures: dict[str, str],
+                  targets: list[str] | None = None) -> str:
+    """The Markdown report; `targets` describes self-sampled training targets where the run used them."""
     scored = [v for v in variants if v.state == "done"]
     evolution = config.get("evolution", {})
     total = evolution.get("population", 0) * evolution.get("generations", 0)
     text = [f"# evolm search report: {config['task']['name']} on {config['model']['name_or_path']}", "",
             f"{len(scored)} of {total} variants scored; fitness = {config['fitness']['accuracy_weight']} x accuracy "
             f"- {config['fitness']['perplexity_weight']} x answer perplexity.", ""]
+    if targets:
+        text += ["Training targets: the base model's own correct answers (`training.targets=self`): "
+                 + "; ".join(targets) + ".", ""]
     best = best_variant(variants)
     if best is None:
         return "\n".join(text + ["No variant has been scored yet."]) + "\n"

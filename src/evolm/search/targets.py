@@ -59,16 +59,25 @@ def self_targets(run_dir: Path, engine: PopulationEngine, task: Task, splits: di
             pass
         finally:
             temporary.unlink()
-    targets: dict[str, list[list[str]]] = {split: [[] for _ in examples] for split, examples in splits.items()}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        targets[row["split"]][row["index"]] = row["answers"]
-    for split, rows in targets.items():
-        answered = sum(bool(r) for r in rows)
-        log.info("self targets, %s split: %d of %d questions have a correct sampled answer (%d answers)",
-                 split, answered, len(rows), sum(map(len, rows)))
+    targets = read_targets(path)
+    for line in describe(targets):
+        log.info("self targets, %s", line)
     if not any(targets["train"]):
         raise TaskError(f"training.targets=self: none of {config.self_samples} sampled answers to any of the "
                         f"{len(targets['train'])} training questions was correct; raise training.self_samples "
                         "or training.self_temperature, or use training.targets=reference")
     return targets
+
+
+def read_targets(path: Path) -> dict[str, list[list[str]]]:
+    """{split: [correct answers of each question, in question order]} from a run's targets file."""
+    found: dict[str, dict[int, list[str]]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        found.setdefault(row["split"], {})[row["index"]] = row["answers"]
+    return {split: [rows[i] for i in range(len(rows))] for split, rows in found.items()}
+
+
+def describe(targets: dict[str, list[list[str]]]) -> list[str]:
+    return [f"{split} split: {sum(bool(r) for r in rows)} of {len(rows)} questions have a correct sampled answer "
+            f"({sum(map(len, rows))} answers)" for split, rows in targets.items()]
