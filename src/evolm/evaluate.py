@@ -74,8 +74,9 @@ def evaluate_adapter(adapter: Path, options: EvalOptions, compare: bool = False)
         report["base_metrics"] = metrics(0)
         report["comparison"] = compare_scores(best[0], best[1])
         report["examples_detail"] = [
-            {"index": i % len(examples), "sample": i // len(examples), "base": base_text, "adapter": text, "base_reward": b.reward, "adapter_reward": a.reward,
-             "base_correct": b.correct, "adapter_correct": a.correct}
+            {"index": i % len(examples), "sample": i // len(examples), "base": base_text, "adapter": text,
+             "base_reward": b.reward, "adapter_reward": a.reward, "base_correct": b.correct,
+             "adapter_correct": a.correct}
             for i, (base_text, text, b, a) in enumerate(zip(out.texts[0], out.texts[1], scores[0], scores[1]))
         ]
     return report
