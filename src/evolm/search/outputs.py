@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from evolm.runs import atomic_write_text
+from evolm.runs import atomic_write_text, replace_dir
 from evolm.search.evolution import Member, rank
 from evolm.search.store import Store, Variant
 
@@ -67,8 +67,7 @@ def export_best(store: Store, run_dir: Path, generations: int) -> Variant | None
     with store.transaction():  # the database's write lock keeps workers that finish together from colliding
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.copytree(run_dir / best.adapter, temporary)
-        shutil.rmtree(target, ignore_errors=True)
-        temporary.rename(target)
+        replace_dir(temporary, target)
     summary = {
         "status": "finished" if store.finished(generations) else "running or stopped",
         "final": {"fitness": best.fitness, "accuracy": best.metrics.get("accuracy"),
