@@ -21,12 +21,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from evolm.config import ModelConfig
-from evolm.decoding import SamplingParams
 from evolm.engine import PopulationEngine
+from evolm.engine.decoding import SamplingParams
+from evolm.es.lora_space import LoRASpace
+from evolm.es.strategy import EvolutionStrategy
 from evolm.models import eos_token_ids, load_model
-from evolm.prompts import render_all, score_all, summarize
-from evolm.space import LoRASpace
-from evolm.strategy import EvolutionStrategy
+from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks.countdown import CountdownTask
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -224,7 +224,8 @@ def agreement(args, space, prompt_ids, eos, base_bf16, tokenizer) -> None:
 
 
 def profile(engine, space, strategy, prompt_ids) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     engine.set_adapters(space.unflatten(strategy.ask()), space.scale)
     rows = [p for _ in range(strategy.population) for p in prompt_ids]

@@ -22,8 +22,8 @@ shift $(( $# < 3 ? $# : 3 ))
 MODEL=${MODEL:-/tmp/models/qwen2.5-coder-0.5b-instruct}
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 # the `evolm search` / `evolm analyze` commands, called without depending on the main CLI's wiring
-search() { python3 -c 'import typer; from evolm.search_cli import search_command; typer.run(search_command)' "$@"; }
-analyze() { python3 -c 'import typer; from evolm.search_cli import analyze_command; typer.run(analyze_command)' "$@"; }
+search() { python3 -m evolm.cli search "$@"; }
+analyze() { python3 -m evolm.cli analyze "$@"; }
 evaluate() { python3 -m evolm.cli evaluate "$@"; }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true

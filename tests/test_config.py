@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from evolm.config import ConfigError, ESRunConfig, apply_overrides, load_config, preset_names
-from evolm.space import LoRASpace
+from evolm.es.lora_space import LoRASpace
 
 
 def test_presets_carry_the_paper_defaults():

@@ -9,10 +9,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from evolm.decoding import SamplingParams
 from evolm.engine import PopulationEngine
+from evolm.engine.decoding import SamplingParams
+from evolm.es.lora_space import LoRASpace
 from evolm.models import load_tokenizer
-from evolm.space import LoRASpace
 
 PROMPTS = ["Hello there", "The quick brown fox", "1 + 1 =", "a", "Once upon a time, in a land far away"]
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from evolm.config import ConfigError
-from evolm.es import run_es
-from evolm.evaluate import EvalOptions, evaluate_adapter
+from evolm.es.loop import run_es
+from evolm.evaluation import EvalOptions, evaluate_adapter
 from evolm.runs import RunDirError, read_jsonl
 
 TESTS = Path(__file__).parent

@@ -24,7 +24,7 @@ from evolm.runs import RunDirError
 from evolm.search import analyze, run_search
 from evolm.search.config import SearchSpace
 from evolm.search.evolution import Plan
-from evolm.search.space import Genes
+from evolm.search.genes import Genes
 from evolm.search.store import Store
 from evolm.search.training import attach, inherit, save_adapter
 from evolm.tasks import TaskError
@@ -258,8 +258,7 @@ def _wait_until_busy(process: subprocess.Popen, db_path: Path, done: int) -> Non
 def test_ctrl_c_gives_the_variant_back(tiny_llama, data_file, tmp_path):
     out = tmp_path / "interrupted"
     args = ["gsm8k", "--pipeline-test", *overrides(tiny_llama, data_file, out, "task.name=slowtask:SlowGSM8K")]
-    code = ("import typer; from evolm.search_cli import search_command; "
-            f"app = typer.Typer(); app.command()(search_command); app({args!r})")
+    code = f"from evolm.cli import app; app({['search', *args]!r})"
     process = _python(code, dict(_slow_env(tmp_path), SLOW_SCORE_S="0.3"))
     _wait_until_busy(process, out / "run.db", done=0)
     process.send_signal(signal.SIGINT)
@@ -338,14 +337,10 @@ def test_claims_of_dead_workers_are_requeued(tmp_path):
 
 
 def test_command_line_functions(tiny_llama, data_file, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from evolm.search_cli import analyze_command, search_command
+    from evolm.cli import app
 
-    app = typer.Typer()
-    app.command("search")(search_command)
-    app.command("analyze")(analyze_command)
     out = tmp_path / "cli"
     started = CliRunner().invoke(app, ["search", "gsm8k", "--pipeline-test", *overrides(tiny_llama, data_file, out)])
     assert started.exit_code == 0, started.output

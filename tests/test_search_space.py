@@ -9,7 +9,7 @@ import pytest
 from evolm.config import ConfigError, load_config, preset_names
 from evolm.search.config import EvolutionConfig, SearchRunConfig, SearchSpace, apply_mode
 from evolm.search.evolution import Member, generation_rng, initial_population, next_generation, rank
-from evolm.search.space import Genes, choices, crossover, mutate, sample
+from evolm.search.genes import Genes, choices, crossover, mutate, sample
 
 SPACE = SearchSpace()
 

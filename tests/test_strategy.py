@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from evolm.noise import gaussian, stream_key
-from evolm.strategy import EvolutionStrategy, shape_fitness
+from evolm.es.noise import gaussian, stream_key
+from evolm.es.strategy import EvolutionStrategy, shape_fitness
 
 
 def test_noise_is_a_pure_function_of_key_and_counter():

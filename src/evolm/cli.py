@@ -8,10 +8,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
-
-from evolm.search_cli import analyze_command as analyze_search
-from evolm.search_cli import search_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune language models by evolution.")
 runs_app = typer.Typer(no_args_is_help=True, help="List and clean up run folders.")
@@ -23,7 +21,7 @@ OVERRIDES_HELP = "Dotted key=value overrides, e.g. es.population=8 output_dir=ru
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(2)
 
 
@@ -44,7 +42,7 @@ def es_command(
 ) -> None:
     """Evolution Strategies in weight space: a population of LoRA-perturbed models, one batched generation."""
     from evolm.config import ConfigError
-    from evolm.es import run_es
+    from evolm.es.loop import run_es
     from evolm.runs import RunDirError
     from evolm.tasks import TaskError
 
@@ -77,7 +75,7 @@ def evaluate_command(
     output: Optional[Path] = typer.Option(None, "--output", help="Write the full report (with texts) as JSON."),
 ) -> None:
     """Score an adapter on a task; with --compare, list improvements, regressions and both-wrong cases."""
-    from evolm.evaluate import EvalOptions, evaluate_adapter
+    from evolm.evaluation import EvalOptions, evaluate_adapter
     from evolm.tasks import TaskError
 
     options = EvalOptions(task=task, data=data, split=split, model=model, limit=limit,
@@ -107,20 +105,51 @@ def evaluate_command(
         console.print(f"report written to {output}")
 
 
-app.command("search")(search_command)
+@app.command("search")
+def search_command(
+    config: Optional[str] = typer.Argument(None, help="YAML config file or search preset name (gsm8k, …)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. evolution.population=8"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder, or join it as a worker."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
+    quick_test: bool = typer.Option(False, "--quick-test", help="2 variants, 2 generations, 120 training examples."),
+    pipeline_test: bool = typer.Option(False, "--pipeline-test", help="3 variants, 2 generations, 15 examples."),
+) -> None:
+    """Evolutionary search over LoRA hyperparameters (rank, alpha, learning rate, dropout, modules, epochs)."""
+    from evolm.config import ConfigError
+    from evolm.runs import RunDirError
+    from evolm.search import run_search
+    from evolm.tasks import TaskError
+
+    if quick_test and pipeline_test:
+        raise typer.BadParameter("choose one of --quick-test and --pipeline-test")
+    mode = "quick" if quick_test else "pipeline" if pipeline_test else "full"
+    config, rest = split_config_and_overrides(config, overrides)
+    try:
+        run_dir = run_search(config, rest, resume=str(resume) if resume else None, overwrite=overwrite, mode=mode)
+    except (ConfigError, RunDirError, TaskError) as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("interrupted; the current variant goes back to the queue; continue with --resume RUN_DIR")
+        raise typer.Exit(130) from None
+    console.print(f"run folder: {run_dir}")
 
 
 @app.command("analyze")
 def analyze_command(run_dir: Path = typer.Argument(..., help="A run folder (ES or search), finished or running.")):
-    """Figures (and for a search, the family tree and Markdown report) of a run."""
-    if (run_dir / "run.db").is_file():
-        return analyze_search(run_dir)
-    from evolm.reports import write_figures
+    """Figures of a run; for a search also the family tree, survival, mutation effects and a Markdown report."""
+    from evolm.config import ConfigError
     from evolm.runs import RunDir, RunDirError
 
     try:
+        if (run_dir / "run.db").is_file():
+            from evolm.search import analyze
+
+            console.print(f"report: {analyze(run_dir)}")
+            return
+        from evolm.reports import write_figures
+
         RunDir.open(run_dir)
-    except RunDirError as exc:
+    except (ConfigError, RunDirError) as exc:
         _fail(exc)
     for path in write_figures(run_dir):
         console.print(f"wrote {path}")

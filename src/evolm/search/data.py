@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from evolm.config import TaskConfig
-from evolm.prompts import render
+from evolm.scoring import render
 from evolm.tasks import Example, Task, TaskError
 
 

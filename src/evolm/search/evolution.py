@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass, field
 
 from evolm.search.config import EvolutionConfig, SearchSpace
-from evolm.search.space import Genes, crossover, mutate, sample
+from evolm.search.genes import Genes, crossover, mutate, sample
 
 TRIES = 200  # attempts at a configuration not seen before, before settling for one new to this generation
 

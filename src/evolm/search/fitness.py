@@ -9,13 +9,13 @@ from peft import PeftModel, get_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evolm.config import ModelConfig
-from evolm.decoding import SamplingParams
-from evolm.engine import LoRAWeights, PopulationEngine
+from evolm.engine import LowRankWeights, PopulationEngine
+from evolm.engine.decoding import SamplingParams
 from evolm.models import load_model
-from evolm.prompts import score_all, summarize
+from evolm.scoring import score_all, summarize
 from evolm.search.config import FitnessConfig, TrainingConfig
 from evolm.search.data import Encoded, answer_nll, collate
-from evolm.search.space import Genes
+from evolm.search.genes import Genes
 from evolm.search.training import autocast
 from evolm.tasks import Example, Task
 
@@ -41,7 +41,7 @@ class GreedyAnswers:
         for name, (fan_in, fan_out) in self.engine.shapes().items():  # layers outside the variant get zeros
             a = adapter.get(f"{name}.lora_A.weight", torch.zeros(genes.rank, fan_in))
             b = adapter.get(f"{name}.lora_B.weight", torch.zeros(fan_out, genes.rank))
-            weights[name] = LoRAWeights(a[None], b[None])
+            weights[name] = LowRankWeights(a[None], b[None])
         self.engine.set_adapters(weights, genes.alpha / genes.rank)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=stop)
         return self.engine.generate(prompts, [0], params).texts[0]

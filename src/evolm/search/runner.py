@@ -19,8 +19,8 @@ import torch
 
 from evolm.config import ConfigError, apply_overrides, dump_config, load_config, read_source, validate
 from evolm.models import LoadedModel, eos_token_ids, load_model
-from evolm.prompts import render
 from evolm.runs import refuse_busy_dir
+from evolm.scoring import render
 from evolm.search.config import SearchRunConfig, apply_mode
 from evolm.search.data import encode, load_splits
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from evolm.search.evolution import Plan
-from evolm.search.space import Genes
+from evolm.search.genes import Genes
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS variants (

@@ -14,8 +14,8 @@ import logging
 import os
 from pathlib import Path
 
-from evolm.decoding import SamplingParams
 from evolm.engine import PopulationEngine
+from evolm.engine.decoding import SamplingParams
 from evolm.search.config import TrainingConfig
 from evolm.tasks import Example, Task, TaskError
 

@@ -8,13 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from peft import (
-    LoraConfig,
-    PeftModel,
-    get_peft_model,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
-)
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
@@ -22,7 +16,7 @@ from evolm.config import ConfigError
 from evolm.runs import replace_dir
 from evolm.search.config import SearchSpace, TrainingConfig
 from evolm.search.data import Encoded, answer_nll, collate
-from evolm.search.space import Genes
+from evolm.search.genes import Genes
 
 ADAPTER_FILE = "adapter_model.safetensors"
 

@@ -22,10 +22,16 @@ class SamplingParams:
 
 
 class Backend(Protocol):
-    """Runs the model for a batch of rows whose KV cache it owns."""
+    """Runs the model for a batch of rows whose KV cache it owns; everything it needs comes as arguments."""
 
-    def prefill(self, prompts: list[Sequence[int]], row_members: torch.Tensor | None) -> torch.Tensor:
-        """Logits [rows, vocab] after the prompts."""
+    preallocates: bool  # whether the KV cache is allocated once at its final size (else it grows and is copied)
+
+    def set_adapters(self, population: int, rank: int) -> None:
+        """The wrapped layers now hold `population` members' factors of rank `rank` (0, 0: none)."""
+
+    def prefill(self, prompts: list[Sequence[int]], row_members: torch.Tensor | None,
+                max_new_tokens: int) -> torch.Tensor:
+        """Logits [rows, vocab] after the prompts; room is made for `max_new_tokens` more per row."""
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] after one more token per live row."""
@@ -62,7 +68,7 @@ def decode(
     The host looks at which rows finished only every `sync_every` steps, so that on a GPU the
     host can queue work ahead; rows that finished in between run on idly until then.
     """
-    logits = backend.prefill(prompts, row_members)
+    logits = backend.prefill(prompts, row_members, params.max_new_tokens)
     device = logits.device
     n = len(prompts)
     eos = torch.as_tensor(list(eos_token_ids), device=device)

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from evolm.config import ModelConfig
-from evolm.decoding import SamplingParams
 from evolm.engine import PopulationEngine
+from evolm.engine.decoding import SamplingParams
+from evolm.es.lora_space import LoRASpace, read_peft_adapter
 from evolm.models import eos_token_ids, load_model
-from evolm.prompts import render_all, score_all, summarize
-from evolm.space import LoRASpace, read_peft_adapter
+from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks import Score, load_task
 
 

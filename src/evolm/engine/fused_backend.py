@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from evolm.decoding import left_pad
-from evolm.engine import member_selector
+from evolm.engine.decoding import left_pad
+from evolm.engine.layer import PopulationLinear, member_selector
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 GROUPS = {
@@ -82,13 +82,13 @@ class FusedBackend:
 
     preallocates = True  # the KV cache is allocated once per wave at its final size
 
-    def __init__(self, engine):
-        self.engine = engine
-        model = engine.model
+    def __init__(self, model: nn.Module, layers: dict[str, PopulationLinear], pad_token_id: int):
         self.model = model
         self.config = model.config
         self.inner = model.model
-        wrapped = {layer.base: layer for layer in engine.layers.values()}
+        self.pad_token_id = pad_token_id
+        self.population = self.rank = 0
+        wrapped = {layer.base: layer for layer in layers.values()}
         self.groups: list[dict[str, Group]] = []
         for layer in self.inner.layers:
             groups = {}
@@ -109,16 +109,12 @@ class FusedBackend:
         self.kv_heads = self.config.num_key_value_heads
         self.scaling = attn.scaling
         self.has_qk_norm = hasattr(attn, "q_norm")
-        self.adapter_version = -1
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def load_adapters(self) -> None:
-        """Stack the engine's current adapters per group (once per set_adapters)."""
-        engine = self.engine
-        if self.adapter_version == engine.adapter_version:
-            return
-        self.adapter_version = engine.adapter_version
+    def set_adapters(self, population: int, rank: int) -> None:
+        """Stack the wrapped layers' current factors per group (once per change of the population)."""
+        self.population, self.rank = population, rank
         for groups in self.groups:
             for group in groups.values():
                 parts = [(i, m) for i, m in enumerate(group.adapted) if m is not None and m.lora_A is not None]
@@ -146,14 +142,14 @@ class FusedBackend:
     # -- backend protocol -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], row_members: torch.Tensor | None) -> torch.Tensor:
-        engine = self.engine
-        self.load_adapters()
-        device, dtype = engine.device, engine.dtype
-        ids, mask = left_pad(list(prompts), engine.pad_token_id)
+    def prefill(self, prompts: Sequence[Sequence[int]], row_members: torch.Tensor | None,
+                max_new_tokens: int) -> torch.Tensor:
+        param = next(self.model.parameters())
+        device, dtype = param.device, param.dtype
+        ids, mask = left_pad(list(prompts), self.pad_token_id)
         ids, mask = ids.to(device), mask.to(device).bool()
         n, width = ids.shape
-        capacity = width + engine.current_max_new_tokens
+        capacity = width + max_new_tokens
         self.k_cache = [torch.empty((n, self.kv_heads, capacity, self.head_dim), device=device, dtype=dtype)
                         for _ in self.groups]
         self.v_cache = [torch.empty_like(k) for k in self.k_cache]
@@ -163,8 +159,8 @@ class FusedBackend:
         self.length = width
         self.rows = n
         self.selector = None
-        if row_members is not None and engine.population:
-            self.selector = member_selector(row_members, engine.population, engine.rank, dtype)
+        if row_members is not None and self.population:
+            self.selector = member_selector(row_members, self.population, self.rank, dtype)
         self.selectors = self._selectors(self.selector)
         logits = []
         chunk = max(1, PREFILL_TOKENS // width)

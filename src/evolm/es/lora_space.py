@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from evolm.engine import LoRAWeights
-from evolm.noise import gaussian, stream_key
+from evolm.engine import LowRankWeights
+from evolm.es.noise import gaussian, stream_key
 from evolm.runs import replace_dir
 
 _INIT_STREAM = 0x1A17  # keeps the initial-A draw apart from the ES noise streams
@@ -47,13 +47,13 @@ class LoRASpace:
                 theta[b] = (2 * _uniform(seed, 2 * k + 1, b.stop - b.start) - 1) / math.sqrt(self.rank)
         return theta
 
-    def unflatten(self, members: torch.Tensor) -> dict[str, LoRAWeights]:
+    def unflatten(self, members: torch.Tensor) -> dict[str, LowRankWeights]:
         """[N, D] member parameters -> per-layer stacked adapters (views where possible)."""
         n = members.shape[0]
         out = {}
         for name, (fan_in, fan_out) in self.shapes.items():
             a, b = self.slices[name]
-            out[name] = LoRAWeights(
+            out[name] = LowRankWeights(
                 A=members[:, a].reshape(n, self.rank, fan_in), B=members[:, b].reshape(n, fan_out, self.rank)
             )
         return out

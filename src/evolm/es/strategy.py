@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from evolm.noise import gaussian, stream_key
+from evolm.es.noise import gaussian, stream_key
 
 Shaping = Literal["zscore", "centered_rank", "raw"]
 Optimizer = Literal["es", "adam"]

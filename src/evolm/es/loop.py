@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 
 from evolm import distributed, reports
 from evolm.config import ConfigError, ESRunConfig, apply_overrides, dump_config, load_config, read_source, validate
-from evolm.decoding import SamplingParams
 from evolm.engine import PopulationEngine
+from evolm.engine.decoding import SamplingParams
+from evolm.es.lora_space import LoRASpace
+from evolm.es.noise import stream_key
+from evolm.es.strategy import EvolutionStrategy
 from evolm.models import LoadedModel, eos_token_ids, load_model
-from evolm.noise import stream_key
-from evolm.prompts import render_all, score_all, summarize
 from evolm.runs import RunDir, append_jsonl, atomic_write_text, read_jsonl, write_jsonl
-from evolm.space import LoRASpace
-from evolm.strategy import EvolutionStrategy
+from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks import Example, Task, load_task
 
 log = logging.getLogger("evolm")
@@ -144,7 +144,8 @@ class ESRun:
         scores = score_all(self.task, self.test.examples, out.texts[0])
         metrics = summarize(scores, self.task)
         if self.config.eval.kl:
-            metrics |= self.engine.kl_to_base(0, self.test.prompt_ids, out.tokens[0])
+            metrics |= self.engine.kl(self.test.prompt_ids, out.tokens[0], policy=lambda: self.engine.member(0),
+                                      reference=lambda: self.engine.member(None))
         rows = [
             {"index": i, "completion": text, "reward": s.reward, "correct": s.correct}
             for i, (text, s) in enumerate(zip(out.texts[0], scores))
