@@ -57,18 +57,24 @@ def test_override_cannot_descend_into_a_value():
 
 def test_lora_space_layout_and_standard_init():
     space = LoRASpace({"b.proj": (8, 4), "a.proj": (6, 10)}, rank=2, alpha=4.0)
-    assert space.dim == 2 * 6 + 10 * 2 + 2 * 8 + 4 * 2 and space.scale == 2.0
-    theta = space.initial_theta(seed=0)
-    weights = space.unflatten(theta[None])
+    theta = space.initial_params(seed=0)
+    assert {n: tuple(t.shape) for n, t in theta.items()} == {
+        "a.proj.lora_A": (2, 6), "a.proj.lora_B": (10, 2), "b.proj.lora_A": (2, 8), "b.proj.lora_B": (4, 2)}
+    assert space.scale == 2.0
+    weights = space.unflatten({n: t[None] for n, t in theta.items()})
     assert list(weights) == ["a.proj", "b.proj"]  # sorted, whatever the input order
     for name, (fan_in, _) in space.shapes.items():
         A, B = weights[name].A[0], weights[name].B[0]
         assert B.abs().sum() == 0  # generation 0 is the base model exactly
         assert A.abs().max() <= fan_in**-0.5 and A.abs().sum() > 0
-    assert space.initial_theta(seed=0).equal(theta) and not space.initial_theta(seed=1).equal(theta)
-    random_b = space.unflatten(space.initial_theta(0, "random")[None])
+    again, other_seed = space.initial_params(seed=0), space.initial_params(seed=1)
+    assert all(again[n].equal(t) for n, t in theta.items())
+    assert not other_seed["a.proj.lora_A"].equal(theta["a.proj.lora_A"])
+    random_space = LoRASpace(space.shapes, rank=2, alpha=4.0, init="random")
+    random_b = random_space.unflatten({n: t[None] for n, t in random_space.initial_params(0).items()})
     assert all(w.B.abs().sum() > 0 for w in random_b.values())
-    assert space.flatten({n: (w.A[0], w.B[0]) for n, w in weights.items()}).equal(theta)
+    restored = space.params_of({n: (w.A[0], w.B[0]) for n, w in weights.items()})
+    assert all(restored[n].equal(t) for n, t in theta.items())
 
 
 def test_schema_round_trip():

@@ -17,10 +17,14 @@ from evolm.models import load_tokenizer
 PROMPTS = ["Hello there", "The quick brown fox", "1 + 1 =", "a", "Once upon a time, in a land far away"]
 
 
-def _members(space: LoRASpace, n: int, seed: int) -> torch.Tensor:
+def _members(space: LoRASpace, n: int, seed: int) -> dict[str, torch.Tensor]:
     """Random non-zero A and B so every member's adapter really changes the output."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, space.dim, generator=g) * 0.3
+    return {name: torch.randn(n, *p.shape, generator=g) * 0.3 for name, p in space.initial_params(0).items()}
+
+
+def _member(members: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    return {name: t[i : i + 1] for name, t in members.items()}
 
 
 def _mid_text_token(tokens: list[list[list[int]]]) -> int:
@@ -36,7 +40,7 @@ def _mid_text_token(tokens: list[list[list[int]]]) -> int:
 def _peft_generate(base, member_theta, space, targets, tokenizer, prompts, max_new_tokens, eos):
     config = LoraConfig(r=space.rank, lora_alpha=space.alpha, target_modules=targets, lora_dropout=0.0)
     peft_model = get_peft_model(copy.deepcopy(base), config).eval()
-    weights = space.unflatten(member_theta[None])
+    weights = space.unflatten(member_theta)
     with torch.no_grad():
         for name, w in weights.items():
             module = peft_model.base_model.model.get_submodule(name)
@@ -85,7 +89,7 @@ def test_engine_matches_peft_generate_per_member(request, fixture, rank, alpha, 
     assert out.waves == [7, 7, 6]  # 20 rows in waves of at most 7
     distinct = set()
     for m in range(4):
-        expected = _peft_generate(base, members[m], space, targets, tokenizer, prompts, 24, eos)
+        expected = _peft_generate(base, _member(members, m), space, targets, tokenizer, prompts, 24, eos)
         assert out.tokens[m] == expected, f"member {m} differs from PEFT + generate"
         distinct.add(tuple(map(tuple, expected)))
     assert len(distinct) == 4, "the members' adapters should give different completions"
@@ -154,10 +158,10 @@ def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_llama, tmp_path)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id])
     space = LoRASpace(engine.shapes(), 2, 4.0)
-    theta = _members(space, 1, seed=5)[0]
-    space.export_peft(theta, tmp_path / "adapter", str(tiny_llama))
+    theta = _members(space, 1, seed=5)
+    space.export({name: t[0] for name, t in theta.items()}, tmp_path / "adapter", str(tiny_llama))
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
-    engine.set_adapters(space.unflatten(theta[None]), space.scale)
+    engine.set_adapters(space.unflatten(theta), space.scale)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     ours = engine.generate(prompts, [0], SamplingParams(max_new_tokens=16)).tokens[0]
     for ids, mine in zip(prompts, ours):

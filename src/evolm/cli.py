@@ -59,14 +59,19 @@ def es_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    adapter: Path = typer.Option(..., "--adapter", help="PEFT LoRA adapter folder."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder, evolved model folder, "
+                                           "or run folder (its export, with the run's settings); none: --model alone."),
     task: str = typer.Option(..., "--task", help="Task name or module:Class."),
     compare: bool = typer.Option(False, "--compare", help="Also score the base model and compare per example."),
     data: Optional[str] = typer.Option(None, "--data", help="Data source (path, PATH[a:b] or dataset id)."),
     split: str = typer.Option("test", "--split"),
-    model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the adapter's)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the one the adapter or "
+                                        "model folder records); alone, the model to score."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples."),
-    max_new_tokens: int = typer.Option(1024, "--max-new-tokens"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default 1024, or the run's."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeat for several); default: "
+                                             "the task's own, or the run's."),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="Task option KEY=VALUE, e.g. chat=true."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     samples: int = typer.Option(1, "--samples", min=1,
                                 help="Sampled answers per example (needs --temperature); adds pass@k."),
@@ -75,15 +80,24 @@ def evaluate_command(
     output: Optional[Path] = typer.Option(None, "--output", help="Write the full report (with texts) as JSON."),
 ) -> None:
     """Score an adapter on a task; with --compare, list improvements, regressions and both-wrong cases."""
-    from evolm.evaluation import EvalOptions, evaluate_adapter
+    from evolm.config import ConfigError, apply_overrides
+    from evolm.evaluation import EvalOptions, evaluate_adapter, resolve_run_folder
+    from evolm.runs import RunDirError
     from evolm.tasks import TaskError
 
-    options = EvalOptions(task=task, data=data, split=split, model=model, limit=limit,
-                          max_new_tokens=max_new_tokens, temperature=temperature, samples=samples,
-                          device=device, dtype=dtype)
     try:
+        options = EvalOptions(task=task, data=data, split=split, model=model, limit=limit,
+                              max_new_tokens=max_new_tokens or 1024, temperature=temperature, samples=samples,
+                              device=device, dtype=dtype, stop=stop or None,
+                              task_options=apply_overrides({}, option or []) or None)
+        if adapter is not None and (adapter / "config.yaml").is_file():
+            adapter, options = resolve_run_folder(adapter, options)
+            if max_new_tokens or stop:
+                options.max_new_tokens, options.stop = max_new_tokens or options.max_new_tokens, stop or options.stop
+            console.print(f"scoring {adapter} with the run's settings: max_new_tokens={options.max_new_tokens}, "
+                          f"stop={options.stop}")
         report = evaluate_adapter(adapter, options, compare=compare)
-    except (TaskError, FileNotFoundError, ValueError) as exc:
+    except (TaskError, FileNotFoundError, ValueError, ConfigError, RunDirError) as exc:
         _fail(exc)
     table = Table(title=f"{task} on {report['examples']} examples")
     table.add_column("model")
@@ -99,10 +113,31 @@ def evaluate_command(
             table.add_row(name, f"{metrics['reward']:.4f}", *("-" if c is None else f"{c:.2%}" for c in cells))
     console.print(table)
     if compare:
-        console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report["comparison"].items()))
+        if "comparison" in report:
+            p = report["sign_test_p"]
+            console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report["comparison"].items())
+                          + ("" if p is None else f"; sign test p = {p:.3g}"))
     if output:
         output.write_text(json.dumps(report, indent=2))
         console.print(f"report written to {output}")
+
+
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., help="An ES run folder."),
+    out: Path = typer.Argument(..., help="Folder to write: a PEFT adapter (lora) or a Hugging Face model folder."),
+    device: Optional[str] = typer.Option(None, "--device", help="Default: the run's (replay on the device the run "
+                                         "used gives its weights bit for bit)."),
+) -> None:
+    """Rebuild a run's θ from its small checkpoint and write it as an adapter or a model folder."""
+    from evolm.config import ConfigError
+    from evolm.es.loop import export_run
+    from evolm.runs import RunDirError
+
+    try:
+        console.print(f"wrote {export_run(run_dir, out, device)}")
+    except (ConfigError, RunDirError, ValueError) as exc:
+        _fail(exc)
 
 
 @app.command("search")

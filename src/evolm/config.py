@@ -42,10 +42,20 @@ class TaskConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict, description="Task-specific keyword arguments.")
 
 
+SpaceKind = Literal["lora", "full-lowrank", "full"]
+# (sigma, learning_rate) by space kind. The full-weight spaces' noise has unit variance per weight, so the
+# paper's values apply; a LoRA perturbation with B = 0 moves W only by sigma·eps_B·A (A ~ 1/sqrt(in)), so
+# LoRA needs a larger sigma to change what the model writes at all.
+STEP_DEFAULTS: dict[str, tuple[float, float]] = {"lora": (0.01, 0.005), "full-lowrank": (0.001, 0.0005),
+                                                 "full": (0.001, 0.0005)}
+
+
 class SpaceConfig(Section):
-    kind: Literal["lora"] = Field("lora", description="What evolves; only LoRA adapters in this version.")
-    rank: int = Field(1, ge=1, le=1024)
-    alpha: float = Field(1.0, gt=0)
+    kind: SpaceKind = Field("lora", description="lora: a LoRA adapter evolves; full-lowrank: the weights, with "
+                            "rank-r noise per member (EGGROLL); full: the weights, dense noise (the paper).")
+    rank: int = Field(1, ge=1, le=1024, description="LoRA rank (lora) or the rank of each member's noise "
+                      "(full-lowrank); unused by full.")
+    alpha: float = Field(1.0, gt=0, description="LoRA alpha (lora only).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
@@ -59,8 +69,8 @@ class SpaceConfig(Section):
 class ESConfig(Section):
     generations: int = Field(500, ge=0)
     population: int = Field(30, ge=2)
-    sigma: float = Field(0.001, gt=0)
-    learning_rate: float = Field(0.0005, gt=0)
+    sigma: float | None = Field(None, gt=0, description="None = the space kind's default (see STEP_DEFAULTS).")
+    learning_rate: float | None = Field(None, gt=0, description="None = the space kind's default.")
     antithetic: bool = True
     fitness: Literal["zscore", "centered_rank", "raw"] = "zscore"
     optimizer: Literal["es", "adam"] = "es"
@@ -79,7 +89,8 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] = Field(default_factory=list, description="Extra stop strings (the task may add its own).")
+    stop: list[str] | None = Field(None, description="Stop strings; None = the task's own (countdown: "
+                                   "</answer>), [] = none.")
     max_batch_rows: int | None = Field(None, ge=1, description="Cap on rows per wave; None = from the memory budget.")
     memory_fraction: float = Field(0.85, gt=0, le=1, description="Share of free accelerator memory a wave may use.")
 
@@ -113,6 +124,17 @@ class ESRunConfig(RunConfig):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    export: bool = Field(True, description="Write the final adapter (lora) or model folder (full spaces) at the "
+                         "end; `evolm export RUN DIR` writes it later from the small checkpoint.")
+
+    @model_validator(mode="after")
+    def _step_defaults(self) -> "ESRunConfig":
+        sigma, learning_rate = STEP_DEFAULTS[self.space.kind]
+        if self.es.sigma is None:
+            self.es.sigma = sigma
+        if self.es.learning_rate is None:
+            self.es.learning_rate = learning_rate
+        return self
 
 
 Schema = TypeVar("Schema", bound=BaseModel)

@@ -101,6 +101,14 @@ class RunDir:
         return self.root / "adapter"
 
     @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    def export_dir(self, space_kind: str) -> Path:
+        """Where a run's final θ goes: a PEFT adapter for lora, a whole model folder for the full spaces."""
+        return self.adapter_dir if space_kind == "lora" else self.model_dir
+
+    @property
     def figures(self) -> Path:
         return self.root / "figures"
 

@@ -55,7 +55,8 @@ class PopulationEngine:
         self.max_batch_rows = max_batch_rows
         self.memory_fraction = memory_fraction
         self.layers: dict[str, PopulationLinear] = {}
-        for name, linear in find_target_linears(model, target_modules, layers).items():
+        targets = find_target_linears(model, target_modules, layers) if target_modules else {}
+        for name, linear in targets.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             wrapped = getattr(parent, child)

@@ -15,10 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from evolm import distributed, reports
-from evolm.config import ConfigError, ESRunConfig, apply_overrides, dump_config, load_config, read_source, validate
+from evolm.config import (ConfigError, ESRunConfig, SpaceConfig, apply_overrides, dump_config, load_config,
+                          read_source, validate)
 from evolm.engine import PopulationEngine
 from evolm.engine.decoding import SamplingParams
+from evolm.es.full_lowrank_space import FullLowRankSpace
+from evolm.es.full_space import FullSpace
 from evolm.es.lora_space import LoRASpace
+from evolm.es.space import Space
 from evolm.es.noise import stream_key
 from evolm.es.strategy import EvolutionStrategy
 from evolm.models import LoadedModel, eos_token_ids, load_model
@@ -91,16 +95,20 @@ class ESRun:
             eos_token_ids=eos_token_ids(loaded.model, tokenizer),
             max_batch_rows=gen.max_batch_rows, memory_fraction=gen.memory_fraction,
         )
-        self.space = LoRASpace(self.engine.shapes(), space_cfg.rank, space_cfg.alpha)
-        es = config.es
-        self.strategy = EvolutionStrategy(
-            self.space.initial_theta(config.seed, space_cfg.init).to(loaded.device),
-            population=es.population, sigma=es.sigma, learning_rate=es.learning_rate, antithetic=es.antithetic,
-            fitness_shaping=es.fitness, optimizer=es.optimizer, weight_decay=es.weight_decay,
-            betas=es.adam_betas, seed=config.seed,
-        )
-        self.members = distributed.member_share(es.population, self.rank, self.world_size)
+        self.space = make_space(config.space, self.engine, keep_base=config.eval.kl)
+        self.strategy = self.new_strategy()
+        self.members = distributed.member_share(config.es.population, self.rank, self.world_size)
         self.tracker: Tracker | None = None
+
+    def new_strategy(self) -> EvolutionStrategy:
+        """The strategy at generation 0 (θ₀ from the space: the base weights, or LoRA's init)."""
+        es = self.config.es
+        params = {n: p.to(self.loaded.device) for n, p in self.space.initial_params(self.config.seed).items()}
+        return EvolutionStrategy(
+            params, population=es.population, sigma=es.sigma, learning_rate=es.learning_rate,
+            antithetic=es.antithetic, fitness_shaping=es.fitness, optimizer=es.optimizer,
+            weight_decay=es.weight_decay, betas=es.adam_betas, seed=self.config.seed, noise_rank=self.space.noise_rank,
+        )
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -108,7 +116,7 @@ class ESRun:
         gen = self.config.generation
         return SamplingParams(
             max_new_tokens=max_new_tokens or gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-            stop_strings=tuple(gen.stop) + tuple(self.task.stop_strings),
+            stop_strings=tuple(self.task.stop_strings if gen.stop is None else gen.stop),
             seed=stream_key(self.config.seed, generation)[0],
         )
 
@@ -119,13 +127,13 @@ class ESRun:
             return list(range(m))
         return [(generation * k + j) % m for j in range(k)]
 
-    def population_fitness(self, members_theta: torch.Tensor, generation: int) -> tuple[torch.Tensor, dict]:
+    def population_fitness(self, generation: int) -> tuple[torch.Tensor, dict]:
         """Mean reward of each member on this generation's prompts (every process gets all N)."""
         indices = self.prompt_indices(generation)
         examples = [self.train.examples[i] for i in indices]
         t0 = time.perf_counter()
-        self.engine.set_adapters(self.space.unflatten(members_theta), self.space.scale)
-        out = self.engine.generate([self.train.prompt_ids[i] for i in indices], self.members, self.sampling(generation))
+        out = self.space.generate_population(self.strategy, self.members, [self.train.prompt_ids[i] for i in indices],
+                                             self.sampling(generation))
         t1 = time.perf_counter()
         local = {m: summarize(score_all(self.task, examples, texts))["reward"]
                  for m, texts in zip(self.members, out.texts)}
@@ -137,15 +145,12 @@ class ESRun:
         """Test metrics of the unperturbed θ (greedy by default), with its completions."""
         if not self.test.examples:
             return {}, []
-        self.engine.set_adapters(self.space.unflatten(self.strategy.theta[None]), self.space.scale)
-        out = self.engine.generate(
-            self.test.prompt_ids, [0], self.sampling(generation, self.config.eval.max_new_tokens)
-        )
+        out = self.space.generate_center(self.strategy.params, self.test.prompt_ids,
+                                         self.sampling(generation, self.config.eval.max_new_tokens))
         scores = score_all(self.task, self.test.examples, out.texts[0])
         metrics = summarize(scores, self.task)
         if self.config.eval.kl:
-            metrics |= self.engine.kl(self.test.prompt_ids, out.tokens[0], policy=lambda: self.engine.member(0),
-                                      reference=lambda: self.engine.member(None))
+            metrics |= self.engine.kl(self.test.prompt_ids, out.tokens[0], self.space.policy, self.space.reference)
         rows = [
             {"index": i, "completion": text, "reward": s.reward, "correct": s.correct}
             for i, (text, s) in enumerate(zip(out.texts[0], scores))
@@ -165,7 +170,8 @@ class ESRun:
 
     def checkpoint(self) -> None:
         if self.is_main:
-            self.run.save_checkpoint({"strategy": self.strategy.state_dict(), "config": self.config.model_dump()})
+            state = self.strategy.state_dict(with_params=self.space.params_in_checkpoint)
+            self.run.save_checkpoint({"strategy": state, "config": self.config.model_dump()})
 
     def restore(self) -> int:
         """Load the checkpoint if there is one; trim result files written after it. Returns the generation."""
@@ -211,24 +217,28 @@ class ESRun:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row))
         except KeyboardInterrupt:
-            status = "interrupted"
-            state = self.run.load_checkpoint()  # the stop may have come after an update but before its checkpoint
-            if state is not None:
-                self.strategy.load_state_dict(state["strategy"])
-                self.trim_results()
+            status = "interrupted"  # update, history line and checkpoint are one step (see _commit)
             log.warning("interrupted: the generation in progress is abandoned; the checkpoint at generation %d is kept",
-                        self.strategy.generation if state is not None else 0)
+                        self.strategy.generation)
         finally:
             bar.close()
         return self.finish(status, time.time() - started)
 
     def one_generation(self, g: int) -> dict:
+        fitness, stats = self.population_fitness(g)  # a stop during this abandons the generation
+        with _deferred_interrupts():  # from the update to its checkpoint, a stop waits: all of it lands or none
+            return self._commit(g, fitness, stats)
+
+    def _commit(self, g: int, fitness: torch.Tensor, stats: dict) -> dict:
         es, every = self.config.es, self.config.eval.every
-        members_theta = self.strategy.ask()
-        fitness, stats = self.population_fitness(members_theta, g)
         t0 = time.perf_counter()
         update = self.strategy.tell(fitness)
         t_update = time.perf_counter() - t0
+        bad = [n for n, p in self.strategy.params.items() if not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(
+                f"θ became non-finite in generation {g} (e.g. {bad[0]}): lower es.learning_rate or es.sigma; "
+                f"the checkpoint of generation {g} is kept and --resume continues from it")
         test_metrics, t_eval = None, 0.0
         done = self.strategy.generation
         if every and done % every == 0 and done < es.generations:
@@ -259,6 +269,12 @@ class ESRun:
         self.checkpoint()
         return row
 
+    def export(self, path: Path) -> Path:
+        """θ as a PEFT adapter folder (lora) or a Hugging Face model folder (full spaces)."""
+        exported = self.space.export(self.strategy.params, path, self.config.model.name_or_path)
+        log.info("exported generation %d to %s", self.strategy.generation, exported)
+        return exported
+
     def finish(self, status: str, wall_time: float) -> dict:
         g = self.strategy.generation
         evaluations = {r["generation"]: r for r in read_jsonl(self.run.evaluations_file)}
@@ -268,8 +284,8 @@ class ESRun:
             evaluations[g] = {"generation": g, **metrics}
         if not self.is_main:
             return {}
-        self.space.export_peft(self.strategy.theta, self.run.adapter_dir, self.config.model.name_or_path,
-                               self.config.space.layers)
+        if self.config.export:
+            self.export(self.run.export_dir(self.space.kind))
         history = read_jsonl(self.run.history_file)
         summary = {
             "status": status,
@@ -293,6 +309,37 @@ class ESRun:
         log.info("run %s: %s after %d generations; base %s, final %s", self.run.root, status, g,
                  _fmt(summary["base"]), _fmt(summary["final"]))
         return summary
+
+
+def make_space(config: SpaceConfig, engine: PopulationEngine, keep_base: bool = False) -> Space:
+    """The space of `space.kind`; keep_base keeps the base weights of full spaces (for KL to the base)."""
+    if config.kind == "lora":
+        return LoRASpace(engine.shapes(), config.rank, config.alpha, init=config.init, layers=config.layers,
+                         engine=engine)
+    if config.kind == "full-lowrank":
+        return FullLowRankSpace(engine, config.rank, keep_base)
+    return FullSpace(engine, keep_base)
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> ESRun:
+    """A run as its checkpoint left it (θ rebuilt by replay where it is not stored), ready to evaluate or export."""
+    run = RunDir.open(run_dir)
+    config = validate(read_source(run.config_file), ESRunConfig)
+    if device:
+        config.model.device = device
+    config.eval.kl = False
+    task = load_task(config.task.name, config.task.options)
+    loaded = load_model(config.model)
+    es_run = ESRun(config, run, loaded, task, [], [])
+    state = run.load_checkpoint()
+    if state is not None:
+        es_run.strategy.load_state_dict(state["strategy"])
+    return es_run
+
+
+def export_run(run_dir: str | Path, out: str | Path, device: str | None = None) -> Path:
+    """`evolm export RUN DIR`: rebuild θ from the run's small checkpoint and write it as a model or adapter."""
+    return load_run(run_dir, device).export(Path(out))
 
 
 def run_es(config_source: str | None, overrides: list[str], *, resume: str | None = None,
@@ -367,6 +414,30 @@ def _log_to(path: Path | None) -> None:
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+
+
+@contextmanager
+def _deferred_interrupts():
+    """Ctrl-C or SIGTERM inside waits until the block is done, then stops the run as usual."""
+    received = []
+
+    def handler(signum, frame):
+        if not received:
+            log.warning("stop requested: finishing this generation's update and checkpoint first")
+        received.append(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals cannot arrive here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if received:
+        raise KeyboardInterrupt
 
 
 @contextmanager

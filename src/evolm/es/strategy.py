@@ -1,8 +1,21 @@
-"""Natural Evolution Strategies as an ask/tell object: knows vectors and fitnesses, not language models."""
+"""Natural Evolution Strategies as an ask/tell object: knows named tensors and fitnesses, not language models.
+
+θ is a dict of fp32 tensors (a LoRA adapter's factors, or the weight matrices themselves). The noise
+of member i is never stored: it is regenerated from (seed, generation, pair) by the counter-based
+generator, so a run is fixed by its start, its config and the fitnesses it was told — `replay`
+rebuilds θ (and Adam's moments) from that log alone.
+
+Two kinds of noise:
+- dense: ε has θ's shape, every entry standard normal (the paper's);
+- low-rank (EGGROLL, arXiv 2511.16652), for 2-D tensors W [out, in]: ε = B A / √r with A [r, in] and
+  B [out, r] standard normal, so every entry of ε has variance 1 and σ means what it means for dense
+  noise. The update Σ_i z_i ε_i is high-rank and costs one matmul per tensor.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -11,6 +24,7 @@ from evolm.es.noise import gaussian, stream_key
 
 Shaping = Literal["zscore", "centered_rank", "raw"]
 Optimizer = Literal["es", "adam"]
+NOISE_CHUNK = 1 << 24  # elements drawn per call of the generator: bounds its int64 temporaries
 
 
 def shape_fitness(fitness: torch.Tensor, method: Shaping) -> torch.Tensor:
@@ -36,11 +50,12 @@ class EvolutionStrategy:
 
     Member i uses noise pair i // 2 with sign + for even i and - for odd i when antithetic;
     otherwise member i has its own noise. 1/σ is folded into α, as in the paper.
+    `noise_rank` None draws dense noise; r draws rank-r noise for every 2-D tensor.
     """
 
     def __init__(
         self,
-        theta: torch.Tensor,
+        params: dict[str, torch.Tensor],
         *,
         population: int,
         sigma: float,
@@ -51,48 +66,104 @@ class EvolutionStrategy:
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         seed: int = 0,
+        noise_rank: int | None = None,
     ):
         if antithetic and population % 2:
             raise ValueError("antithetic sampling needs an even population")
-        self.theta = theta.detach().to(torch.float32).clone()
+        if noise_rank is not None and any(p.dim() != 2 for p in params.values()):
+            raise ValueError("low-rank noise needs 2-D tensors")
+        self.params = {name: p.detach().to(torch.float32, copy=True) for name, p in params.items()}
         self.population, self.sigma, self.learning_rate = population, sigma, learning_rate
         self.antithetic, self.fitness_shaping, self.optimizer = antithetic, fitness_shaping, optimizer
         self.weight_decay, self.betas, self.seed = weight_decay, betas, seed
+        self.noise_rank = noise_rank
         self.generation = 0
         self.adam_step = 0
-        self.adam_m = torch.zeros_like(self.theta) if optimizer == "adam" else None
-        self.adam_v = torch.zeros_like(self.theta) if optimizer == "adam" else None
-        self._noise_cache: tuple[int, torch.Tensor] | None = None  # ask() and tell() share one draw
+        self.adam_m = {n: torch.zeros_like(p) for n, p in self.params.items()} if optimizer == "adam" else None
+        self.adam_v = {n: torch.zeros_like(p) for n, p in self.params.items()} if optimizer == "adam" else None
+        self.fitness_log: list[list[float]] = []  # every generation's raw fitnesses: θ can be replayed from them
+        self._layout = self._noise_layout()
+        self._cache: tuple[int, int, dict] | None = None  # (generation, pair, noise): members of a pair share it
+
+    # -- noise ----------------------------------------------------------------------------------
 
     @property
     def num_noise_vectors(self) -> int:
         return self.population // 2 if self.antithetic else self.population
 
-    def signs(self) -> torch.Tensor:
-        if not self.antithetic:
-            return torch.ones(self.population)
-        return torch.tensor([1.0, -1.0]).repeat(self.population // 2)
+    @property
+    def noise_dim(self) -> int:
+        """Standard normals drawn per noise vector."""
+        return sum(size for _, _, size in self._layout)
 
-    def noise(self, generation: int | None = None) -> torch.Tensor:
-        """[num_noise_vectors, D] unsigned noise of a generation (the current one by default)."""
+    def pair(self, member: int) -> int:
+        return member // 2 if self.antithetic else member
+
+    def sign(self, member: int) -> float:
+        return -1.0 if self.antithetic and member % 2 else 1.0
+
+    def signs(self) -> torch.Tensor:
+        return torch.tensor([self.sign(m) for m in range(self.population)])
+
+    def _noise_layout(self) -> list[tuple[str, int, int]]:
+        """(tensor, offset, size) in the noise stream; for low-rank noise A [r, in] comes before B [out, r]."""
+        layout, offset = [], 0
+        for name, p in self.params.items():
+            size = p.numel() if self.noise_rank is None else self.noise_rank * (p.shape[0] + p.shape[1])
+            layout.append((name, offset, size))
+            offset += size
+        return layout
+
+    def noise(self, pair: int, generation: int | None = None) -> dict:
+        """Unsigned noise vector `pair` of a generation: {name: ε} (dense) or {name: (A, B)} (low-rank)."""
         g = self.generation if generation is None else generation
-        if self._noise_cache is not None and self._noise_cache[0] == g:
-            return self._noise_cache[1]
-        dim, device = self.theta.numel(), self.theta.device
-        noise = torch.stack(
-            [gaussian(stream_key(self.seed, g, k), 0, dim, device) for k in range(self.num_noise_vectors)]
-        )
-        self._noise_cache = (g, noise)
+        if self._cache is not None and self._cache[:2] == (g, pair):
+            return self._cache[2]
+        noise = dict(self._draw(stream_key(self.seed, g, pair)))
+        self._cache = (g, pair, noise)
         return noise
 
-    def member_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """[N, D] signed noise, member-major, from the unsigned noise vectors."""
-        rows = noise.repeat_interleave(2, dim=0) if self.antithetic else noise
-        return rows * self.signs().to(rows.device, rows.dtype)[:, None]
+    def _draw(self, key: tuple[int, int]) -> Iterator[tuple[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]]:
+        """Walk the layout drawing up to NOISE_CHUNK elements per call (small tensors share a call)."""
+        device = next(iter(self.params.values())).device
+        batch: list[tuple[str, int, int]] = []
 
-    def ask(self) -> torch.Tensor:
-        """[N, D] parameters of this generation's members: θ + σ ε_i."""
-        return self.theta + self.sigma * self.member_noise(self.noise())
+        def flush():
+            start = batch[0][1]
+            flat = gaussian(key, start, batch[-1][1] + batch[-1][2] - start, device)
+            for name, offset, size in batch:
+                yield name, self._shape(name, flat[offset - start : offset - start + size])
+            batch.clear()
+
+        for entry in self._layout:
+            if batch and entry[1] + entry[2] - batch[0][1] > NOISE_CHUNK:
+                yield from flush()
+            batch.append(entry)
+        if batch:
+            yield from flush()
+
+    def _shape(self, name: str, flat: torch.Tensor):
+        shape = self.params[name].shape
+        if self.noise_rank is None:
+            return flat.view(shape)
+        r, (out, fan_in) = self.noise_rank, shape
+        return flat[: r * fan_in].view(r, fan_in), flat[r * fan_in :].view(out, r)
+
+    def member_noise(self, member: int) -> dict:
+        """Signed noise of one member: {name: ±ε} (dense) or {name: (A, ±B)} (low-rank, ε = B A / √r)."""
+        noise, s = self.noise(self.pair(member)), self.sign(member)
+        if self.noise_rank is None:
+            return {name: eps if s > 0 else -eps for name, eps in noise.items()}
+        return {name: (a, b if s > 0 else -b) for name, (a, b) in noise.items()}
+
+    def ask(self) -> dict[str, torch.Tensor]:
+        """Dense noise: {name: [N, *shape]} parameters of this generation's members, θ + σ ε_i."""
+        if self.noise_rank is not None:
+            raise ValueError("ask() materialises dense members; with low-rank noise use member_noise()")
+        members = [self.member_noise(m) for m in range(self.population)]
+        return {name: p + self.sigma * torch.stack([m[name] for m in members]) for name, p in self.params.items()}
+
+    # -- update ---------------------------------------------------------------------------------
 
     def tell(self, fitness: Sequence[float] | torch.Tensor) -> dict[str, float]:
         """Update θ from the members' fitnesses (in member order) and advance the generation."""
@@ -101,43 +172,85 @@ class EvolutionStrategy:
             raise ValueError(f"expected {self.population} fitnesses, got {fitness.numel()}")
         if not torch.isfinite(fitness).all():
             raise ValueError(f"non-finite fitness in generation {self.generation}: {fitness.tolist()}")
-        weights = shape_fitness(fitness, self.fitness_shaping).float().to(self.theta.device)
-        signed = weights * self.signs().to(weights.device)
-        noise = self.noise()
+        weights = shape_fitness(fitness, self.fitness_shaping).float() * self.signs()
         if self.antithetic:  # pair k contributes (w+ - w-) ε_k
-            signed = signed.view(-1, 2).sum(dim=1)
-        gradient = (signed @ noise) / self.population
-        step = self._step(gradient)
-        if self.weight_decay:
-            self.theta.mul_(1.0 - self.learning_rate * self.weight_decay)
-        self.theta.add_(step)
+            weights = weights.view(-1, 2).sum(dim=1)
+        gradient = self._gradient(weights / self.population)
+        steps = self._steps(gradient)
+        for name, p in self.params.items():
+            if self.weight_decay:
+                p.mul_(1.0 - self.learning_rate * self.weight_decay)
+            p.add_(steps[name])
+        self.fitness_log.append(fitness.tolist())
         self.generation += 1
-        return {"gradient_norm": gradient.norm().item(), "step_norm": step.norm().item()}
+        return {"gradient_norm": _norm(gradient.values()), "step_norm": _norm(steps.values())}
 
-    def _step(self, gradient: torch.Tensor) -> torch.Tensor:
+    def _gradient(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_k c_k ε_k per tensor: dense noise pair by pair; low-rank noise as one matmul per tensor."""
+        device = next(iter(self.params.values())).device
+        c = coefficients.to(device)
+        if self.noise_rank is None:
+            gradient = {name: torch.zeros_like(p) for name, p in self.params.items()}
+            for k in range(self.num_noise_vectors):
+                for name, eps in self.noise(k).items():
+                    gradient[name].add_(eps, alpha=c[k].item())
+            return gradient
+        pairs = [self.noise(k) for k in range(self.num_noise_vectors)]
+        r = self.noise_rank
+        gradient = {}
+        for name in self.params:
+            a = torch.cat([p[name][0] for p in pairs])  # [K·r, in]
+            b = torch.cat([p[name][1] for p in pairs], dim=1)  # [out, K·r]
+            gradient[name] = (b * c.repeat_interleave(r)) @ a / math.sqrt(r)
+        return gradient
+
+    def _steps(self, gradient: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.optimizer == "es":
-            return self.learning_rate * gradient
+            return {name: self.learning_rate * g for name, g in gradient.items()}
         beta1, beta2 = self.betas
         self.adam_step += 1
-        self.adam_m.mul_(beta1).add_(gradient, alpha=1 - beta1)
-        self.adam_v.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        m_hat = self.adam_m / (1 - beta1**self.adam_step)
-        v_hat = self.adam_v / (1 - beta2**self.adam_step)
-        return self.learning_rate * m_hat / (v_hat.sqrt() + 1e-8)
+        steps = {}
+        for name, g in gradient.items():
+            m, v = self.adam_m[name], self.adam_v[name]
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            m_hat = m / (1 - beta1**self.adam_step)
+            v_hat = v / (1 - beta2**self.adam_step)
+            steps[name] = self.learning_rate * m_hat / (v_hat.sqrt() + 1e-8)
+        return steps
 
-    def state_dict(self) -> dict:
-        return {
-            "theta": self.theta.cpu(),
-            "generation": self.generation,
-            "adam_step": self.adam_step,
-            "adam_m": None if self.adam_m is None else self.adam_m.cpu(),
-            "adam_v": None if self.adam_v is None else self.adam_v.cpu(),
-        }
+    def replay(self, fitness_log: Sequence[Sequence[float]]) -> None:
+        """Re-apply logged generations: the same updates, bit for bit, on the same device."""
+        for fitness in fitness_log:
+            self.tell(fitness)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self, with_params: bool = True) -> dict:
+        """Generation and fitness log always; θ and Adam's moments only when asked (they can be replayed)."""
+        state = {"generation": self.generation, "fitness_log": list(self.fitness_log), "adam_step": self.adam_step}
+        if with_params:
+            state["params"] = {n: p.cpu() for n, p in self.params.items()}
+            state["adam_m"] = None if self.adam_m is None else {n: t.cpu() for n, t in self.adam_m.items()}
+            state["adam_v"] = None if self.adam_v is None else {n: t.cpu() for n, t in self.adam_v.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        device = self.theta.device
-        self.theta = state["theta"].to(device)
-        self.generation = state["generation"]
-        self.adam_step = state["adam_step"]
-        self.adam_m = None if state["adam_m"] is None else state["adam_m"].to(device)
-        self.adam_v = None if state["adam_v"] is None else state["adam_v"].to(device)
+        """Continue from a state: θ loaded where the state has it, otherwise replayed from the fitness log."""
+        if "params" not in state:
+            if self.generation:
+                raise ValueError("replaying a fitness log needs the strategy at generation 0")
+            self.replay(state["fitness_log"])
+            return
+        device = next(iter(self.params.values())).device
+        self.params = {n: state["params"][n].to(device) for n in self.params}
+        if state["adam_m"] is not None:
+            self.adam_m = {n: t.to(device) for n, t in state["adam_m"].items()}
+            self.adam_v = {n: t.to(device) for n, t in state["adam_v"].items()}
+        self.generation, self.adam_step = state["generation"], state["adam_step"]
+        self.fitness_log = [list(f) for f in state["fitness_log"]]
+        self._cache = None
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))

@@ -8,7 +8,10 @@ Deviations, each on text the paper's original script would also mis-score:
 - the answer is evaluated by a tiny arithmetic evaluator, not `eval`: `**` and `//` (which pass the
   paper's character filter) are rejected, so a completion cannot make scoring hang or use powers;
 - the paper's Hugging Face script decoded prompt + completion and scored that, so the prompt's own
-  "<think> </think>" and "<answer> … </answer>" texts earned format credit; evolm never scores the prompt.
+  "<think> </think>" and "<answer> … </answer>" texts earned format credit; evolm never scores the prompt;
+- generation stops at "</answer>" (the task's stop string): models keep writing after their answer, which
+  costs up to 15× the work and makes a format reward of 1.0 unreachable. `generation.stop=[]` gives the
+  paper's exact protocol.
 """
 
 from __future__ import annotations
@@ -135,6 +138,8 @@ class CountdownTask(Task):
     and tests on `[-2000:]`). A hub id or `datasets` folder → its train split ({nums, target}), since
     Countdown datasets are one pool that slices divide.
     """
+
+    stop_strings = ("</answer>",)
 
     name = "countdown"
     description = "Reach a target with + - * / using 3-4 given numbers once each (ES paper, Qiu et al. 2025)"

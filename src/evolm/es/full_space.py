@@ -1,0 +1,33 @@
+"""The paper's space: dense Gaussian noise on every targeted weight, members evaluated one after another.
+
+Each member's weights are written as bf16(θ + σ ε_i) from the fp32 master θ, its rows generated, and the
+model restored by writing bf16(θ) again: restoring never subtracts noise, so it is exact however many
+perturb/restore cycles run. The two members of an antithetic pair share one draw of ε.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evolm.es.space import WeightSpace, merge_generations
+
+
+class FullSpace(WeightSpace):
+    kind = "full"
+
+    def generate_population(self, strategy, members, prompts, sampling):
+        self.engine.clear_adapters()
+        parts = []
+        try:
+            for member in members:
+                self.perturb(strategy, member)
+                parts.append(self.engine.generate(prompts, None, sampling))
+        finally:
+            self.write(strategy.params)
+        return merge_generations(parts)
+
+    @torch.no_grad()
+    def perturb(self, strategy, member: int) -> None:
+        step = strategy.sigma * strategy.sign(member)
+        for name, eps in strategy.noise(strategy.pair(member)).items():
+            self.linears[name].weight.copy_(strategy.params[name].add(eps, alpha=step))
