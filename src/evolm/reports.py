@@ -49,9 +49,9 @@ def evolution_figure(run_dir: str | Path) -> Figure | None:
     evaluations = _evaluations(run_dir, history)
     if not history and not evaluations:
         return None
-    fig = Figure(figsize=(7, 5 if history and evaluations else 4), layout="constrained")
-    panels = fig.subplots(2 if history and evaluations else 1, 1, sharex=True, squeeze=False,
-                          height_ratios=[3, 2] if history and evaluations else None)[:, 0]
+    both = bool(history and evaluations)
+    fig = Figure(figsize=(7, 5 if both else 4), layout="constrained")
+    panels = fig.subplots(2 if both else 1, 1, sharex=True, squeeze=False, height_ratios=[3, 2] if both else None)[:, 0]
     fig.suptitle("Evolution")
     if history:
         ax = panels[0]
