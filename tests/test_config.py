@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import copy
+import math
+import re
 
-from evolm.config import ConfigError, ESRunConfig, apply_overrides, load_config, preset_names
+import pytest
+import yaml
+
+from evolm.config import ConfigError, ESRunConfig, apply_overrides, dump_config, load_config, preset_names, validate
 from evolm.es.lora_space import LoRASpace
+from evolm.search.config import SearchRunConfig
 
 
 def test_presets_carry_the_paper_defaults():
@@ -38,6 +44,46 @@ def test_overrides_parse_yaml_values():
 def test_bad_values_name_the_field(override, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
         load_config("countdown", [override])
+
+
+@pytest.mark.parametrize(
+    "override", ["es.sigma=.inf", "es.learning_rate=.inf", "es.learning_rate=-.inf", "generation.temperature=.nan",
+                 "es.sigma=1e400", "es.adam_betas=[0.9, .nan]"],
+)
+def test_non_finite_numbers_are_rejected_naming_the_field(override):
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}(\.\d)?: Input should be a finite number"):
+        load_config("countdown", [override])
+
+
+def test_huge_but_finite_learning_rate_is_valid():
+    assert load_config("countdown", ["es.learning_rate=1e308"]).es.learning_rate == 1e308
+
+
+def _numeric_leaves(node, path=()):
+    """Dotted paths (list items by index) of every number in a dumped config."""
+    if isinstance(node, dict):
+        return [leaf for key, child in node.items() for leaf in _numeric_leaves(child, (*path, key))]
+    if isinstance(node, list):
+        return [leaf for i, child in enumerate(node) for leaf in _numeric_leaves(child, (*path, i))]
+    return [path] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
+
+
+@pytest.mark.parametrize("schema,source,presets", [(ESRunConfig, "countdown", "evolm.presets"),
+                                                   (SearchRunConfig, "gsm8k", "evolm.presets.search")])
+def test_no_numeric_field_of_either_schema_takes_inf_or_nan(schema, source, presets):
+    data = yaml.safe_load(dump_config(load_config(source, ["model.name_or_path=x"], schema, presets)))
+    leaves = _numeric_leaves(data)
+    assert len(leaves) > 15
+    for path in leaves:
+        for bad in (math.inf, -math.inf, math.nan):
+            broken = copy.deepcopy(data)
+            parent = broken
+            for part in path[:-1]:
+                parent = parent[part]
+            parent[path[-1]] = bad
+            with pytest.raises(ConfigError, match=re.escape(".".join(map(str, path)))):
+                validate(broken, schema)
 
 
 def test_missing_and_unknown_sources(tmp_path):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from matplotlib.image import imread
 
-from evolm.reports import plot_evolution, plot_time_breakdown, write_figures
+from evolm.reports import evolution_figure, plot_evolution, plot_time_breakdown, time_breakdown_figure, write_figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -68,3 +71,34 @@ def test_empty_or_missing_history_does_not_crash(tmp_path):
     assert write_figures(tmp_path) == []
     (tmp_path / "results" / "evaluations.jsonl").write_text(json.dumps({"generation": 0, "reward": -3.0, "accuracy": None}))
     assert write_figures(tmp_path) == [tmp_path / "figures" / "evolution.png"]  # the base model's score alone
+
+
+def visible_tick_labels(ax) -> list[str]:
+    low, high = sorted(ax.get_xlim())
+    return [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
+
+
+@pytest.mark.parametrize("generations", [1, 3, 6, 60])
+@pytest.mark.parametrize("make_figure", [evolution_figure, time_breakdown_figure])
+def test_generation_ticks_are_whole_numbers(tmp_path, generations, make_figure):
+    write_run(tmp_path, generations=generations)
+    fig = make_figure(tmp_path)
+    fig.draw_without_rendering()  # lays out the ticks and their labels
+    labels = visible_tick_labels(fig.axes[-1])
+    assert labels and all(label.isdigit() for label in labels), labels  # no 0.5, no -0.5 (or −1)
+
+
+def test_test_metric_does_not_share_the_fitness_axes(tmp_path):
+    write_run(tmp_path)
+    fitness_ax, test_ax = evolution_figure(tmp_path).axes
+    assert {line.get_label() for line in fitness_ax.get_lines()} == {"mean fitness", "best member"}
+    assert [line.get_label() for line in test_ax.get_lines()] == ["test accuracy"]
+    assert fitness_ax.get_shared_x_axes().joined(fitness_ax, test_ax)
+
+
+def test_figure_modules_leave_matplotlibs_backend_alone():
+    """Importing them must not switch the caller's backend (search/analysis.py used to call matplotlib.use)."""
+    code = ("import sys, matplotlib; matplotlib.use('svg'); import evolm.reports, evolm.search.analysis; "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+            "assert 'matplotlib.pyplot' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

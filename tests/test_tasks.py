@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import time
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from evolm.tasks import BUILTIN, Example, TaskError, load_records, load_task
 from evolm.tasks.catalog import describe_tasks
 from evolm.tasks.conciseness import ConcisenessTask, normalized_reward
-from evolm.tasks.countdown import CountdownTask, answer_reward, evaluate, format_reward, make_prompt
+from evolm.tasks.countdown import CountdownTask, answer_reward, evaluate, format_reward, last_answer, make_prompt
 
 COUNTDOWN = CountdownTask()
 
@@ -99,6 +101,52 @@ def test_trailing_newline_in_answer_is_accepted_as_in_the_paper():
     assert answer_reward("<answer>\n44 + 19 + 35</answer>", [44, 19, 35], 98) == 0.0
 
 
+# The spec's definition of the format reward and of the scored answer, as regular expressions: the reference that
+# the linear-time scans in countdown.py must agree with.
+SPEC_FULL_FORMAT = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
+SPEC_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+SPEC_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+TAG_PIECES = ["<think>", "</think>", "<answer>", "</answer>", "\n", " ", "1 + 2", "<", ">", "/", "</", "answer", "think",
+              "</answer", "<answer", "</think>\n<answer>", "</answer>\n", "\n\n"]
+
+
+def spec_format_reward(completion: str) -> float:
+    text = "<think>" + completion
+    if SPEC_FULL_FORMAT.match(text):
+        return 1.0
+    return (0.1 if SPEC_THINK.search(text) else 0.0) + (0.5 if SPEC_ANSWER.search(text) else 0.0)
+
+
+def spec_last_answer(completion: str) -> str | None:
+    answers = SPEC_ANSWER.findall(completion)
+    return answers[-1] if answers else None
+
+
+def test_format_and_answer_scans_agree_with_the_specs_regular_expressions():
+    rng = random.Random(11)
+    completions = ["", "\n", "</answer>", "</think>\n<answer></answer>", "</think>\n<answer></answer>\n\n"]
+    completions += ["".join(rng.choice(TAG_PIECES) for _ in range(rng.randint(1, 14))) for _ in range(4000)]
+    for completion in completions:
+        assert format_reward(completion) == spec_format_reward(completion), completion
+        assert last_answer(completion) == spec_last_answer(completion), completion
+    assert {format_reward(c) for c in completions} == {0.0, 0.1, 0.5, 0.6, 1.0}  # every case was reached
+
+
+@pytest.mark.parametrize("piece", ["<answer>", "</think>\n<answer>", "<answer></answer", "<think>", "</answer>"])
+def test_a_megabyte_degenerate_completion_is_scored_quickly(piece):
+    completion = piece * (1_000_000 // len(piece))
+    started = time.perf_counter()
+    countdown_score(completion)
+    countdown_score(completion + "</answer>")
+    assert time.perf_counter() - started < 1.0  # the regular expressions took minutes on 400 KB
+
+
+def test_numbers_too_long_for_int_score_zero_instead_of_failing():
+    huge = "9" * 5000
+    assert countdown_score(f"</think>\n<answer>{huge} + 19 + 35</answer>").reward == pytest.approx(0.1)
+    assert answer_reward(f"<answer>{huge}</answer>", [int("9" * 4000)], 1) == 0.0
+
+
 # --- countdown prompt and data ----------------------------------------------------------------------
 
 
@@ -167,6 +215,23 @@ def test_bad_countdown_record_names_the_file_and_record(tmp_path):
         COUNTDOWN.load_split("train", str(path))
 
 
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        ('[{"numbers": [1, 2], "target": %s}]' % (10**400), r"big\.json record 0: .*finite numeric 'target'"),
+        ('[{"numbers": [1, 2], "target": 1e400}]', r"big\.json record 0: .*finite numeric 'target'"),
+        ('[{"numbers": ["%s", 2], "target": 3}]' % ("7" * 5000), r"big\.json record 0: needs integer 'numbers'"),
+        ('[{"numbers": [%s, 2], "target": 3}]' % ("7" * 5000), r"big\.json: a number has more than \d+ digits"),
+    ],
+)
+def test_countdown_numbers_out_of_range_name_the_file_and_record(tmp_path, data, expected):
+    path = tmp_path / "big.json"
+    path.write_text(data)
+    with pytest.raises(TaskError, match=expected) as error:
+        COUNTDOWN.load_split("train", str(path))
+    assert "\n" not in str(error.value) and len(str(error.value)) < 400
+
+
 # --- conciseness ----------------------------------------------------------------------------------
 
 
@@ -225,6 +290,24 @@ def test_load_records_json_and_jsonl_slices(tmp_path):
     assert load_records(str(tmp_path / "a.jsonl[-2:]")) == rows[-2:]
     assert load_records(str(tmp_path / "a.jsonl[4:6]")) == rows[4:6]
     assert load_records(str(tmp_path / "a.json")) == rows
+
+
+@pytest.mark.parametrize("task", [CountdownTask(), ConcisenessTask()])
+@pytest.mark.parametrize("name,text,item", [("nums.json", "[1, 2, 3]", "item 0 is a number"),
+                                            ("mixed.jsonl", '{"a": 1}\n"text"\n', "item 1 is a string"),
+                                            ("nested.json", '{"data": [{"a": 1}, [1]]}', "item 1 is a list")])
+def test_data_that_is_not_records_names_the_file(task, tmp_path, name, text, item):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(TaskError, match=rf"{re.escape(str(path))}: expected records \(JSON objects.*{item}"):
+        task.load_split("train", str(path))
+
+
+def test_invalid_json_lines_name_the_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(TaskError, match=r"broken\.jsonl line 2: not valid JSON"):
+        load_records(str(path))
 
 
 @pytest.mark.parametrize("task", [CountdownTask(), ConcisenessTask()])

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from evolm.runs import read_jsonl
 
@@ -30,41 +32,52 @@ def _save(fig: Figure, run_dir: Path, name: str) -> Path:
     return path
 
 
-def plot_evolution(run_dir: str | Path) -> Path | None:
-    """figures/evolution.png: mean fitness with its 20th-80th percentile band, best member, test metric."""
+def _integer_generations(ax: Axes) -> None:
+    """Generations are counts: no tick at 0.5 between two of them."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("generation")
+
+
+def evolution_figure(run_dir: str | Path) -> Figure | None:
+    """Training fitness (mean with its 20th-80th percentile band, best member) above the test metric.
+
+    The test metric has a panel of its own, sharing the generation axis: on a twin y-axis its line lay
+    over the mean fitness and hid it.
+    """
     run_dir = Path(run_dir)
     history = read_jsonl(run_dir / "results" / "history.jsonl")
     evaluations = _evaluations(run_dir, history)
     if not history and not evaluations:
         return None
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
+    both = bool(history and evaluations)
+    fig = Figure(figsize=(7, 5 if both else 4), layout="constrained")
+    panels = fig.subplots(2 if both else 1, 1, sharex=True, squeeze=False, height_ratios=[3, 2] if both else None)[:, 0]
+    fig.suptitle("Evolution")
     if history:
+        ax = panels[0]
         generations = [h["generation"] for h in history]
         ax.fill_between(generations, [h["p20"] for h in history], [h["p80"] for h in history],
                         alpha=0.25, color="C0", label="20th-80th percentile")
         ax.plot(generations, [h["mean"] for h in history], color="C0", label="mean fitness")
         ax.plot(generations, [h["max"] for h in history], color="C1", linewidth=0.8, label="best member")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("training fitness (mean reward)")
-    handles, labels = ax.get_legend_handles_labels()
+        ax.set_ylabel("training fitness\n(mean reward)")
+        ax.legend(loc="best", fontsize="small")
     if evaluations:
+        ax = panels[-1]
         metric = "accuracy" if all(e.get("accuracy") is not None for e in evaluations) else "reward"
-        test_ax = ax.twinx()
-        test_ax.plot([e["generation"] for e in evaluations], [e[metric] for e in evaluations],
-                     color="C2", marker="o", markersize=3, label=f"test {metric}")
-        test_ax.set_ylabel(f"test {metric}")
-        more_handles, more_labels = test_ax.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    ax.legend(handles, labels, loc="best", fontsize="small")
-    ax.set_title("Evolution")
-    return _save(fig, run_dir, "evolution.png")
+        ax.plot([e["generation"] for e in evaluations], [e[metric] for e in evaluations],
+                color="C2", marker="o", markersize=4, label=f"test {metric}")
+        ax.set_ylabel(f"test {metric}")
+        ax.legend(loc="best", fontsize="small")
+    for ax in panels:
+        ax.grid(alpha=0.3)
+    _integer_generations(panels[-1])
+    return fig
 
 
-def plot_time_breakdown(run_dir: str | Path) -> Path | None:
-    """figures/time_breakdown.png: seconds per generation spent generating, scoring, updating, evaluating."""
-    run_dir = Path(run_dir)
-    history = read_jsonl(run_dir / "results" / "history.jsonl")
+def time_breakdown_figure(run_dir: str | Path) -> Figure | None:
+    """Seconds per generation spent generating, scoring, updating, evaluating, stacked."""
+    history = read_jsonl(Path(run_dir) / "results" / "history.jsonl")
     if not history:
         return None
     extra = sorted({phase for h in history for phase in h.get("time", {})} - set(PHASES))
@@ -76,11 +89,23 @@ def plot_time_breakdown(run_dir: str | Path) -> Path | None:
         seconds = [float(h.get("time", {}).get(phase, 0.0)) for h in history]
         ax.bar(generations, seconds, bottom=bottom, width=1.0 if len(history) > 50 else 0.8, label=phase)
         bottom = [b + s for b, s in zip(bottom, seconds)]
-    ax.set_xlabel("generation")
+    _integer_generations(ax)
     ax.set_ylabel("seconds")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     ax.set_title("Time per generation")
-    return _save(fig, run_dir, "time_breakdown.png")
+    return fig
+
+
+def plot_evolution(run_dir: str | Path) -> Path | None:
+    """figures/evolution.png, or None before the run has any history or evaluation."""
+    fig = evolution_figure(run_dir)
+    return None if fig is None else _save(fig, Path(run_dir), "evolution.png")
+
+
+def plot_time_breakdown(run_dir: str | Path) -> Path | None:
+    """figures/time_breakdown.png, or None before the first generation."""
+    fig = time_breakdown_figure(run_dir)
+    return None if fig is None else _save(fig, Path(run_dir), "time_breakdown.png")
 
 
 def write_figures(run_dir: str | Path) -> list[Path]:

@@ -10,17 +10,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-from evolm.config import ConfigError  # noqa: E402
+from evolm.config import ConfigError
 from evolm.runs import atomic_write_text
-from evolm.search.outputs import best_variant  # noqa: E402
-from evolm.search.store import Store, Variant  # noqa: E402
-from evolm.search.targets import TARGETS_FILE, describe, read_targets  # noqa: E402
+from evolm.search.outputs import best_variant
+from evolm.search.store import Store, Variant
+from evolm.search.targets import TARGETS_FILE, describe, read_targets
 
 EDGE_STYLE = {"survivor": ("0.5", "-"), "mutation": ("tab:blue", "-"), "crossover": ("tab:red", "--")}
 
@@ -55,17 +54,17 @@ def analyze(run_dir: Path) -> Path:
     return report
 
 
-def _save(fig: plt.Figure, path: Path) -> str:
+def _save(fig: Figure, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path.name
 
 
 def family_tree(variants: list[Variant], path: Path) -> str:
     """Generations left to right; edges: survivor (grey), mutation (blue), crossover (red, dashed)."""
     where = {v.id: (v.generation, v.slot) for v in variants}
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * (max(x for x, _ in where.values()) + 2)), 5))
+    fig = Figure(figsize=(max(6, 1.2 * (max(x for x, _ in where.values()) + 2)), 5))
+    ax = fig.subplots()
     for v in variants:
         colour, style = EDGE_STYLE.get(v.origin, ("0.5", "-"))
         for parent in v.parents:
@@ -96,7 +95,8 @@ def timeline(scored: list[Variant], path: Path) -> str:
     """Fitness (every variant, mean, best), accuracy and answer perplexity per generation."""
     generations = sorted({v.generation for v in scored})
     by_gen = {g: [v for v in scored if v.generation == g] for g in generations}
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    fig = Figure(figsize=(7, 8))
+    axes = fig.subplots(3, 1, sharex=True)
     panels = (("fitness", "fitness"), ("accuracy", "accuracy"), ("perplexity", "answer perplexity"))
     for ax, (key, label) in zip(axes, panels, strict=True):
         values = {g: [_metric(v, key) for v in vs if _metric(v, key) is not None] for g, vs in by_gen.items()}
@@ -105,14 +105,16 @@ def timeline(scored: list[Variant], path: Path) -> str:
         present = [g for g in generations if values[g]]
         ax.plot(present, [np.mean(values[g]) for g in present], marker="o", label="mean")
         best = max if key != "perplexity" else min
-        ax.plot(present, [best(values[g]) for g in present], marker="s", label="best")
+        # dashed with hollow markers: where best equals mean (e.g. accuracy 0 everywhere) both stay visible
+        ax.plot(present, [best(values[g]) for g in present], marker="s", markerfacecolor="none", linestyle="--",
+                label="best")
         ax.set_ylabel(label)
         spread = [y for g in present for y in values[g]]
         if key == "perplexity" and spread and min(spread) > 0 and max(spread) / min(spread) > 20:
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     axes[-1].set_xlabel("generation")
-    axes[-1].set_xticks(generations)
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole generations, not crowded
     return _save(fig, path)
 
 
@@ -127,7 +129,8 @@ def _label(gene: str, value) -> str:
 def heatmaps(scored: list[Variant], path: Path) -> str:
     """Mean fitness over variants for pairs of hyperparameters (blank: never tried)."""
     pairs = [("rank", "learning_rate"), ("target_modules", "alpha_multiplier"), ("dropout", "epochs")]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4))
+    fig = Figure(figsize=(5 * len(pairs), 4))
+    axes = fig.subplots(1, len(pairs))
     for ax, (row_gene, col_gene) in zip(axes, pairs, strict=True):
         cells = defaultdict(list)
         for v in scored:
@@ -175,13 +178,15 @@ def survival_rates(variants: list[Variant]) -> dict[str, tuple[int, int]]:
 def survival(variants: list[Variant], path: Path) -> str:
     """Generations each configuration line lived, and how often each kind of variant was selected."""
     grouped = lines(variants)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11 + 0.15 * len(grouped), 4), width_ratios=(2, 1))
+    fig = Figure(figsize=(11 + 0.15 * len(grouped), 4))
+    left, right = fig.subplots(1, 2, width_ratios=(2, 1))
     roots = sorted(grouped, key=lambda r: (-len(grouped[r]), r))
     best = [max((x.fitness for x in grouped[r] if x.fitness is not None), default=np.nan) for r in roots]
-    left.bar(range(len(roots)), [len(grouped[r]) for r in roots], color=plt.cm.viridis(_unit(best)))
+    left.bar(range(len(roots)), [len(grouped[r]) for r in roots], color=matplotlib.colormaps["viridis"](_unit(best)))
     left.set_xticks(range(len(roots)), [f"{r}\nr{grouped[r][0].genes.rank}" for r in roots], fontsize=7)
     left.set(xlabel="line (first variant id, rank); colour: its best fitness (yellow = best)",
              ylabel="generations alive", title="Survival of configurations")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
     rates = survival_rates(variants)
     names = sorted(rates)
     right.bar(names, [rates[n][0] / rates[n][1] for n in names], color="tab:green")
@@ -214,7 +219,8 @@ def fitness_changes(variants: list[Variant]) -> dict[str, list[float]]:
 
 def mutation_effect(variants: list[Variant], path: Path) -> str:
     changes = fitness_changes(variants)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(changes) + 2), 4))
+    fig = Figure(figsize=(max(6, 1.1 * len(changes) + 2), 4))
+    ax = fig.subplots()
     names = sorted(changes)
     if names:
         ax.boxplot([changes[n] for n in names], showmeans=True)

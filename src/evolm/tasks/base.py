@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,13 +98,14 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TaskError(f"{path}: not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if path.suffix == ".jsonl":
+        data = [_parse_json(line, f"{path} line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        data = _parse_json(text, str(path))
     if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -111,7 +113,27 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         data = lists[0]
     if not isinstance(data, list):
         raise TaskError(f"{path}: expected a list of records")
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise TaskError(
+                f"{path}: expected records (JSON objects such as {{\"question\": ..., \"answer\": ...}}), "
+                f"but item {index} is {_json_kind(record)}"
+            )
     return data
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TaskError(f"{where}: not valid JSON: {exc}") from None
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits(); its advice is for programmers
+        raise TaskError(f"{where}: a number has more than {sys.get_int_max_str_digits()} digits") from None
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list"}
+    return kinds.get(type(value), "null" if value is None else type(value).__name__)
 
 
 def _datasets():

@@ -17,9 +17,11 @@ Deviations, each on text the paper's original script would also mis-score:
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import random
 import re
+from collections import Counter
 from typing import Any
 
 from evolm.tasks.base import Example, Score, Split, Task, TaskError, load_records
@@ -32,9 +34,8 @@ PROMPT = (
     "Let me solve this step by step.\n<think>"
 )
 
-FULL_FORMAT = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
-THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
-ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "</think>", "<answer>", "</answer>"
+THINK_THEN_ANSWER = THINK_CLOSE + "\n" + ANSWER_OPEN
 ARITHMETIC = re.compile(r"^[0-9+\-*/() ]+$")  # as the paper's, `$` also lets one trailing newline through
 
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -50,12 +51,35 @@ def make_prompt(numbers: list[int], target: Any) -> str:
 def format_reward(completion: str) -> float:
     """1.0 for '<think>…</think>\\n<answer>…</answer>' and nothing else, partial credit otherwise.
 
-    The prompt ends with "<think>", so the completion is checked with that tag put back in front.
+    The spec defines it with regular expressions on "<think>" + completion:
+    `^<think>.*?</think>\\n<answer>.*?</answer>$` (DOTALL) for 1.0, else 0.1 for `<think>.*?</think>` plus 0.5
+    for `<answer>.*?</answer>`. Their lazy matching backtracks quadratically on a degenerate completion (400 KB
+    of "<answer>" took minutes), so the same conditions are checked here with a few linear str.find scans.
     """
-    text = "<think>" + completion
-    if FULL_FORMAT.match(text):
+    if _is_full_format(completion):
         return 1.0
-    return (0.1 if THINK.search(text) else 0.0) + (0.5 if ANSWER.search(text) else 0.0)
+    # The prompt's closing "<think>" opens the pair, so only "</think>" has to be in the completion.
+    return (0.1 if THINK_CLOSE in completion else 0.0) + (0.5 if last_answer(completion) is not None else 0.0)
+
+
+def _is_full_format(completion: str) -> bool:
+    """Whether "<think>" + completion matches the full-format expression (whose `$` allows one final newline)."""
+    body = completion.removesuffix("\n")
+    if not body.endswith(ANSWER_CLOSE):
+        return False
+    return completion.find(THINK_THEN_ANSWER, 0, len(body) - len(ANSWER_CLOSE)) != -1
+
+
+def last_answer(completion: str) -> str | None:
+    """The text of the last <answer>…</answer> pair, pairs taken left to right without overlap as re.findall
+    would take them; None when there is no pair."""
+    last, start = None, 0
+    while (opening := completion.find(ANSWER_OPEN, start)) != -1:
+        closing = completion.find(ANSWER_CLOSE, opening + len(ANSWER_OPEN))
+        if closing == -1:
+            break
+        last, start = (opening + len(ANSWER_OPEN), closing), closing + len(ANSWER_CLOSE)
+    return completion[last[0] : last[1]] if last else None
 
 
 def evaluate(expression: str) -> float | None:
@@ -78,12 +102,16 @@ def _value(node: ast.AST) -> int | float:
 
 
 def answer_reward(completion: str, numbers: list[int], target: float) -> float:
-    """1.0 when the last <answer> uses exactly `numbers` (as a multiset) and equals `target` within 1e-5."""
-    answers = ANSWER.findall(completion)
-    if not answers or not ARITHMETIC.match(answers[-1]):
+    """1.0 when the last <answer> uses exactly `numbers` (as a multiset) and equals `target` within 1e-5.
+
+    Numbers are compared as digit strings (leading zeros dropped, as int() would): a completion may hold a
+    number too long for int() to convert, which must score 0 rather than stop the run.
+    """
+    expression = last_answer(completion)
+    if expression is None or not ARITHMETIC.match(expression):
         return 0.0
-    expression = answers[-1]
-    if sorted(int(n) for n in re.findall(r"\d+", expression)) != sorted(numbers):
+    used = Counter(digits.lstrip("0") or "0" for digits in re.findall(r"\d+", expression))
+    if used != Counter(str(n) for n in numbers):
         return 0.0
     value = evaluate(expression)
     return 1.0 if value is not None and abs(value - float(target)) < 1e-5 else 0.0
@@ -125,7 +153,9 @@ def _random_expression(numbers: list[int], rng: random.Random) -> tuple[int, str
 
 
 def _number(target: Any) -> int | float:
-    value = float(target)
+    value = float(target)  # OverflowError for an int beyond float's range, e.g. 10**400
+    if not math.isfinite(value):
+        raise ValueError("the target is not a finite number")
     return int(value) if value.is_integer() else value
 
 
@@ -162,8 +192,11 @@ class CountdownTask(Task):
         try:
             numbers = [int(n) for n in record["numbers" if "numbers" in record else "nums"]]
             target = _number(record["target"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TaskError(f"countdown {where}: needs 'numbers' (or 'nums') and a numeric 'target': {exc!r}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise TaskError(
+                f"countdown {where}: needs integer 'numbers' (or 'nums') and a finite numeric 'target' that fits a "
+                f"float: {exc!r}"
+            ) from None
         prompt = record.get("context") or make_prompt(numbers, record["target"])
         meta = {"numbers": numbers} | ({"solution": record["solution"]} if "solution" in record else {})
         return Example(prompt=prompt, target=target, meta=meta)
