@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from evolm.adapters import layer_of, peft_key, read_peft_adapter
 from evolm.engine import PopulationEngine, fused_backend
 from evolm.engine.decoding import SamplingParams
 from evolm.es.lora_space import LoRASpace
@@ -167,6 +168,20 @@ def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_llama, tmp_path)
         ref = peft_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16,
                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
         assert mine == ref
+
+
+def test_peft_keys_are_the_ones_peft_writes(tiny_llama, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    engine = PopulationEngine(copy.deepcopy(base), load_tokenizer(str(tiny_llama)), ["q_proj", "down_proj"])
+    space = LoRASpace(engine.shapes(), 2, 4.0)
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4.0, target_modules=["q_proj", "down_proj"]))
+    keys = set(get_peft_model_state_dict(peft_model))
+    assert keys == {peft_key(name, which) for name in space.shapes for which in "AB"}
+    assert {layer_of(key) for key in keys} == {(name, which) for name in space.shapes for which in "AB"}
+    theta = _members(space, 1, seed=7)[0]
+    space.export_peft(theta, tmp_path / "adapter", str(tiny_llama))
+    config, weights = read_peft_adapter(tmp_path / "adapter")
+    assert config["r"] == 2 and torch.equal(space.flatten(weights), theta)
 
 
 def test_fused_backend_declines_a_sliding_window(tiny_mistral):
