@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "es-paper"
 CHAT_TEMPLATE = (
@@ -15,6 +25,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+# architecture -> model class and the config fields that give it what the fused backend must handle
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    # q/k norm, and a head_dim that is not hidden_size / heads (Qwen3 decouples the two)
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),
+    # Mistral's default 4096-token window would route it to the transformers backend
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+}
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -40,11 +59,9 @@ def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
         num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
     )
+    config_class, model_class, specific = ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    model = model_class(config_class(**common, **specific))
     with torch.no_grad():  # larger logits than the default init: sharper, more varied greedy text
         model.lm_head.weight.mul_(8.0)
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -62,6 +79,16 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral")
 
 
 @pytest.fixture

@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from evolm.engine import PopulationEngine
+from evolm.adapters import layer_of, peft_key, read_peft_adapter
+from evolm.engine import PopulationEngine, fused_backend
 from evolm.engine.decoding import SamplingParams
 from evolm.es.lora_space import LoRASpace
 from evolm.models import load_tokenizer
@@ -64,6 +65,8 @@ def _peft_generate(base, member_theta, space, targets, tokenizer, prompts, max_n
         ("tiny_llama", 1, 1.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
         ("tiny_llama", 4, 8.0, ["q_proj", "v_proj"]),
         ("tiny_qwen", 2, 3.0, ["o_proj", "down_proj", "up_proj"]),
+        ("tiny_qwen3", 2, 2.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        ("tiny_mistral", 3, 6.0, ["q_proj", "k_proj", "o_proj", "gate_proj"]),
     ],
 )
 def test_engine_matches_peft_generate_per_member(request, fixture, rank, alpha, targets, backend):
@@ -169,3 +172,27 @@ def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_llama, tmp_path)
         ref = peft_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16,
                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
         assert mine == ref
+
+
+def test_peft_keys_are_the_ones_peft_writes(tiny_llama, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    engine = PopulationEngine(copy.deepcopy(base), load_tokenizer(str(tiny_llama)), ["q_proj", "down_proj"])
+    space = LoRASpace(engine.shapes(), 2, 4.0)
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4.0, target_modules=["q_proj", "down_proj"]))
+    keys = set(get_peft_model_state_dict(peft_model))
+    assert keys == {peft_key(name, which) for name in space.shapes for which in "AB"}
+    assert {layer_of(key) for key in keys} == {(name, which) for name in space.shapes for which in "AB"}
+    theta = {name: t[0] for name, t in _members(space, 1, seed=7).items()}
+    space.export(theta, tmp_path / "adapter", str(tiny_llama))
+    config, weights = read_peft_adapter(tmp_path / "adapter")
+    restored = space.params_of(weights)
+    assert config["r"] == 2 and restored.keys() == theta.keys()
+    assert all(torch.equal(restored[name], t) for name, t in theta.items())
+
+
+def test_fused_backend_declines_a_sliding_window(tiny_mistral):
+    """A windowed Mistral attends to the last `sliding_window` tokens only, which the fused backend does not do."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral, dtype=torch.float32)
+    assert fused_backend.supports(model)
+    model.config.sliding_window = 16
+    assert not fused_backend.supports(model)

@@ -1,11 +1,15 @@
-"""Run folders: creation without silent overwrites, atomic checkpoints, history files, listing."""
+"""The life of a run, for `evolm es` and `evolm search` alike: its folder (created without silent
+overwrites, written atomically), its log file, the check of a resumed config, and listing runs."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,16 +120,30 @@ class RunDir:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def database(self) -> Path:
+        """A search run's variants, lineage and metrics (SQLite); what several workers share."""
+        return self.root / "run.db"
+
+    @property
+    def analysis(self) -> Path:
+        """`evolm analyze`'s figures and report of a search run."""
+        return self.root / "analysis"
+
+    @property
+    def best_adapter_dir(self) -> Path:
+        """A search run's best adapter so far."""
+        return self.root / "best_adapter"
+
     @classmethod
     def create(cls, path: str | Path, overwrite: bool) -> "RunDir":
-        """A fresh run folder; a non-empty one is only emptied when `overwrite` is set."""
+        """A fresh, empty run folder; a non-empty one is only emptied when `overwrite` is set. Every
+        writer makes the subfolders it writes into, so a command leaves none it does not use."""
         root = Path(path)
         refuse_busy_dir(root, overwrite)
         shutil.rmtree(root, ignore_errors=True)
-        run = cls(root)
-        for folder in (run.results, run.checkpoint_file.parent, run.figures, run.logs):
-            folder.mkdir(parents=True, exist_ok=True)
-        return run
+        root.mkdir(parents=True)
+        return cls(root)
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
@@ -141,6 +159,53 @@ class RunDir:
         if not self.checkpoint_file.is_file():
             return None
         return torch.load(self.checkpoint_file, map_location="cpu", weights_only=False)
+
+
+def changed_keys(saved: dict, wanted: dict) -> list[str]:
+    """Dotted keys whose values differ between two nested configs, sorted; each command decides
+    which of them a resumed run may change."""
+    before, after = _flatten(saved), _flatten(wanted)
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+
+
+def _flatten(tree: Any, key: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:  # an empty section is a value, so filling it is a change
+        return {key: tree}
+    return {leaf: value for name, child in tree.items()
+            for leaf, value in _flatten(child, f"{key}.{name}" if key else str(name)).items()}
+
+
+def is_under(key: str, sections: Iterable[str]) -> bool:
+    """Whether dotted `key` is one of `sections` or lies inside one (`space.rank` is under `space`)."""
+    return any(key == section or key.startswith(section + ".") for section in sections)
+
+
+@contextmanager
+def log_to_file(path: Path | None, *, echo: bool = False) -> Iterator[None]:
+    """The `evolm` logger writes INFO and above to `path` while the block runs, and stops on leaving
+    it, so a second run in the same process does not write into the first one's log. `path` None
+    (ranks other than 0) writes no file; `echo` also prints to stderr, for commands without a
+    progress bar."""
+    logger = logging.getLogger("evolm")
+    handlers: list[logging.Handler] = []
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path))
+        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if echo:
+        handlers.append(logging.StreamHandler())
+        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(level)
 
 
 def refuse_busy_dir(root: Path, overwrite: bool) -> None:

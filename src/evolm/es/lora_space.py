@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from evolm.adapters import peft_key
+from evolm.adapters import WEIGHTS_FILE, peft_key
 from evolm.engine import LowRankWeights, PopulationEngine
 from evolm.es.noise import gaussian, stream_key
 from evolm.es.space import Space
@@ -79,9 +79,9 @@ class LoRASpace(Space):
         tmp.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name in self.shapes:
-            for which in ("lora_A", "lora_B"):
-                tensors[peft_key(name, which)] = params[f"{name}.{which}"].detach().float().cpu().contiguous()
-        save_file(tensors, tmp / "adapter_model.safetensors")
+            for which in ("A", "B"):
+                tensors[peft_key(name, which)] = params[f"{name}.lora_{which}"].detach().float().cpu().contiguous()
+        save_file(tensors, tmp / WEIGHTS_FILE)
         targets = sorted({name.rsplit(".", 1)[-1] for name in self.shapes})
         config = LoraConfig(
             r=self.rank, lora_alpha=self.alpha, target_modules=targets, lora_dropout=0.0, bias="none",

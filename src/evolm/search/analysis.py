@@ -15,10 +15,9 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from evolm.config import ConfigError
 from evolm.runs import atomic_write_text
 from evolm.search.outputs import best_variant
-from evolm.search.store import Store, Variant
+from evolm.search.store import Store, Variant, open_search_run
 from evolm.search.targets import TARGETS_FILE, describe, read_targets
 
 EDGE_STYLE = {"survivor": ("0.5", "-"), "mutation": ("tab:blue", "-"), "crossover": ("tab:red", "--")}
@@ -26,16 +25,14 @@ EDGE_STYLE = {"survivor": ("0.5", "-"), "mutation": ("tab:blue", "-"), "crossove
 
 def analyze(run_dir: Path) -> Path:
     """Write RUN_DIR/analysis/*.png and RUN_DIR/analysis/report.md; returns the report's path."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.db").is_file() or not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not an evolm search run folder (config.yaml and run.db expected)")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    store = Store(run_dir / "run.db")
+    run = open_search_run(run_dir)
+    config = yaml.safe_load(run.config_file.read_text())
+    store = Store(run.database)
     try:
         variants = store.variants()
     finally:
         store.close()
-    out = run_dir / "analysis"
+    out = run.analysis
     out.mkdir(exist_ok=True)
     scored = [v for v in variants if v.state == "done"]
     figures = {}
@@ -47,7 +44,7 @@ def analyze(run_dir: Path) -> Path:
             "Survival": survival(variants, out / "survival.png"),
             "Mutation effectiveness": mutation_effect(variants, out / "mutation_effectiveness.png"),
         }
-    targets_file = run_dir / TARGETS_FILE
+    targets_file = run.root / TARGETS_FILE
     targets = describe(read_targets(targets_file)) if targets_file.is_file() else None
     report = out / "report.md"
     atomic_write_text(report, render_report(config, variants, figures, targets))

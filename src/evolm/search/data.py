@@ -1,4 +1,4 @@
-"""Examples for search: the train / evaluation split, and prompt + answer token ids in batches."""
+"""Examples for search as token ids: prompt + answer rows, their batches, and the answer tokens' loss."""
 
 from __future__ import annotations
 
@@ -7,31 +7,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from evolm.config import TaskConfig
 from evolm.scoring import render
-from evolm.tasks import Example, Task, TaskError
-
-
-def load_splits(config: TaskConfig, task: Task, references: bool = True) -> tuple[list[Example], list[Example]]:
-    """Training and evaluation examples. With a local training source and no test source, the last
-    test_size (default: a tenth, at most 200) training records are held out for evaluation.
-    `references`: the run learns the task's reference answers, so the task must provide them."""
-    if references and not callable(getattr(task, "answer_text", None)):
-        raise TaskError(f"task '{config.name}' has no reference answers (an answer_text(example) method), "
-                        "which supervised fine-tuning on references needs; training.targets=self needs none")
-    train = task.load_split("train", config.train)
-    if config.test is None and config.train is not None:
-        held_out = config.test_size or max(1, min(200, len(train) // 10))
-        if held_out >= len(train):
-            raise TaskError(f"{config.train}: {len(train)} records leave nothing to train on after holding out "
-                            f"{held_out} for evaluation; set task.test or a smaller task.test_size")
-        train, test = train[:-held_out], train[-held_out:]
-    else:
-        test = task.load_split("test", config.test)
-    train, test = train[: config.train_size], test[: config.test_size]
-    if not train or not test:
-        raise TaskError(f"task '{config.name}': the {'training' if not train else 'evaluation'} split is empty")
-    return train, test
+from evolm.tasks import Example
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from evolm.adapters import lora_factors
 from evolm.config import ModelConfig
 from evolm.engine import LowRankWeights, PopulationEngine
 from evolm.engine.decoding import SamplingParams
@@ -36,11 +37,12 @@ class GreedyAnswers:
 
     def __call__(self, model: PeftModel, genes: Genes, prompts: list[list[int]], max_new_tokens: int,
                  stop: tuple[str, ...]) -> list[str]:
-        adapter = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
+        adapter = lora_factors(get_peft_model_state_dict(model))
         weights = {}
         for name, (fan_in, fan_out) in self.engine.shapes().items():  # layers outside the variant get zeros
-            a = adapter.get(f"{name}.lora_A.weight", torch.zeros(genes.rank, fan_in))
-            b = adapter.get(f"{name}.lora_B.weight", torch.zeros(fan_out, genes.rank))
+            factors = adapter.get(name, {})
+            a = factors.get("A", torch.zeros(genes.rank, fan_in))
+            b = factors.get("B", torch.zeros(fan_out, genes.rank))
             weights[name] = LowRankWeights(a[None], b[None])
         self.engine.set_adapters(weights, genes.alpha / genes.rank)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=stop)
@@ -62,9 +64,9 @@ def answer_perplexity(model: PreTrainedModel, rows: list[Encoded], batch_size: i
     return math.exp(min(mean, 700.0)), mean  # exp(700) is near float's limit: a hopeless model, not an overflow
 
 
-def evaluate(model: PeftModel, genes: Genes, answer: GreedyAnswers, task: Task, examples: list[Example],
-             prompts: list[list[int]], answers: list[Encoded], config: FitnessConfig, training: TrainingConfig,
-             pad_id: int) -> tuple[dict[str, float | None], list[dict]]:
+def score_variant(model: PeftModel, genes: Genes, answer: GreedyAnswers, task: Task, examples: list[Example],
+                  prompts: list[list[int]], answers: list[Encoded], config: FitnessConfig, training: TrainingConfig,
+                  pad_id: int) -> tuple[dict[str, float | None], list[dict]]:
     """Metrics (accuracy where the task has right answers, mean reward, the task's own extras, answer
     perplexity, fitness) and the per-example completions. Tasks without right answers use their mean
     reward as accuracy. Perplexity batches are training-sized: their logits cost what a training step's do."""

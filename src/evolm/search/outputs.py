@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from evolm.runs import atomic_write_text, replace_dir
+from evolm.runs import RunDir, atomic_write_text, replace_dir
 from evolm.search.evolution import Member, rank
 from evolm.search.store import Store, Variant
 
@@ -51,22 +50,22 @@ def complete_generations(store: Store) -> list[tuple[int, list[Variant]]]:
     return result
 
 
-def write_history(store: Store, run_dir: Path) -> None:
+def write_history(store: Store, run: RunDir) -> None:
     lines = [json.dumps(generation_record(g, vs), default=float) for g, vs in complete_generations(store)]
-    atomic_write_text(run_dir / "results" / "history.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write_text(run.history_file, "".join(line + "\n" for line in lines))
 
 
-def export_best(store: Store, run_dir: Path, generations: int) -> Variant | None:
+def export_best(store: Store, run: RunDir, generations: int) -> Variant | None:
     """Copy the best scored adapter to best_adapter/ (a PEFT folder) and write results/summary.json."""
     variants = store.variants()
     best = best_variant(variants)
     if best is None:
         return None
-    target = run_dir / "best_adapter"
-    temporary = run_dir / f".best_adapter.{os.getpid()}.tmp"
+    target = run.best_adapter_dir
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with store.transaction():  # the database's write lock keeps workers that finish together from colliding
         shutil.rmtree(temporary, ignore_errors=True)
-        shutil.copytree(run_dir / best.adapter, temporary)
+        shutil.copytree(run.root / best.adapter, temporary)
         replace_dir(temporary, target)
     summary = {
         "status": "finished" if store.finished(generations) else "running or stopped",
@@ -75,7 +74,7 @@ def export_best(store: Store, run_dir: Path, generations: int) -> Variant | None
         "generations_completed": len(complete_generations(store)),
         "variants_scored": sum(v.state == "done" for v in variants),
         "best": {**member_record(best), "generation": best.generation, "alpha": best.genes.alpha,
-                 "adapter": str(best.adapter), "exported_to": "best_adapter"},
+                 "adapter": str(best.adapter), "exported_to": target.name},
     }
-    atomic_write_text(run_dir / "results" / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    atomic_write_text(run.summary_file, json.dumps(summary, indent=2, default=float) + "\n")
     return best

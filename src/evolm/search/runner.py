@@ -9,30 +9,29 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Literal
 
 import torch
 
 from evolm.config import ConfigError, apply_overrides, dump_config, load_config, read_source, validate
 from evolm.models import LoadedModel, eos_token_ids, load_model
-from evolm.runs import refuse_busy_dir
+from evolm.runs import RunDir, atomic_write_text, changed_keys, is_under, log_to_file, refuse_busy_dir
 from evolm.scoring import render
 from evolm.search.config import SearchRunConfig, apply_mode
-from evolm.search.data import encode, load_splits
+from evolm.search.data import encode
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
-from evolm.search.fitness import GreedyAnswers, evaluate
+from evolm.search.fitness import GreedyAnswers, score_variant
 from evolm.search.outputs import best_variant, export_best, write_history
-from evolm.search.store import Store, Variant, worker_name
+from evolm.search.store import Store, Variant, open_search_run, worker_name
 from evolm.search.targets import self_targets
 from evolm.search.training import attach, check_target_modules, inherit, save_adapter, train
 from evolm.tasks import Example, Task, load_task
+from evolm.tasks.splits import load_splits
 
 PRESETS = "evolm.presets.search"
-RESUMABLE = ("model.device", "model.attn_implementation", "workers.")  # what a resumed run may change
+RESUMABLE = ("model.device", "model.attn_implementation", "workers")  # what a resumed run may change
 log = logging.getLogger("evolm.search")
 
 
@@ -41,80 +40,52 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
     """Start a run (config file or preset + overrides), or continue / join one with `resume`; returns
     the run folder. Everything is validated and the data loaded before the folder is touched."""
     if resume is not None:
-        run_dir = Path(resume)
-        config = _resumed_config(run_dir, overrides, mode)
+        run = open_search_run(resume)
+        config = _resumed_config(run, overrides, mode)
     elif not config_source:
         raise ConfigError("give a config file or preset name, or --resume RUN_DIR")
     else:
         config = apply_mode(load_config(config_source, overrides, SearchRunConfig, presets=PRESETS), mode)
-        run_dir = Path(config.output_dir)
-        refuse_busy_dir(run_dir, overwrite)
+        refuse_busy_dir(Path(config.output_dir), overwrite)
     task = load_task(config.task.name, config.task.options)
-    train_examples, test_examples = load_splits(config.task, task, config.training.targets == "reference")
+    train_examples, test_examples = load_splits(task, config.task, hold_out=True,
+                                                needs_references=config.training.targets == "reference")
     if resume is None:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.yaml").write_text(dump_config(config))
-    with _logging(run_dir):
-        store = Store(run_dir / "run.db")
+        run = RunDir.create(config.output_dir, overwrite)
+        atomic_write_text(run.config_file, dump_config(config))
+    with log_to_file(run.logs / "search.log", echo=True):
+        store = Store(run.database)
         try:
-            Worker(config, run_dir, store, task, train_examples, test_examples).run()
-            write_history(store, run_dir)
-            best = export_best(store, run_dir, config.evolution.generations)
+            Worker(config, run, store, task, train_examples, test_examples).run()
+            write_history(store, run)
+            best = export_best(store, run, config.evolution.generations)
             if best is not None and store.finished(config.evolution.generations):
                 log.info("run complete: best variant %d (fitness %.4f) exported to %s", best.id, best.fitness,
-                         run_dir / "best_adapter")
+                         run.best_adapter_dir)
         finally:
             store.close()
-    return run_dir
+    return run.root
 
 
-def _resumed_config(run_dir: Path, overrides: list[str], mode: str) -> SearchRunConfig:
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file() or not (run_dir / "run.db").is_file():
-        raise ConfigError(f"{run_dir} is not an evolm search run folder (config.yaml and run.db expected)")
+def _resumed_config(run: RunDir, overrides: list[str], mode: str) -> SearchRunConfig:
+    """The saved config with `overrides` applied, when they only change how the run is worked on."""
     if mode != "full":
         raise ConfigError("--quick-test and --pipeline-test apply when a run starts, not on --resume")
-    saved = read_source(saved_path)
+    saved = read_source(run.config_file)
     wanted = apply_overrides(copy.deepcopy(saved), overrides)
-    before, after = _flat(saved), _flat(wanted)
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    frozen = [k for k in changed if not k.startswith(RESUMABLE)]
+    frozen = [key for key in changed_keys(saved, wanted) if not is_under(key, RESUMABLE)]
     if frozen:
         raise ConfigError(f"a resumed run keeps its configuration; cannot change {', '.join(frozen)} "
                           f"(only {', '.join(RESUMABLE)} may change)")
     return validate(wanted, SearchRunConfig)
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()} or {prefix: {}}
-
-
-@contextmanager
-def _logging(run_dir: Path) -> Iterator[None]:
-    """Progress to stderr and to logs/search.log in the run folder."""
-    (run_dir / "logs").mkdir(exist_ok=True)
-    handlers = [logging.FileHandler(run_dir / "logs" / "search.log"), logging.StreamHandler()]
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            log.removeHandler(handler)
-            handler.close()
-
-
 class Worker:
     """One process's share of a run: claim a variant, train it, score it, record it; repeat."""
 
-    def __init__(self, config: SearchRunConfig, run_dir: Path, store: Store, task: Task,
+    def __init__(self, config: SearchRunConfig, run: RunDir, store: Store, task: Task,
                  train_examples: list[Example], test_examples: list[Example]):
-        self.config, self.run_dir, self.store, self.task = config, run_dir, store, task
+        self.config, self.run_dir, self.store, self.task = config, run, store, task
         self.train_examples, self.test_examples = train_examples, test_examples
         self.name = worker_name()
         self.loaded: LoadedModel | None = None
@@ -173,7 +144,7 @@ class Worker:
         splits = {"train": self.train_examples, "test": self.test_examples}
         prompts = {"train": [render(tokenizer, ex)[-max_length:] for ex in self.train_examples],
                    "test": self.test_prompts}
-        found = self_targets(self.run_dir, self.answer.engine, self.task, splits, prompts, self.config.training,
+        found = self_targets(self.run_dir.root, self.answer.engine, self.task, splits, prompts, self.config.training,
                              self.config.fitness.max_new_tokens, self.config.seed)
         return ([(ex, answer) for ex, answers in zip(self.train_examples, found["train"]) for answer in answers],
                 [(ex, answers[0]) for ex, answers in zip(self.test_examples, found["test"]) if answers])
@@ -214,20 +185,21 @@ class Worker:
             inherited = 0
             if variant.init_from is not None:
                 donor = self.store.get(variant.init_from)
-                inherited = inherit(model, self.run_dir / donor.adapter, donor.genes, variant.genes)
+                inherited = inherit(model, self.run_dir.root / donor.adapter, donor.genes, variant.genes)
             start = time.time()
             stats = train(model, self.train_rows, variant.genes, config.training, seed=seed,
                           pad_id=loaded.tokenizer.pad_token_id, device=loaded.device, heartbeat=heartbeat)
             folder = Path("variants") / str(variant.id) / "adapter"
-            save_adapter(model, self.run_dir / folder)
+            save_adapter(model, self.run_dir.root / folder)
             trained = time.time()
             heartbeat()
-            metrics, samples = evaluate(model, variant.genes, self.answer, self.task, self.test_examples,
-                                        self.test_prompts, self.test_rows, config.fitness, config.training,
-                                        loaded.tokenizer.pad_token_id)
+            metrics, samples = score_variant(model, variant.genes, self.answer, self.task, self.test_examples,
+                                             self.test_prompts, self.test_rows, config.fitness, config.training,
+                                             loaded.tokenizer.pad_token_id)
         finally:
             loaded.model = model.unload()
-        (self.run_dir / folder.parent / "completions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        atomic_write_text(self.run_dir.root / folder.parent / "completions.jsonl",
+                          "".join(json.dumps(s) + "\n" for s in samples))
         metrics.update(stats, inherited_tensors=inherited, train_s=trained - start, eval_s=time.time() - trained)
         return metrics, folder
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from evolm.config import ConfigError
+from evolm.runs import RunDir
 from evolm.search.evolution import Plan
 from evolm.search.genes import Genes
 
@@ -63,6 +65,15 @@ class Variant:
     adapter: str | None  # relative to the run folder
     created: float
     finished: float | None
+
+
+def open_search_run(path: str | Path) -> RunDir:
+    """The run folder at `path`, for --resume and `evolm analyze`: it must hold a search run's
+    config and database (an ES run folder has no database)."""
+    run = RunDir(Path(path))
+    if not run.config_file.is_file() or not run.database.is_file():
+        raise ConfigError(f"{path} is not an evolm search run folder (config.yaml and run.db expected)")
+    return run
 
 
 def worker_name() -> str:

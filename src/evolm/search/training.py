@@ -12,13 +12,12 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
+from evolm.adapters import WEIGHTS_FILE
 from evolm.config import ConfigError
 from evolm.runs import replace_dir
 from evolm.search.config import SearchSpace, TrainingConfig
 from evolm.search.data import Encoded, answer_nll, collate
 from evolm.search.genes import Genes
-
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def check_target_modules(model: PreTrainedModel, space: SearchSpace) -> None:
@@ -42,7 +41,7 @@ def inherit(model: PeftModel, donor_dir: Path, donor: Genes, genes: Genes) -> in
     """Start from the donor's adapter tensors wherever shapes match (same rank, shared modules); B is
     rescaled by the ratio of the LoRA scales so that the inherited update B·A·alpha/r is unchanged.
     Returns the number of tensors inherited; the rest keep their fresh initialisation."""
-    saved = load_file(str(donor_dir / ADAPTER_FILE))
+    saved = load_file(str(donor_dir / WEIGHTS_FILE))
     ratio = (donor.alpha / donor.rank) / (genes.alpha / genes.rank)
     inherited = {}
     for key, tensor in get_peft_model_state_dict(model).items():

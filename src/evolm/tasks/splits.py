@@ -1,0 +1,36 @@
+"""A run's training and evaluation examples, as `evolm es` and `evolm search` both load them."""
+
+from __future__ import annotations
+
+from evolm.config import TaskConfig
+from evolm.tasks.base import Example, Task, TaskError
+
+
+def load_splits(task: Task, config: TaskConfig, *, hold_out: bool,
+                needs_references: bool = False) -> tuple[list[Example], list[Example]]:
+    """Training and evaluation examples, cut to task.train_size / task.test_size.
+
+    `hold_out`: the run cannot do without an evaluation split (search scores every variant on it),
+    so with a local training source and no test source the last test_size records (default: a
+    tenth, at most 200) are held out of training for it. Without `hold_out` each split comes from
+    its own source and an empty evaluation split is allowed (ES then evaluates nothing).
+    `needs_references`: the run learns the task's reference answers, so the task must provide them.
+    """
+    if needs_references and not callable(getattr(task, "answer_text", None)):
+        raise TaskError(f"task '{config.name}' has no reference answers (an answer_text(example) method), "
+                        "which supervised fine-tuning on references needs; training.targets=self needs none")
+    train = task.load_split("train", config.train)
+    if hold_out and config.test is None and config.train is not None:
+        held_out = config.test_size or max(1, min(200, len(train) // 10))
+        if held_out >= len(train):
+            raise TaskError(f"{config.train}: {len(train)} records leave nothing to train on after holding out "
+                            f"{held_out} for evaluation; set task.test or a smaller task.test_size")
+        train, test = train[:-held_out], train[-held_out:]
+    else:
+        test = task.load_split("test", config.test)
+    train, test = train[: config.train_size], test[: config.test_size]
+    if not train:
+        raise TaskError(f"task '{config.name}': the training split is empty ({config.train or 'built-in'})")
+    if hold_out and not test:
+        raise TaskError(f"task '{config.name}': the evaluation split is empty ({config.test or 'built-in'})")
+    return train, test
