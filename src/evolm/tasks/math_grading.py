@@ -180,7 +180,8 @@ def _serve() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         answer = parse(f"\\boxed{{{request['answer']}}}", extraction_config=latex_only, parsing_timeout=None)
-        verdict = bool(answer) and any(verify(parsed(ref), answer, timeout_seconds=None) for ref in request["references"])
+        verdict = bool(answer) and any(verify(parsed(reference), answer, timeout_seconds=None)
+                                       for reference in request["references"])
         print(json.dumps(verdict), flush=True)
 
 
