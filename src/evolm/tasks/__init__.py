@@ -11,6 +11,8 @@ BUILTIN: dict[str, str] = {
     "countdown": "evolm.tasks.countdown:CountdownTask",
     "conciseness": "evolm.tasks.conciseness:ConcisenessTask",
     "gsm8k": "evolm.tasks.qa:GSM8KTask",
+    "math": "evolm.tasks.math:MathTask",
+    "gsm8k-boxed": "evolm.tasks.math:GSM8KBoxedTask",
     "mmlu-pro": "evolm.tasks.qa:MMLUProTask",
     "squad": "evolm.tasks.qa:SquadTask",
     "alpaca": "evolm.tasks.qa:AlpacaTask",
