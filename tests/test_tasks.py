@@ -12,7 +12,7 @@ import pytest
 from evolm.tasks import BUILTIN, Example, TaskError, load_records, load_task
 from evolm.tasks.catalog import describe_tasks
 from evolm.tasks.conciseness import ConcisenessTask, normalized_reward
-from evolm.tasks.countdown import CountdownTask, answer_reward, evaluate, format_reward, last_answer, make_prompt
+from evolm.tasks.countdown import CountdownTask, answer_reward, eval_arithmetic, format_reward, last_answer, make_prompt
 
 COUNTDOWN = CountdownTask()
 
@@ -71,14 +71,14 @@ def test_division_and_non_integer_or_negative_targets():
 def test_unsafe_or_non_arithmetic_answers_are_rejected_without_running_them():
     numbers = [2, 3, 8]
     assert answer_reward("<answer>__import__('os').system('echo hi')</answer>", numbers, 0) == 0.0
-    assert evaluate("__import__('os').getcwd()") is None
-    assert evaluate("(lambda: 1)()") is None
-    assert evaluate("2 ** 3") is None and evaluate("7 // 2") is None
+    assert eval_arithmetic("__import__('os').getcwd()") is None
+    assert eval_arithmetic("(lambda: 1)()") is None
+    assert eval_arithmetic("2 ** 3") is None and eval_arithmetic("7 // 2") is None
     started = time.perf_counter()
-    assert evaluate("9 ** 9 ** 9 ** 9") is None  # eval would never finish
+    assert eval_arithmetic("9 ** 9 ** 9 ** 9") is None  # eval would never finish
     assert time.perf_counter() - started < 1.0
-    assert evaluate("(1 + 2)(3)") is None and evaluate("1 2") is None and evaluate("") is None
-    assert evaluate("-(3 - 5) * 2 / 8") == 0.5
+    assert eval_arithmetic("(1 + 2)(3)") is None and eval_arithmetic("1 2") is None and eval_arithmetic("") is None
+    assert eval_arithmetic("-(3 - 5) * 2 / 8") == 0.5
     assert answer_reward("<answer>8 x 3 / 2</answer>", numbers, 12) == 0.0  # 'x' is not an operator
     assert answer_reward("<answer>8 * 3 / 2.0</answer>", numbers, 12) == 0.0  # '.' is not allowed, as in the paper
 

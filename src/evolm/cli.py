@@ -176,7 +176,7 @@ def analyze_command(run_dir: Path = typer.Argument(..., help="A run folder (ES o
     from evolm.runs import RunDir, RunDirError
 
     try:
-        if (run_dir / "run.db").is_file():
+        if RunDir(run_dir).database.is_file():
             from evolm.search import analyze
 
             console.print(f"report: {analyze(run_dir)}")

@@ -26,9 +26,11 @@ from evolm.es.space import Space
 from evolm.es.noise import stream_key
 from evolm.es.strategy import EvolutionStrategy
 from evolm.models import LoadedModel, eos_token_ids, load_model
-from evolm.runs import RunDir, append_jsonl, atomic_write_text, read_jsonl, write_jsonl
+from evolm.runs import (RunDir, append_jsonl, atomic_write_text, changed_keys, is_under, log_to_file, read_jsonl,
+                        write_jsonl)
 from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks import Example, Task, load_task
+from evolm.tasks.splits import load_splits
 
 log = logging.getLogger("evolm")
 
@@ -37,17 +39,11 @@ FROZEN_ON_RESUME = ("seed", "model.name_or_path", "space", "es.population", "es.
 
 
 @dataclass
-class Split:
+class PromptSet:
+    """A split's examples and their rendered prompt token ids, in the same order."""
+
     examples: list[Example]
     prompt_ids: list[list[int]]
-
-
-def load_splits(config: ESRunConfig, task: Task) -> tuple[list[Example], list[Example]]:
-    train = task.load_split("train", config.task.train)[: config.task.train_size]
-    test = task.load_split("test", config.task.test)[: config.task.test_size]
-    if not train:
-        raise ConfigError(f"task '{config.task.name}': the training split is empty ({config.task.train or 'built-in'})")
-    return train, test
 
 
 def prepare_run(
@@ -59,21 +55,16 @@ def prepare_run(
         saved = read_source(run.config_file)
         config = validate(apply_overrides(read_source(run.config_file), overrides), ESRunConfig)
         before, after = validate(saved, ESRunConfig).model_dump(), config.model_dump()
-        for key in FROZEN_ON_RESUME:
-            if _get(before, key) != _get(after, key):
-                raise ConfigError(f"{key} cannot change on --resume (it defines what the checkpoint means)")
+        frozen = [key for key in changed_keys(before, after) if is_under(key, FROZEN_ON_RESUME)]
+        if frozen:
+            raise ConfigError(f"{', '.join(frozen)} cannot change on --resume (they define what the checkpoint "
+                              f"means; frozen: {', '.join(FROZEN_ON_RESUME)})")
         config.output_dir = str(run.root)
         return config, run
     if config_source is None:
         raise ConfigError("give a config file or preset name, or --resume RUN_DIR")
     config = load_config(config_source, overrides, ESRunConfig)
     return config, RunDir.create(config.output_dir, overwrite) if create else RunDir(Path(config.output_dir))
-
-
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
 
 
 class ESRun:
@@ -86,8 +77,8 @@ class ESRun:
         self.is_main = self.rank == 0
         self.loaded = loaded
         tokenizer = loaded.tokenizer
-        self.train = Split(train, render_all(tokenizer, train))
-        self.test = Split(test, render_all(tokenizer, test))
+        self.train = PromptSet(train, render_all(tokenizer, train))
+        self.test = PromptSet(test, render_all(tokenizer, test))
         space_cfg = config.space
         gen = config.generation
         self.engine = PopulationEngine(
@@ -349,16 +340,16 @@ def run_es(config_source: str | None, overrides: list[str], *, resume: str | Non
     # the first process creates the folder; the others validate the same config and wait for it
     config, run = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite, create=rank == 0)
     distributed.barrier()
-    _log_to(run.logs / "run.log" if rank == 0 else None)
-    task = load_task(config.task.name, config.task.options)
-    train, test = load_splits(config, task)
-    config.model.device = distributed.local_device_name(config.model.device)
-    torch.manual_seed(config.seed)
-    loaded = load_model(config.model)
-    log.info("model %s on %s (%s); %d train / %d test examples", config.model.name_or_path, loaded.device,
-             loaded.dtype, len(train), len(test))
-    es_run = ESRun(config, run, loaded, task, train, test)
-    summary = es_run.train_loop()
+    with log_to_file(run.logs / "run.log" if rank == 0 else None):
+        task = load_task(config.task.name, config.task.options)
+        train, test = load_splits(task, config.task, hold_out=False)
+        config.model.device = distributed.local_device_name(config.model.device)
+        torch.manual_seed(config.seed)
+        loaded = load_model(config.model)
+        log.info("model %s on %s (%s); %d train / %d test examples", config.model.name_or_path, loaded.device,
+                 loaded.dtype, len(train), len(test))
+        es_run = ESRun(config, run, loaded, task, train, test)
+        summary = es_run.train_loop()
     return run, summary
 
 
@@ -405,15 +396,6 @@ class Tracker:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
-
-
-def _log_to(path: Path | None) -> None:
-    log.setLevel(logging.INFO)
-    if path is not None and not any(isinstance(h, logging.FileHandler) for h in log.handlers):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
 
 
 @contextmanager

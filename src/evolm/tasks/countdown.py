@@ -82,7 +82,7 @@ def last_answer(completion: str) -> str | None:
     return completion[last[0] : last[1]] if last else None
 
 
-def evaluate(expression: str) -> float | None:
+def eval_arithmetic(expression: str) -> float | None:
     """The value of an integer expression in + - * / and parentheses; None for anything else."""
     try:
         return float(_value(ast.parse(expression.strip(), mode="eval").body))
@@ -113,7 +113,7 @@ def answer_reward(completion: str, numbers: list[int], target: float) -> float:
     used = Counter(digits.lstrip("0") or "0" for digits in re.findall(r"\d+", expression))
     if used != Counter(str(n) for n in numbers):
         return 0.0
-    value = evaluate(expression)
+    value = eval_arithmetic(expression)
     return 1.0 if value is not None and abs(value - float(target)) < 1e-5 else 0.0
 
 
