@@ -9,7 +9,16 @@ import re
 import pytest
 import yaml
 
-from evolm.config import ConfigError, ESRunConfig, apply_overrides, dump_config, load_config, preset_names, validate
+from evolm.config import (
+    STEP_DEFAULTS,
+    ConfigError,
+    ESRunConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    preset_names,
+    validate,
+)
 from evolm.es.lora_space import LoRASpace
 from evolm.search.config import SearchRunConfig
 
@@ -18,8 +27,12 @@ def test_presets_carry_the_paper_defaults():
     assert {"countdown", "conciseness"} <= set(preset_names())
     for name in ("countdown", "conciseness"):
         config = load_config(name)
-        assert (config.es.population, config.es.sigma, config.es.learning_rate) == (30, 0.001, 0.0005)
-        assert config.generation.temperature == 0.0 and config.space.kind == "lora"
+        assert config.es.population == 30 and config.generation.temperature == 0.0 and config.space.kind == "lora"
+        assert (config.es.sigma, config.es.learning_rate) == STEP_DEFAULTS["lora"] == (0.01, 0.005)
+    for kind in ("full-lowrank", "full"):  # the paper's step sizes, for noise of unit variance per weight
+        config = load_config("countdown", [f"space.kind={kind}"])
+        assert (config.es.sigma, config.es.learning_rate) == (0.001, 0.0005)
+    assert load_config("countdown", ["space.kind=full", "es.sigma=0.002"]).es.sigma == 0.002
     assert load_config("countdown").generation.max_new_tokens == 1024
 
 

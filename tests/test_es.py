@@ -37,7 +37,10 @@ def write_config(path: Path, model: Path, out: Path, **sections) -> Path:
         "logging": {"progress": False},
     }
     for name, values in sections.items():
-        config.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            config.setdefault(name, {}).update(values)
+        else:
+            config[name] = values
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -26,6 +26,9 @@ from evolm.runs import read_jsonl
 
 PROMPTS = ["Hello there", "The quick brown fox", "1 + 1 =", "Once upon a time"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Settings under which both full-weight kinds learn the letter task on the tiny model: its weights have std 0.02,
+# so σ is of that size, and 16 members give a usable gradient estimate within 16 generations.
+LEARNS = {"generations": 16, "population": 16, "sigma": 0.03, "learning_rate": 0.05, "optimizer": "es"}
 
 
 def _setup(model_path: Path, space_cls, backend: str = "transformers", **space_kwargs):
@@ -85,14 +88,13 @@ def test_full_restores_the_weights_bit_for_bit(tiny_llama):
 @pytest.mark.parametrize("kind", ["full-lowrank", "full"])
 def test_full_spaces_learn_and_export_a_transformers_model(tiny_llama, tmp_path, kind):
     config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run",
-                          space={"kind": kind, "rank": 4, "target_modules": TARGETS},
-                          es={"generations": 8, "sigma": 0.02, "learning_rate": 0.01, "optimizer": "es"})
+                          space={"kind": kind, "rank": 4, "target_modules": TARGETS}, es=LEARNS)
     run, summary = run_es(str(config), [])
     history = read_jsonl(run.history_file)
     assert summary["final"]["reward"] > summary["base"]["reward"] + 0.05, summary
     assert sum(h["mean"] for h in history[-2:]) > sum(h["mean"] for h in history[:2])
     checkpoint = torch.load(run.checkpoint_file, weights_only=False)["strategy"]
-    assert "params" not in checkpoint and len(checkpoint["fitness_log"]) == 8  # the log, not the weights
+    assert "params" not in checkpoint and len(checkpoint["fitness_log"]) == LEARNS["generations"]  # the log, not the weights
     assert run.checkpoint_file.stat().st_size < 100_000
     evolved = AutoModelForCausalLM.from_pretrained(run.model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -126,8 +128,7 @@ def test_full_lowrank_resume_is_bit_identical(tiny_llama, tmp_path):
 
 def test_evaluate_compares_an_evolved_model_folder_with_its_base(tiny_llama, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run",
-                          space={"kind": "full-lowrank", "rank": 4, "target_modules": TARGETS},
-                          es={"generations": 6, "sigma": 0.02, "learning_rate": 0.01, "optimizer": "es"})
+                          space={"kind": "full-lowrank", "rank": 4, "target_modules": TARGETS}, es=LEARNS)
     run, _ = run_es(str(config), [])
     cmd, env = _cli("evaluate", "--adapter", str(run.root), "--task", LETTER_TASK, "--compare",
                     "--output", str(tmp_path / "report.json"))

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from evolm.adapters import read_peft_adapter
 from evolm.config import ModelConfig
 from evolm.engine import PopulationEngine
 from evolm.engine.decoding import SamplingParams
-from evolm.adapters import read_peft_adapter
 from evolm.es.lora_space import LoRASpace
 from evolm.es.space import EXPORT_INFO
 from evolm.models import eos_token_ids, load_model

@@ -15,19 +15,35 @@ import torch
 from tqdm.auto import tqdm
 
 from evolm import distributed, reports
-from evolm.config import (ConfigError, ESRunConfig, SpaceConfig, apply_overrides, dump_config, load_config,
-                          read_source, validate)
+from evolm.config import (
+    ConfigError,
+    ESRunConfig,
+    SpaceConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    read_source,
+    validate,
+)
 from evolm.engine import PopulationEngine
 from evolm.engine.decoding import SamplingParams
 from evolm.es.full_lowrank_space import FullLowRankSpace
 from evolm.es.full_space import FullSpace
 from evolm.es.lora_space import LoRASpace
-from evolm.es.space import Space
 from evolm.es.noise import stream_key
+from evolm.es.space import Space
 from evolm.es.strategy import EvolutionStrategy
 from evolm.models import LoadedModel, eos_token_ids, load_model
-from evolm.runs import (RunDir, append_jsonl, atomic_write_text, changed_keys, is_under, log_to_file, read_jsonl,
-                        write_jsonl)
+from evolm.runs import (
+    RunDir,
+    append_jsonl,
+    atomic_write_text,
+    changed_keys,
+    is_under,
+    log_to_file,
+    read_jsonl,
+    write_jsonl,
+)
 from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks import Example, Task, load_task
 from evolm.tasks.splits import load_splits
