@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.processes import default_sigint
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -129,7 +130,8 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tiny_llama, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_llama, out, es={"generations": 400}, eval={"every": 0})
     cmd, env = _cli("es", str(config))
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=default_sigint)
     history = out / "results" / "history.jsonl"
     deadline = time.time() + 120
     while len(read_jsonl(history)) < 3 and time.time() < deadline and proc.poll() is None:

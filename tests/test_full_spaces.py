@@ -93,6 +93,8 @@ def test_full_spaces_learn_and_export_a_transformers_model(tiny_llama, tmp_path,
     history = read_jsonl(run.history_file)
     assert summary["final"]["reward"] > summary["base"]["reward"] + 0.05, summary
     assert sum(h["mean"] for h in history[-2:]) > sum(h["mean"] for h in history[:2])
+    # dense noise is drawn and written per member, and its share of a generation is recorded
+    assert all(("generate.noise" in h["time"]) == (kind == "full") for h in history)
     checkpoint = torch.load(run.checkpoint_file, weights_only=False)["strategy"]
     assert "params" not in checkpoint and len(checkpoint["fitness_log"]) == LEARNS["generations"]  # the log, not the weights
     assert run.checkpoint_file.stat().st_size < 100_000

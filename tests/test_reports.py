@@ -96,6 +96,18 @@ def test_test_metric_does_not_share_the_fitness_axes(tmp_path):
     assert fitness_ax.get_shared_x_axes().joined(fitness_ax, test_ax)
 
 
+def test_a_part_of_a_phase_is_taken_out_of_its_bar(tmp_path):
+    write_run(tmp_path, generations=3)
+    history = tmp_path / "results" / "history.jsonl"
+    rows = [json.loads(line) for line in history.read_text().splitlines()]
+    for row in rows:
+        row["time"]["generate.noise"] = 0.5
+    history.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ax = time_breakdown_figure(tmp_path).axes[0]
+    heights = {c.get_label(): [bar.get_height() for bar in c] for c in ax.containers}
+    assert heights["generate"] == [1.0] * 3 and heights["generate.noise"] == [0.5] * 3  # stacked, not counted twice
+
+
 def test_figure_modules_leave_matplotlibs_backend_alone():
     """Importing them must not switch the caller's backend (search/analysis.py used to call matplotlib.use)."""
     code = ("import sys, matplotlib; matplotlib.use('svg'); import evolm.reports, evolm.search.analysis; "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.processes import default_sigint
 
 from evolm.config import ConfigError
 from evolm.runs import RunDirError
@@ -234,7 +235,8 @@ def test_resume_refuses_to_change_what_the_run_means(pipeline_run):
 
 
 def _python(code: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=default_sigint)
 
 
 def _slow_env(tmp_path: Path) -> dict:

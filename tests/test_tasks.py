@@ -166,6 +166,19 @@ def test_records_without_context_get_the_papers_prompt(shared_data, tmp_path):
     assert isinstance(examples[0].prompt, str)  # raw text, no chat template, as the paper
 
 
+def test_countdown_chat_option_asks_the_instructions_as_the_user_turn():
+    raw = COUNTDOWN.load_split("test", None)[0]
+    chat_task = load_task("countdown", {"chat": True})
+    chat = chat_task.load_split("test", None)[0]
+    [turn] = chat.prompt
+    assert turn["role"] == "user" and raw.prompt.startswith(turn["content"])
+    assert turn["content"].endswith("for example <answer> (1 + 2) / 3 </answer>.") and "<think>" not in turn["content"][-20:]
+    solved = f"</think>\n<answer>{raw.meta['solution']}</answer>"
+    assert COUNTDOWN.score(solved, raw).reward == pytest.approx(1.1)  # format + answer on the raw prompt
+    assert chat_task.score(solved, chat).reward == 1.0 and chat_task.score(solved, chat).correct
+    assert chat_task.score("</think>\n<answer>1</answer>", chat).reward == 0.0  # no format credit in chat
+
+
 def test_paper_file_with_slices(shared_data):
     path = shared_data / "countdown.json"
     train = COUNTDOWN.load_split("train", f"{path}[:200]")

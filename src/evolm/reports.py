@@ -86,7 +86,10 @@ def time_breakdown_figure(run_dir: str | Path) -> Figure | None:
     ax = fig.add_subplot()
     bottom = [0.0] * len(history)
     for phase in (*PHASES, *extra):
-        seconds = [float(h.get("time", {}).get(phase, 0.0)) for h in history]
+        # a part of a phase ("generate.noise") is drawn on its own and taken out of its phase's bar
+        parts = [p for p in extra if p.startswith(phase + ".")]
+        seconds = [float(h.get("time", {}).get(phase, 0.0)) - sum(h.get("time", {}).get(p, 0.0) for p in parts)
+                   for h in history]
         ax.bar(generations, seconds, bottom=bottom, width=1.0 if len(history) > 50 else 0.8, label=phase)
         bottom = [b + s for b, s in zip(bottom, seconds)]
     _integer_generations(ax)

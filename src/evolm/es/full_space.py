@@ -7,6 +7,8 @@ perturb/restore cycles run. The two members of an antithetic pair share one draw
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from evolm.es.space import WeightSpace, merge_generations
@@ -17,13 +19,18 @@ class FullSpace(WeightSpace):
 
     def generate_population(self, strategy, members, prompts, sampling):
         self.engine.clear_adapters()
-        parts = []
+        parts, perturb_seconds = [], 0.0
         try:
             for member in members:
+                start = time.perf_counter()
                 self.perturb(strategy, member)
+                if self.engine.device.type == "cuda":
+                    torch.cuda.synchronize(self.engine.device)
+                perturb_seconds += time.perf_counter() - start
                 parts.append(self.engine.generate(prompts, None, sampling))
         finally:
             self.write(strategy.params)
+        self.overhead = {"noise": perturb_seconds}  # drawing ε and writing θ + σε, a share of "generate"
         return merge_generations(parts)
 
     @torch.no_grad()

@@ -146,7 +146,8 @@ class ESRun:
                  for m, texts in zip(self.members, out.texts)}
         fitness = distributed.gather_fitness(local, self.config.es.population, self.loaded.device)
         t2 = time.perf_counter()
-        return fitness, {"generate": t1 - t0, "score": t2 - t1, "tokens": out.num_tokens, "prompts": len(indices)}
+        return fitness, {"generate": t1 - t0, "score": t2 - t1, "tokens": out.num_tokens, "prompts": len(indices),
+                         "overhead": self.space.overhead}
 
     def evaluate_theta(self, generation: int) -> tuple[dict, list[dict]]:
         """Test metrics of the unperturbed θ (greedy by default), with its completions."""
@@ -262,7 +263,8 @@ class ESRun:
             "best_member": int(f.argmax()),
             "tokens": stats["tokens"], "prompts": stats["prompts"],
             "tokens_per_s": stats["tokens"] / max(stats["generate"], 1e-9),
-            "time": {"generate": stats["generate"], "score": stats["score"], "update": t_update, "eval": t_eval},
+            "time": {"generate": stats["generate"], "score": stats["score"], "update": t_update, "eval": t_eval}
+            | {f"generate.{part}": t for part, t in stats["overhead"].items()},
             **update,
         }
         if test_metrics:

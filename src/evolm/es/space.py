@@ -32,6 +32,8 @@ class Space(ABC):
 
     def __init__(self, engine: PopulationEngine):
         self.engine = engine
+        # seconds of the last generate_population spent outside the engine (e.g. writing noisy weights), by part
+        self.overhead: dict[str, float] = {}
 
     @abstractmethod
     def initial_params(self, seed: int) -> dict[str, torch.Tensor]: ...

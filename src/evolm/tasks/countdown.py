@@ -12,6 +12,11 @@ Deviations, each on text the paper's original script would also mis-score:
 - generation stops at "</answer>" (the task's stop string): models keep writing after their answer, which
   costs up to 15× the work and makes a format reward of 1.0 unreachable. `generation.stop=[]` gives the
   paper's exact protocol.
+
+Option `chat=true` (not in the paper): the instructions, without the raw prompt's trailing "Let me solve
+this step by step.\n<think>", become the user turn of the tokenizer's chat template, and the reward is the
+answer reward alone, since the completion no longer continues an opened "<think>". Instruction-tuned models
+that close their thinking at once on the raw prompt reason more when asked this way.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ PROMPT = (
 
 THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "</think>", "<answer>", "</answer>"
 THINK_THEN_ANSWER = THINK_CLOSE + "\n" + ANSWER_OPEN
+RAW_PROMPT_TAIL = "Let me solve this step by step.\n<think>"
 ARITHMETIC = re.compile(r"^[0-9+\-*/() ]+$")  # as the paper's, `$` also lets one trailing newline through
 
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -176,8 +182,10 @@ class CountdownTask(Task):
     hub_dataset = "Jiayi-Pan/Countdown-Tasks-3to4"
     builtin_data = "deterministic generator: 3-4 numbers in 1-99, reachable targets in 1-100"
 
-    def __init__(self, seed: int = 0, train_size: int = 200, test_size: int = 200, max_target: int = 100):
+    def __init__(self, seed: int = 0, train_size: int = 200, test_size: int = 200, max_target: int = 100,
+                 chat: bool = False):
         self.seed, self.train_size, self.test_size, self.max_target = seed, train_size, test_size, max_target
+        self.chat = chat
 
     def load_split(self, split: Split, source: str | None) -> list[Example]:
         if source is None:
@@ -198,9 +206,13 @@ class CountdownTask(Task):
                 f"float: {exc!r}"
             ) from None
         prompt = record.get("context") or make_prompt(numbers, record["target"])
+        if self.chat:
+            prompt = [{"role": "user", "content": prompt.removesuffix(RAW_PROMPT_TAIL).rstrip()}]
         meta = {"numbers": numbers} | ({"solution": record["solution"]} if "solution" in record else {})
         return Example(prompt=prompt, target=target, meta=meta)
 
     def score(self, completion: str, example: Example) -> Score:
         answer = answer_reward(completion, example.meta["numbers"], example.target)
+        if self.chat:
+            return Score(answer, correct=answer == 1.0)
         return Score(0.1 * format_reward(completion) + answer, correct=answer == 1.0)
