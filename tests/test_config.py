@@ -27,11 +27,13 @@ def test_presets_carry_the_paper_defaults():
     assert {"countdown", "conciseness"} <= set(preset_names())
     for name in ("countdown", "conciseness"):
         config = load_config(name)
-        assert config.es.population == 30 and config.generation.temperature == 0.0 and config.space.kind == "lora"
-        assert (config.es.sigma, config.es.learning_rate) == STEP_DEFAULTS["lora"] == (0.01, 0.005)
-    for kind in ("full-lowrank", "full"):  # the paper's step sizes, for noise of unit variance per weight
-        config = load_config("countdown", [f"space.kind={kind}"])
-        assert (config.es.sigma, config.es.learning_rate) == (0.001, 0.0005)
+        assert config.es.population == 30 and config.generation.temperature == 0.0
+        assert (config.space.kind, config.space.rank) == ("full-lowrank", 8)
+        # the paper's step sizes, for noise of unit variance per weight
+        assert (config.es.sigma, config.es.learning_rate) == STEP_DEFAULTS["full-lowrank"] == (0.001, 0.0005)
+    assert (load_config("countdown", ["space.kind=full"]).es.sigma, STEP_DEFAULTS["full"]) == (0.001, (0.001, 0.0005))
+    lora = load_config("countdown", ["space.kind=lora"])  # a rank-1 LoRA step moves a layer far less
+    assert (lora.es.sigma, lora.es.learning_rate) == STEP_DEFAULTS["lora"] == (0.01, 0.005)
     assert load_config("countdown", ["space.kind=full", "es.sigma=0.002"]).es.sigma == 0.002
     assert load_config("countdown").generation.max_new_tokens == 1024
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,8 +103,8 @@ def test_full_spaces_learn_and_export_a_transformers_model(tiny_llama, tmp_path,
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     changed = [n for n, p in evolved.named_parameters() if not p.equal(base.get_parameter(n))]
     assert changed and all(n.rsplit(".", 2)[-2] in TARGETS for n in changed)
-    # the small run folder rebuilds the same model
-    export_run(run.root, tmp_path / "rebuilt")
+    # the small run folder rebuilds the same model, also where the base model lives elsewhere now
+    export_run(run.root, tmp_path / "rebuilt", model=str(shutil.copytree(tiny_llama, tmp_path / "moved")))
     assert _same_weights(run.model_dir, tmp_path / "rebuilt")
     assert json.loads((run.model_dir / "evolm.json").read_text())["base_model"] == str(tiny_llama)
 

@@ -128,6 +128,8 @@ def export_command(
     out: Path = typer.Argument(..., help="Folder to write: a PEFT adapter (lora) or a Hugging Face model folder."),
     device: Optional[str] = typer.Option(None, "--device", help="Default: the run's (replay on the device the run "
                                          "used gives its weights bit for bit)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The run's base model, where it lives now "
+                                        "(default: the path in the run's config)."),
 ) -> None:
     """Rebuild a run's θ from its small checkpoint and write it as an adapter or a model folder."""
     from evolm.config import ConfigError
@@ -135,7 +137,7 @@ def export_command(
     from evolm.runs import RunDirError
 
     try:
-        console.print(f"wrote {export_run(run_dir, out, device)}")
+        console.print(f"wrote {export_run(run_dir, out, device, model)}")
     except (ConfigError, RunDirError, ValueError) as exc:
         _fail(exc)
 

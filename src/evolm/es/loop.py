@@ -330,12 +330,16 @@ def make_space(config: SpaceConfig, engine: PopulationEngine, keep_base: bool = 
     return FullSpace(engine, keep_base)
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> ESRun:
-    """A run as its checkpoint left it (θ rebuilt by replay where it is not stored), ready to evaluate or export."""
+def load_run(run_dir: str | Path, device: str | None = None, model: str | None = None) -> ESRun:
+    """A run as its checkpoint left it (θ rebuilt by replay where it is not stored), ready to evaluate or export.
+
+    `model` is the run's base model where it now lives (a run folder shared from another machine)."""
     run = RunDir.open(run_dir)
     config = validate(read_source(run.config_file), ESRunConfig)
     if device:
         config.model.device = device
+    if model:
+        config.model.name_or_path = model
     config.eval.kl = False
     task = load_task(config.task.name, config.task.options)
     loaded = load_model(config.model)
@@ -346,9 +350,9 @@ def load_run(run_dir: str | Path, device: str | None = None) -> ESRun:
     return es_run
 
 
-def export_run(run_dir: str | Path, out: str | Path, device: str | None = None) -> Path:
+def export_run(run_dir: str | Path, out: str | Path, device: str | None = None, model: str | None = None) -> Path:
     """`evolm export RUN DIR`: rebuild θ from the run's small checkpoint and write it as a model or adapter."""
-    return load_run(run_dir, device).export(Path(out))
+    return load_run(run_dir, device, model).export(Path(out))
 
 
 def run_es(config_source: str | None, overrides: list[str], *, resume: str | None = None,
