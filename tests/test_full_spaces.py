@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from test_es import LETTER_TASK, _cli, write_config
 from transformers import AutoModelForCausalLM
 
+from evolm.config import ConfigError
 from evolm.engine import PopulationEngine, SamplingParams
 from evolm.es.full_lowrank_space import FullLowRankSpace
 from evolm.es.full_space import FullSpace
@@ -127,6 +128,19 @@ def test_full_lowrank_resume_is_bit_identical(tiny_llama, tmp_path):
     assert [h["fitness"] for h in read_jsonl(run_a.history_file)] == [
         h["fitness"] for h in read_jsonl(run_b.history_file)]
     assert _same_weights(run_a.model_dir, run_b.model_dir)
+
+
+def test_resume_of_a_replayed_run_refuses_to_change_what_tell_reads(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", es={"generations": 1},
+                          space={"kind": "full-lowrank", "rank": 2, "target_modules": TARGETS})
+    run, _ = run_es(str(config), [])
+    for override in ("es.sigma=0.5", "es.learning_rate=0.5", "es.fitness=raw", "es.weight_decay=0.1"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):  # the replay would rebuild other weights
+            run_es(None, [override, "es.generations=2"], resume=str(run.root))
+    lora = write_config(tmp_path / "l.yaml", tiny_llama, tmp_path / "lora", es={"generations": 1})
+    lora_run, _ = run_es(str(lora), [])
+    _, summary = run_es(None, ["es.learning_rate=0.5", "es.generations=2"], resume=str(lora_run.root))
+    assert summary["generations"] == 2  # θ is stored for lora: its step size may change
 
 
 def test_evaluate_compares_an_evolved_model_folder_with_its_base(tiny_llama, tmp_path):

@@ -52,6 +52,9 @@ log = logging.getLogger("evolm")
 
 # Changing these on --resume would make the checkpoint mean something else.
 FROZEN_ON_RESUME = ("seed", "model.name_or_path", "space", "es.population", "es.antithetic", "es.optimizer")
+# A full-weight run's checkpoint is its fitness log, replayed through tell() on resume and export: everything
+# tell() reads must stay what it was, or the replay would rebuild other weights than the run had.
+FROZEN_FOR_REPLAY = ("es.sigma", "es.learning_rate", "es.fitness", "es.weight_decay", "es.adam_betas")
 
 
 @dataclass
@@ -71,10 +74,11 @@ def prepare_run(
         saved = read_source(run.config_file)
         config = validate(apply_overrides(read_source(run.config_file), overrides), ESRunConfig)
         before, after = validate(saved, ESRunConfig).model_dump(), config.model_dump()
-        frozen = [key for key in changed_keys(before, after) if is_under(key, FROZEN_ON_RESUME)]
+        policy = FROZEN_ON_RESUME + (FROZEN_FOR_REPLAY if config.space.kind != "lora" else ())
+        frozen = [key for key in changed_keys(before, after) if is_under(key, policy)]
         if frozen:
             raise ConfigError(f"{', '.join(frozen)} cannot change on --resume (they define what the checkpoint "
-                              f"means; frozen: {', '.join(FROZEN_ON_RESUME)})")
+                              f"means; frozen for a {config.space.kind} run: {', '.join(policy)})")
         config.output_dir = str(run.root)
         return config, run
     if config_source is None:
