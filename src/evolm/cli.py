@@ -101,7 +101,8 @@ def evaluate_command(
         report = evaluate_adapter(adapter, options, compare=compare, sets=sets)
     except (TaskError, FileNotFoundError, ValueError, ConfigError, RunDirError) as exc:
         _fail(exc)
-    table = Table(title=f"{task}: {', '.join(f'{n} ({r['examples']})' for n, r in report['sets'].items())}")
+    sizes = ", ".join(f"{name} ({result['examples']} examples)" for name, result in report["sets"].items())
+    table = Table(title=f"{task}: {sizes}")
     table.add_column("set")
     table.add_column("model")
     table.add_column("mean reward", justify="right")
