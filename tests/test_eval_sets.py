@@ -127,8 +127,6 @@ def test_evaluate_scores_each_data_set(tiny_llama, prompts_file, tmp_path):
     report = json.loads(report_file.read_text())
     assert {name: r["examples"] for name, r in report["sets"].items()} == {"prompts": 4, "head": 2}
     assert "prompts" in result.output and "head" in result.output
-    # the first two examples are the same prompts in both sets, greedy: the same scores
-    assert 0 <= report["sets"]["head"]["adapter_metrics"]["reward"] <= 1
     assert "adapter_metrics" not in report  # several sets: only under "sets"
 
 

@@ -111,7 +111,7 @@ def evaluate_command(
     if samples > 1:
         table.add_column(f"pass@{samples}", justify="right")
     for set_name, result in report["sets"].items():
-        for name, metrics in (("base", result.get("base_metrics")), ("adapter", result["adapter_metrics"])):
+        for name, metrics in (("base", result.get("base_metrics")), (report["kind"], result["adapter_metrics"])):
             if metrics:
                 cells = [metrics["accuracy"]] + ([metrics[pass_at]] if samples > 1 else [])
                 table.add_row(set_name, name, f"{metrics['reward']:.4f}",
