@@ -4,12 +4,12 @@ real model and the letter task (whose prompts a data file can give)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_es import LETTER_TASK, write_config
 from typer.testing import CliRunner
 
 from evolm.cli import app
@@ -18,7 +18,6 @@ from evolm.es.loop import export_run, run_es
 from evolm.reports import evolution_figure
 from evolm.runs import evaluations_by_set, read_jsonl
 from evolm.tasks import TaskError
-from test_es import LETTER_TASK, write_config
 
 NO_LETTER_TASK = "helpers.letter_task:NoLetterTask"
 
@@ -59,7 +58,7 @@ def lora_run(tiny_llama, prompts_file, tmp_path_factory):
 def test_sets_are_recorded_under_their_names_at_the_evaluated_generations(lora_run):
     run, summary = lora_run
     by_set = evaluations_by_set(read_jsonl(run.evaluations_file))
-    assert list(by_set)[0] == "test"  # the test split first, then eval.sets
+    assert next(iter(by_set)) == "test"  # the test split first, then eval.sets
     assert {name: [r["generation"] for r in rows] for name, rows in by_set.items()} == {
         "test": [0, 2, 4], "words": [0, 2, 4], "plain": [0, 2, 4]}
     history = read_jsonl(run.history_file)

@@ -146,7 +146,7 @@ class EvalConfig(EvalSetsSection):
                                   "(accuracy where the task gives verdicts, else mean reward) beside the last one.")
 
     @model_validator(mode="after")
-    def _known_best_set(self) -> "EvalConfig":
+    def _known_best_set(self) -> EvalConfig:
         if self.keep_best is not None and self.keep_best != TEST_SET and self.keep_best not in self.sets:
             known = ", ".join([TEST_SET, *self.sets])
             raise ValueError(f"eval.keep_best {self.keep_best!r} is not an evaluation set; known: {known}")
