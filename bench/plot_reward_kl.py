@@ -10,7 +10,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from evolm.runs import read_jsonl
+from evolm.runs import evaluations_by_set, read_jsonl
 
 
 def main(out: str, runs: list[str]) -> None:
@@ -18,7 +18,7 @@ def main(out: str, runs: list[str]) -> None:
     reward_ax, kl_ax = fig.subplots(1, 2)
     for spec in runs:
         path, _, label = spec.partition("=")
-        rows = read_jsonl(Path(path) / "results" / "evaluations.jsonl")
+        rows = evaluations_by_set(read_jsonl(Path(path) / "results" / "evaluations.jsonl")).get("test", [])
         key = "normalized_reward" if "normalized_reward" in rows[0] else "reward"
         x = [r["generation"] for r in rows]
         reward_ax.plot(x, [r[key] for r in rows], marker=".", label=label or path)

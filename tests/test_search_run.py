@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -352,3 +353,25 @@ def test_command_line_functions(tiny_llama, data_file, tmp_path):
     assert resumed.exit_code == 0, resumed.output
     analyzed = CliRunner().invoke(app, ["analyze", str(out)])
     assert analyzed.exit_code == 0 and (out / "analysis" / "report.md").is_file()
+
+
+def test_eval_sets_score_the_best_variant_and_the_base_at_the_end(pipeline_run, data_file, tmp_path):
+    run_dir = tmp_path / "finished"
+    shutil.copytree(pipeline_run, run_dir)
+    sets = [f"eval.sets.head={data_file}[0:5]", f"eval.sets.tail={data_file}[-3:]"]
+    run_search(None, sets, resume=str(run_dir))  # a finished run: only the new sets are scored
+    report = json.loads((run_dir / "results" / "eval_sets.json").read_text())
+    summary = json.loads((run_dir / "results" / "summary.json").read_text())
+    assert report["variant"] == summary["best"]["id"]
+    assert {name: r["examples"] for name, r in report["sets"].items()} == {"head": 5, "tail": 3}
+    for name in ("head", "tail"):
+        assert set(summary["sets"][name]) >= {"base", "best", "comparison"}
+        assert sum(summary["sets"][name]["comparison"].values()) == report["sets"][name]["examples"]
+
+
+def test_a_bad_eval_set_source_stops_the_search_before_its_folder_exists(tiny_llama, data_file, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(TaskError, match="^eval.sets.gone: data file not found"):
+        run_search("gsm8k", overrides(tiny_llama, data_file, out, f"eval.sets.gone={tmp_path / 'gone.jsonl'}"),
+                   mode="pipeline")
+    assert not out.exists()

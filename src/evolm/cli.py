@@ -63,7 +63,8 @@ def evaluate_command(
                                            "or run folder (its export, with the run's settings); none: --model alone."),
     task: str = typer.Option(..., "--task", help="Task name or module:Class."),
     compare: bool = typer.Option(False, "--compare", help="Also score the base model and compare per example."),
-    data: Optional[str] = typer.Option(None, "--data", help="Data source (path, PATH[a:b] or dataset id)."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Data source (path, PATH[a:b], datasets folder "
+                                             "or dataset id), or NAME=SOURCE; repeat to score several sets."),
     split: str = typer.Option("test", "--split"),
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the one the adapter or "
                                         "model folder records); alone, the model to score."),
@@ -81,12 +82,12 @@ def evaluate_command(
 ) -> None:
     """Score an adapter on a task; with --compare, list improvements, regressions and both-wrong cases."""
     from evolm.config import ConfigError, apply_overrides
-    from evolm.evaluation import EvalOptions, evaluate_adapter, resolve_run_folder
+    from evolm.evaluation import EvalOptions, evaluate_adapter, load_data_sets, named_sources, resolve_run_folder
     from evolm.runs import RunDirError
     from evolm.tasks import TaskError
 
     try:
-        options = EvalOptions(task=task, data=data, split=split, model=model, limit=limit,
+        options = EvalOptions(task=task, split=split, model=model, limit=limit,
                               max_new_tokens=max_new_tokens or 1024, temperature=temperature, samples=samples,
                               device=device, dtype=dtype, stop=stop or None,
                               task_options=apply_overrides({}, option or []) or None)
@@ -96,26 +97,30 @@ def evaluate_command(
                 options.max_new_tokens, options.stop = max_new_tokens or options.max_new_tokens, stop or options.stop
             console.print(f"scoring {adapter} with the run's settings: max_new_tokens={options.max_new_tokens}, "
                           f"stop={options.stop}")
-        report = evaluate_adapter(adapter, options, compare=compare)
+        sets = load_data_sets(options, named_sources(data) if data else {"test": None})
+        report = evaluate_adapter(adapter, options, compare=compare, sets=sets)
     except (TaskError, FileNotFoundError, ValueError, ConfigError, RunDirError) as exc:
         _fail(exc)
-    table = Table(title=f"{task} on {report['examples']} examples")
+    sizes = ", ".join(f"{name} ({result['examples']} examples)" for name, result in report["sets"].items())
+    table = Table(title=f"{task}: {sizes}")
+    table.add_column("set")
     table.add_column("model")
     table.add_column("mean reward", justify="right")
     table.add_column("accuracy", justify="right")
     pass_at = f"pass_at_{samples}"
     if samples > 1:
         table.add_column(f"pass@{samples}", justify="right")
-    rows = [("base", report.get("base_metrics")), ("adapter", report["adapter_metrics"])]
-    for name, metrics in rows:
-        if metrics:
-            cells = [metrics["accuracy"]] + ([metrics[pass_at]] if samples > 1 else [])
-            table.add_row(name, f"{metrics['reward']:.4f}", *("-" if c is None else f"{c:.2%}" for c in cells))
+    for set_name, result in report["sets"].items():
+        for name, metrics in (("base", result.get("base_metrics")), (report["kind"], result["adapter_metrics"])):
+            if metrics:
+                cells = [metrics["accuracy"]] + ([metrics[pass_at]] if samples > 1 else [])
+                table.add_row(set_name, name, f"{metrics['reward']:.4f}",
+                              *("-" if c is None else f"{c:.2%}" for c in cells))
     console.print(table)
-    if compare:
-        if "comparison" in report:
-            p = report["sign_test_p"]
-            console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report["comparison"].items())
+    for set_name, result in report["sets"].items():
+        if "comparison" in result:
+            p = result["sign_test_p"]
+            console.print(f"{set_name}: " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in result["comparison"].items())
                           + ("" if p is None else f"; sign test p = {p:.3g}"))
     if output:
         output.write_text(json.dumps(report, indent=2))
@@ -130,6 +135,7 @@ def export_command(
                                          "used gives its weights bit for bit)."),
     model: Optional[str] = typer.Option(None, "--model", help="The run's base model, where it lives now "
                                         "(default: the path in the run's config)."),
+    best: bool = typer.Option(False, "--best", help="The θ that scored best on eval.keep_best's set, not the last."),
 ) -> None:
     """Rebuild a run's θ from its small checkpoint and write it as an adapter or a model folder."""
     from evolm.config import ConfigError
@@ -137,7 +143,7 @@ def export_command(
     from evolm.runs import RunDirError
 
     try:
-        console.print(f"wrote {export_run(run_dir, out, device, model)}")
+        console.print(f"wrote {export_run(run_dir, out, device, best=best, model=model)}")
     except (ConfigError, RunDirError, ValueError) as exc:
         _fail(exc)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -96,10 +97,60 @@ class GenerationConfig(Section):
     memory_fraction: float = Field(0.85, gt=0, le=1, description="Share of free accelerator memory a wave may use.")
 
 
-class EvalConfig(Section):
-    every: int = Field(10, ge=0, description="Evaluate θ on the test split every N generations (0 = only base and final).")
+TEST_SET = "test"  # the name of a run's own test split among its evaluation sets
+# names that TensorBoard tags of a run already use (fitness/mean, time/generate, speed/tokens_per_s)
+RESERVEDSET_NAMES = (TEST_SET, "fitness", "time", "speed")
+SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class EvalSetConfig(Section):
+    """One extra evaluation set: its data, and optionally another task than the run's."""
+
+    source: str | None = Field(None, description="Data source as task.test takes it (PATH, PATH[a:b], datasets "
+                               "folder, hub id); None = the task's built-in test data.")
+    size: int | None = Field(None, ge=1, description="Keep at most this many examples.")
+    task: str | None = Field(None, description="Task name; None = the run's task (with its task.options).")
+    options: dict[str, Any] | None = Field(None, description="Options of `task`; None = the run's task.options "
+                                           "when the task is the run's, else none.")
+
+
+class EvalSetsSection(Section):
+    """Named evaluation sets beside the run's test split; a bare string is a source of the run's task."""
+
+    sets: dict[str, EvalSetConfig] = Field(default_factory=dict, description="{name: source} or {name: {source, "
+                                           "size, task, options}}.")
+
+    @field_validator("sets", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {name: {"source": spec} if isinstance(spec, str) else spec for name, spec in value.items()}
+        return value
+
+    @field_validator("sets")
+    @classmethod
+    def _names(cls, value: dict[str, EvalSetConfig]) -> dict[str, EvalSetConfig]:
+        for name in value:
+            if name in RESERVEDSET_NAMES or not SET_NAME.match(name):
+                raise ValueError(f"set name {name!r} must be letters, digits, '_', '.', '-' and not one of "
+                                 f"{', '.join(RESERVEDSET_NAMES)}")
+        return value
+
+
+class EvalConfig(EvalSetsSection):
+    every: int = Field(10, ge=0, description="Evaluate θ on the test split and eval.sets every N generations (0 = "
+                       "only base and final).")
     max_new_tokens: int | None = Field(None, ge=1, description="None = generation.max_new_tokens.")
-    kl: bool = Field(False, description="Also report KL(θ ‖ base) on the test prompts along θ's completions.")
+    kl: bool = Field(False, description="Also report KL(θ ‖ base) on each set's prompts along θ's completions.")
+    keep_best: str | None = Field(None, description="A set name or 'test': keep the θ that scored best on it "
+                                  "(accuracy where the task gives verdicts, else mean reward) beside the last one.")
+
+    @model_validator(mode="after")
+    def _known_best_set(self) -> EvalConfig:
+        if self.keep_best is not None and self.keep_best != TEST_SET and self.keep_best not in self.sets:
+            known = ", ".join([TEST_SET, *self.sets])
+            raise ValueError(f"eval.keep_best {self.keep_best!r} is not an evaluation set; known: {known}")
+        return self
 
 
 class LoggingConfig(Section):

@@ -11,14 +11,16 @@ import torch
 import yaml
 
 from evolm.adapters import read_peft_adapter
-from evolm.config import ModelConfig
+from evolm.config import SET_NAME, ModelConfig
 from evolm.engine import PopulationEngine
 from evolm.engine.decoding import SamplingParams
 from evolm.es.lora_space import LoRASpace
 from evolm.es.space import EXPORT_INFO
-from evolm.models import eos_token_ids, load_model
+from evolm.models import eos_token_ids, load_model, release_memory
 from evolm.scoring import render_all, score_all, summarize
-from evolm.tasks import Score, load_task
+from evolm.tasks import Score, Task, TaskError, load_task
+from evolm.tasks.base import split_slice
+from evolm.tasks.splits import EvalSet
 
 
 @dataclass
@@ -46,42 +48,84 @@ def adapter_space(adapter_config: dict, shapes: dict[str, tuple[int, int]]) -> L
     return LoRASpace(shapes, int(adapter_config["r"]), float(adapter_config["lora_alpha"]))
 
 
-def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool = False) -> dict:
+def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool = False,
+                     sets: list[EvalSet] | None = None) -> dict:
     """Metrics of an adapter folder, a model folder or a run folder (its exported result), or with None the
-    base model alone; with `compare` the base model too, and a per-example comparison."""
+    base model alone; with `compare` the base model too, and a per-example comparison.
+
+    `sets`: several named evaluation sets, scored with one model load; None = options.data alone. The report
+    has each set's results under "sets"; with one set they are also at the top level, as before sets existed.
+    """
     if options.samples > 1 and options.temperature <= 0:
         raise ValueError("several samples per example need a temperature above 0 (greedy answers are all alike)")
-    task = load_task(options.task, options.task_options)
-    examples = task.load_split(options.split, options.data)[: options.limit]
-    if not examples:
-        raise ValueError(f"no examples to evaluate ({options.data or 'the task built-in ' + options.split + ' data'})")
-    k = options.samples
-    prompts_of = lambda tokenizer: render_all(tokenizer, examples) * k  # noqa: E731
-    params = SamplingParams(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                            stop_strings=task.stop_strings if options.stop is None else options.stop)
+    if sets is None:
+        sets = load_data_sets(options, {set_name(options.data): options.data})
     kind = "base" if adapter is None else "adapter" if (Path(adapter) / "adapter_config.json").is_file() else "model"
-    if kind == "adapter":
-        texts, base_name = _adapter_texts(Path(adapter), options, prompts_of, params, compare)
-    else:
-        model_path = options.model if adapter is None else str(adapter)
-        if model_path is None:
-            raise ValueError("give --adapter PATH (adapter, model or run folder) or --model NAME_OR_PATH")
-        base_name = options.model if adapter is not None else model_path
-        if adapter is not None and options.model is None:
-            base_name = _recorded_base(Path(adapter))
-        texts = [] if not compare or kind == "base" else [_model_texts(base_name, options, prompts_of, params)]
-        texts.append(_model_texts(model_path, options, prompts_of, params))
-    scores = [score_all(task, examples * k, member_texts) for member_texts in texts]  # row j: example j % n
+    base_name, texts = _texts_of_sets(adapter, kind, options, sets, compare)
+    reports = {s.name: _set_report(s, texts[s.name], options.samples) for s in sets}
+    stops = {tuple(_sampling(options, s.task).stop_strings) for s in sets}
+    report = {"adapter": None if adapter is None else str(adapter), "kind": kind, "model": base_name,
+              "task": options.task, "samples": options.samples, "max_new_tokens": options.max_new_tokens,
+              "stop": list(next(iter(stops))) if len(stops) == 1 else None, "sets": reports}
+    return report | (next(iter(reports.values())) if len(reports) == 1 else {})
+
+
+def set_name(source: str | None) -> str:
+    """A set's name from its source: the file or folder name without extension and slice ('test' for None)."""
+    if source is None:
+        return "test"
+    return Path(split_slice(source)[0].rstrip("/")).name.removesuffix(".jsonl").removesuffix(".json") or "data"
+
+
+def named_sources(specs: list[str]) -> dict[str, str]:
+    """`--data` values, each SOURCE or NAME=SOURCE, as {name: source}; a repeated name gets -2, -3, …"""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not (sep and SET_NAME.match(name)):
+            name, source = set_name(spec), spec
+        unique, n = name, 1
+        while unique in named:
+            n += 1
+            unique = f"{name}-{n}"
+        named[unique] = source
+    return named
+
+
+def load_data_sets(options: EvalOptions, sources: dict[str, str | None]) -> list[EvalSet]:
+    """Examples of each named source for options.task, cut to options.limit; a bad source names its set."""
+    task = load_task(options.task, options.task_options)
+    sets = []
+    for name, source in sources.items():
+        try:
+            examples = task.load_split(options.split, source)[: options.limit]
+        except (OSError, ValueError) as exc:
+            raise TaskError(f"--data {name}: {' '.join(str(exc).split())}") from exc
+        if not examples:
+            raise ValueError(f"no examples to evaluate in {name} "
+                             f"({source or 'the task built-in ' + options.split + ' data'})")
+        sets.append(EvalSet(name, task, examples))
+    return sets
+
+
+def _sampling(options: EvalOptions, task: Task) -> SamplingParams:
+    return SamplingParams(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                          stop_strings=task.stop_strings if options.stop is None else options.stop)
+
+
+def _set_report(data: EvalSet, texts: list[list[str]], k: int) -> dict:
+    """One set's metrics per scored model (the last is the adapter), with the per-example comparison when
+    the base was scored too; row j of each model's texts answers example j % n."""
+    examples, task = data.examples, data.task
+    scores = [score_all(task, examples * k, member_texts) for member_texts in texts]
     best = [best_of(member_scores, len(examples)) for member_scores in scores]
 
     def metrics(member: int) -> dict:
         found = summarize(scores[member], task)
         return found | ({f"pass_at_{k}": summarize(best[member])["accuracy"]} if k > 1 else {})
 
-    report = {"adapter": None if adapter is None else str(adapter), "kind": kind, "model": base_name,
-              "task": options.task, "examples": len(examples), "samples": k, "adapter_metrics": metrics(-1),
-              "max_new_tokens": options.max_new_tokens, "stop": list(params.stop_strings)}
-    if compare and len(texts) == 2:
+    report = {"examples": len(examples), "adapter_metrics": metrics(-1)}
+    if len(texts) == 2:
         report["base_metrics"] = metrics(0)
         report["comparison"] = compare_scores(best[0], best[1])
         report["sign_test_p"] = sign_test(report["comparison"])
@@ -94,8 +138,28 @@ def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool =
     return report
 
 
-def _adapter_texts(adapter: Path, options: EvalOptions, prompts_of, params, compare: bool):
-    """A zero adapter (the base) and the adapter as two members of one batched generation."""
+def _texts_of_sets(adapter: Path | None, kind: str, options: EvalOptions, sets: list[EvalSet],
+                   compare: bool) -> tuple[str, dict[str, list[list[str]]]]:
+    """(base model name, {set: texts of each scored model, the base first when compared}); each model is
+    loaded once for all sets."""
+    if kind == "adapter":
+        return _adapter_texts(Path(adapter), options, sets, compare)
+    model_path = options.model if adapter is None else str(adapter)
+    if model_path is None:
+        raise ValueError("give --adapter PATH (adapter, model or run folder) or --model NAME_OR_PATH")
+    base_name = options.model if adapter is not None else model_path
+    if adapter is not None and options.model is None:
+        base_name = _recorded_base(Path(adapter))
+    models = ([base_name] if compare and kind != "base" else []) + [model_path]
+    texts: dict[str, list[list[str]]] = {s.name: [] for s in sets}
+    for name_or_path in models:
+        for name, member_texts in _model_texts(name_or_path, options, sets).items():
+            texts[name].append(member_texts)
+    return base_name, texts
+
+
+def _adapter_texts(adapter: Path, options: EvalOptions, sets: list[EvalSet], compare: bool):
+    """A zero adapter (the base) and the adapter as two members of one batched generation per set."""
     adapter_config, weights = read_peft_adapter(adapter)
     base_name = options.model or adapter_config.get("base_model_name_or_path")
     if not base_name:
@@ -107,18 +171,23 @@ def _adapter_texts(adapter: Path, options: EvalOptions, prompts_of, params, comp
     theta = space.params_of(weights)
     members = {n: torch.stack([torch.zeros_like(t), t]) if compare else t[None] for n, t in theta.items()}
     engine.set_adapters(space.unflatten(members), space.scale)
-    out = engine.generate(prompts_of(loaded.tokenizer), list(range(2 if compare else 1)), params)
-    return out.texts, base_name
+    texts = {s.name: engine.generate(render_all(loaded.tokenizer, s.examples) * options.samples,
+                                     list(range(2 if compare else 1)), _sampling(options, s.task)).texts
+             for s in sets}
+    del engine, loaded
+    release_memory()
+    return base_name, texts
 
 
-def _model_texts(name_or_path: str, options: EvalOptions, prompts_of, params) -> list[str]:
+def _model_texts(name_or_path: str, options: EvalOptions, sets: list[EvalSet]) -> dict[str, list[str]]:
     loaded = load_model(ModelConfig(name_or_path=name_or_path, device=options.device, dtype=options.dtype))
     engine = PopulationEngine(loaded.model, loaded.tokenizer, (),
                               eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer))
-    texts = engine.generate(prompts_of(loaded.tokenizer), None, params).texts[0]
+    texts = {s.name: engine.generate(render_all(loaded.tokenizer, s.examples) * options.samples, None,
+                                     _sampling(options, s.task)).texts[0]
+             for s in sets}
     del engine, loaded
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     return texts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -68,3 +69,10 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def release_memory() -> None:
+    """Return a dropped model's accelerator memory before the next one loads (callers `del` their references)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -13,16 +13,20 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from evolm.runs import read_jsonl
+from evolm.runs import evaluations_by_set, read_jsonl
 
 PHASES = ("generate", "score", "update", "eval")
 DPI = 100
 
 
-def _evaluations(run_dir: Path, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Test evaluations from results/evaluations.jsonl, else from the history's `test` entries."""
+def _evaluations(run_dir: Path, history: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Evaluations by set from results/evaluations.jsonl, else the test split's from the history's `test`
+    entries (runs made before evaluations.jsonl existed)."""
     rows = read_jsonl(run_dir / "results" / "evaluations.jsonl")
-    return rows or [{"generation": h["generation"], **h["test"]} for h in history if h.get("test")]
+    if rows:
+        return evaluations_by_set(rows)
+    tests = [{"generation": h["generation"], **h["test"]} for h in history if h.get("test")]
+    return {"test": tests} if tests else {}
 
 
 def _save(fig: Figure, run_dir: Path, name: str) -> Path:
@@ -39,7 +43,8 @@ def _integer_generations(ax: Axes) -> None:
 
 
 def evolution_figure(run_dir: str | Path) -> Figure | None:
-    """Training fitness (mean with its 20th-80th percentile band, best member) above the test metric.
+    """Training fitness (mean with its 20th-80th percentile band, best member) above the held-out metric of
+    each evaluation set (the test split and eval.sets), a line per set.
 
     The test metric has a panel of its own, sharing the generation axis: on a twin y-axis its line lay
     over the mean fitness and hid it.
@@ -64,10 +69,13 @@ def evolution_figure(run_dir: str | Path) -> Figure | None:
         ax.legend(loc="best", fontsize="small")
     if evaluations:
         ax = panels[-1]
-        metric = "accuracy" if all(e.get("accuracy") is not None for e in evaluations) else "reward"
-        ax.plot([e["generation"] for e in evaluations], [e[metric] for e in evaluations],
-                color="C2", marker="o", markersize=4, label=f"test {metric}")
-        ax.set_ylabel(f"test {metric}")
+        labels = []
+        for k, (name, rows) in enumerate(evaluations.items()):  # a line per evaluation set
+            metric = "accuracy" if all(e.get("accuracy") is not None for e in rows) else "reward"
+            ax.plot([e["generation"] for e in rows], [e[metric] for e in rows],
+                    color=f"C{2 + k}", marker="o", markersize=4, label=f"{name} {metric}")
+            labels.append(f"{name} {metric}")
+        ax.set_ylabel(labels[0] if len(labels) == 1 else "held-out metric")
         ax.legend(loc="best", fontsize="small")
     for ax in panels:
         ax.grid(alpha=0.3)

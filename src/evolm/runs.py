@@ -70,6 +70,15 @@ def append_jsonl(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def evaluations_by_set(rows: list[dict], default: str = "test") -> dict[str, list[dict]]:
+    """Rows of results/evaluations.jsonl grouped by their `set` (rows of runs made before evaluation sets
+    existed have none: they are the test split's), each group in file order."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row.get("set", default), []).append(row)
+    return groups
+
+
 @dataclass
 class RunDir:
     """The layout of one run folder (see SPEC "Run folder")."""
@@ -91,6 +100,15 @@ class RunDir:
     @property
     def evaluations_file(self) -> Path:
         return self.results / "evaluations.jsonl"
+
+    @property
+    def best_file(self) -> Path:
+        """results/best.json: the generation whose θ scored best on eval.keep_best's set, and the score."""
+        return self.results / "best.json"
+
+    def best_export_dir(self, space_kind: str) -> Path:
+        """Where the best θ goes: best/adapter (lora) or best/model (full spaces)."""
+        return self.root / "best" / self.export_dir(space_kind).name
 
     @property
     def summary_file(self) -> Path:

@@ -36,3 +36,8 @@ def summarize(scores: Sequence[Score], task: Task | None = None) -> dict[str, fl
         "accuracy": sum(verdicts) / len(verdicts) if verdicts else None,
     }
     return metrics | (task.extra_metrics(list(scores)) if task else {})
+
+
+def headline_metric(metrics: dict) -> tuple[str, float]:
+    """The metric a set is judged by: accuracy where the task gives verdicts, else mean reward."""
+    return ("accuracy", metrics["accuracy"]) if metrics.get("accuracy") is not None else ("reward", metrics["reward"])

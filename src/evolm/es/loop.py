@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from evolm import distributed, reports
 from evolm.config import (
+    TEST_SET,
     ConfigError,
     ESRunConfig,
     SpaceConfig,
@@ -33,25 +34,27 @@ from evolm.es.lora_space import LoRASpace
 from evolm.es.noise import stream_key
 from evolm.es.space import Space
 from evolm.es.strategy import EvolutionStrategy
-from evolm.models import LoadedModel, eos_token_ids, load_model
+from evolm.models import LoadedModel, eos_token_ids, load_model, release_memory
 from evolm.runs import (
     RunDir,
     append_jsonl,
     atomic_write_text,
     changed_keys,
+    evaluations_by_set,
     is_under,
     log_to_file,
     read_jsonl,
     write_jsonl,
 )
-from evolm.scoring import render_all, score_all, summarize
+from evolm.scoring import headline_metric, render_all, score_all, summarize
 from evolm.tasks import Example, Task, load_task
-from evolm.tasks.splits import load_splits
+from evolm.tasks.splits import EvalSet, load_eval_sets, load_splits
 
 log = logging.getLogger("evolm")
 
 # Changing these on --resume would make the checkpoint mean something else.
-FROZEN_ON_RESUME = ("seed", "model.name_or_path", "space", "es.population", "es.antithetic", "es.optimizer")
+FROZEN_ON_RESUME = ("seed", "model.name_or_path", "space", "es.population", "es.antithetic", "es.optimizer",
+                    "eval.keep_best")
 # A full-weight run's checkpoint is its fitness log, replayed through tell() on resume and export: everything
 # tell() reads must stay what it was, or the replay would rebuild other weights than the run had.
 FROZEN_FOR_REPLAY = ("es.sigma", "es.learning_rate", "es.fitness", "es.weight_decay", "es.adam_betas")
@@ -91,14 +94,17 @@ class ESRun:
     """One ES run in one process (or one of several under torchrun: a share of the members each)."""
 
     def __init__(self, config: ESRunConfig, run: RunDir, loaded: LoadedModel, task: Task,
-                 train: list[Example], test: list[Example]):
+                 train: list[Example], test: list[Example], eval_sets: list[EvalSet] = ()):
         self.config, self.run, self.task = config, run, task
         self.rank, self.world_size = distributed.world()
         self.is_main = self.rank == 0
         self.loaded = loaded
         tokenizer = loaded.tokenizer
         self.train = PromptSet(train, render_all(tokenizer, train))
-        self.test = PromptSet(test, render_all(tokenizer, test))
+        # what θ is scored on: the test split (when there is one) first, then eval.sets in config order
+        sets = ([EvalSet(TEST_SET, task, test)] if test else []) + list(eval_sets)
+        self.eval_sets = {s.name: (s.task, PromptSet(s.examples, render_all(tokenizer, s.examples))) for s in sets}
+        self.best: dict | None = None  # eval.keep_best's best evaluation so far
         space_cfg = config.space
         gen = config.generation
         self.engine = PopulationEngine(
@@ -123,11 +129,11 @@ class ESRun:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def sampling(self, generation: int, max_new_tokens: int | None = None) -> SamplingParams:
+    def sampling(self, generation: int, max_new_tokens: int | None = None, task: Task | None = None) -> SamplingParams:
         gen = self.config.generation
         return SamplingParams(
             max_new_tokens=max_new_tokens or gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-            stop_strings=tuple(self.task.stop_strings if gen.stop is None else gen.stop),
+            stop_strings=tuple((task or self.task).stop_strings if gen.stop is None else gen.stop),
             seed=stream_key(self.config.seed, generation)[0],
         )
 
@@ -153,32 +159,74 @@ class ESRun:
         return fitness, {"generate": t1 - t0, "score": t2 - t1, "tokens": out.num_tokens, "prompts": len(indices),
                          "overhead": self.space.overhead}
 
-    def evaluate_theta(self, generation: int) -> tuple[dict, list[dict]]:
-        """Test metrics of the unperturbed θ (greedy by default), with its completions."""
-        if not self.test.examples:
+    def evaluate_theta(self, generation: int, name: str = TEST_SET) -> tuple[dict, list[dict]]:
+        """Metrics of the unperturbed θ (greedy by default) on one evaluation set, with its completions."""
+        if name not in self.eval_sets:
             return {}, []
-        out = self.space.generate_center(self.strategy.params, self.test.prompt_ids,
-                                         self.sampling(generation, self.config.eval.max_new_tokens))
-        scores = score_all(self.task, self.test.examples, out.texts[0])
-        metrics = summarize(scores, self.task)
+        task, prompts = self.eval_sets[name]
+        out = self.space.generate_center(self.strategy.params, prompts.prompt_ids,
+                                         self.sampling(generation, self.config.eval.max_new_tokens, task))
+        scores = score_all(task, prompts.examples, out.texts[0])
+        metrics = summarize(scores, task)
         if self.config.eval.kl:
-            metrics |= self.engine.kl(self.test.prompt_ids, out.tokens[0], self.space.policy, self.space.reference)
+            metrics |= self.engine.kl(prompts.prompt_ids, out.tokens[0], self.space.policy, self.space.reference)
         rows = [
             {"index": i, "completion": text, "reward": s.reward, "correct": s.correct}
             for i, (text, s) in enumerate(zip(out.texts[0], scores))
         ]
         return metrics, rows
 
+    def evaluate_all(self, generation: int, keep_completions: bool) -> dict[str, dict]:
+        """Score θ on every evaluation set and record each; {set name: metrics}."""
+        results = {}
+        for name in self.eval_sets:
+            metrics, rows = self.evaluate_theta(generation, name)
+            self.record_evaluation(generation, name, metrics, rows, keep_completions)
+            results[name] = metrics
+        return results
+
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def record_evaluation(self, generation: int, metrics: dict, rows: list[dict], keep_completions: bool) -> None:
+    def record_evaluation(self, generation: int, name: str, metrics: dict, rows: list[dict],
+                          keep_completions: bool) -> None:
+        """One line of results/evaluations.jsonl per set and generation; TensorBoard tags `NAME/metric`."""
         if not self.is_main or not metrics:
             return
-        append_jsonl(self.run.evaluations_file, {"generation": generation, **metrics})
+        append_jsonl(self.run.evaluations_file, {"generation": generation, "set": name, **metrics})
         if keep_completions:
-            write_jsonl(self.run.results / f"completions_gen{generation:05d}.jsonl", rows)
+            prefix = "completions" if name == TEST_SET else f"completions_{name}"
+            write_jsonl(self.run.results / f"{prefix}_gen{generation:05d}.jsonl", rows)
         if self.tracker:
-            self.tracker.log({f"test/{k}": v for k, v in metrics.items()}, generation)
+            self.tracker.log({f"{name}/{k}": v for k, v in metrics.items()}, generation)
+        if name == self.config.eval.keep_best:
+            self.consider_best(generation, metrics)
+
+    def consider_best(self, generation: int, metrics: dict) -> None:
+        """Keep θ of `generation` when it beats the best so far on eval.keep_best's set (ties keep the earlier).
+
+        A small θ (lora) is exported at once to best/adapter; the full spaces' θ is the model itself, so only
+        the generation is recorded and the weights are rebuilt at the end by replaying the fitness log."""
+        metric, value = headline_metric(metrics)
+        if self.best is not None and value <= self.best["value"]:
+            return
+        self.best = {"set": self.config.eval.keep_best, "metric": metric, "value": value, "generation": generation}
+        if self.space.params_in_checkpoint:
+            self.space.export(self.strategy.params, self.run.best_export_dir(self.space.kind),
+                              self.config.model.name_or_path)
+        atomic_write_text(self.run.best_file, json.dumps(self.best, indent=2))
+        log.info("best θ so far on %s: generation %d, %s %.4g", self.best["set"], generation, metric, value)
+
+    def restore_best(self) -> None:
+        """The best evaluation so far, from the (trimmed) evaluations file: what a resumed run compares with."""
+        name = self.config.eval.keep_best
+        rows = evaluations_by_set(read_jsonl(self.run.evaluations_file)).get(name, []) if name else []
+        self.best = None
+        for row in rows:  # file order is generation order, so ties keep the earlier generation
+            metric, value = headline_metric(row)
+            if self.best is None or value > self.best["value"]:
+                self.best = {"set": name, "metric": metric, "value": value, "generation": row["generation"]}
+        if self.is_main and self.best is not None:  # a best recorded after the checkpoint is forgotten with it
+            atomic_write_text(self.run.best_file, json.dumps(self.best, indent=2))
 
     def checkpoint(self) -> None:
         if self.is_main:
@@ -195,6 +243,7 @@ class ESRun:
             return 0
         self.strategy.load_state_dict(state["strategy"])
         self.trim_results()
+        self.restore_best()
         return self.strategy.generation
 
     def trim_results(self) -> None:
@@ -216,9 +265,8 @@ class ESRun:
             self.tracker = Tracker(config, self.run.logs)
         evaluated = {r["generation"] for r in read_jsonl(self.run.evaluations_file)}
         if start == 0 and 0 not in evaluated:
-            metrics, rows = self.evaluate_theta(0)
-            self.record_evaluation(0, metrics, rows, keep_completions=True)
-            log.info("base model test metrics: %s", _fmt(metrics))
+            for name, metrics in self.evaluate_all(0, keep_completions=True).items():
+                log.info("base model %s metrics: %s", name, _fmt(metrics))
         bar = tqdm(total=es.generations, initial=start, desc="ES", unit="gen",
                    disable=not (self.is_main and config.logging.progress), dynamic_ncols=True)
         status = "finished"
@@ -251,13 +299,12 @@ class ESRun:
             raise FloatingPointError(
                 f"θ became non-finite in generation {g} (e.g. {bad[0]}): lower es.learning_rate or es.sigma; "
                 f"the checkpoint of generation {g} is kept and --resume continues from it")
-        test_metrics, t_eval = None, 0.0
+        evaluations, t_eval = {}, 0.0
         done = self.strategy.generation
         if every and done % every == 0 and done < es.generations:
             t0 = time.perf_counter()
-            test_metrics, rows = self.evaluate_theta(done)
+            evaluations = self.evaluate_all(done, keep_completions=False)
             t_eval = time.perf_counter() - t0
-            self.record_evaluation(done, test_metrics, rows, keep_completions=False)
         f = fitness.numpy()
         row = {
             "generation": g,
@@ -271,8 +318,10 @@ class ESRun:
             | {f"generate.{part}": t for part, t in stats["overhead"].items()},
             **update,
         }
-        if test_metrics:
-            row["test"] = test_metrics
+        if evaluations.get(TEST_SET):
+            row["test"] = evaluations[TEST_SET]
+        if any(name != TEST_SET for name in evaluations):
+            row["sets"] = {name: metrics for name, metrics in evaluations.items() if name != TEST_SET}
         if self.is_main:
             append_jsonl(self.run.history_file, row)
             if self.tracker:
@@ -290,22 +339,28 @@ class ESRun:
 
     def finish(self, status: str, wall_time: float) -> dict:
         g = self.strategy.generation
-        evaluations = {r["generation"]: r for r in read_jsonl(self.run.evaluations_file)}
-        if status == "finished" and g not in evaluations:
-            metrics, rows = self.evaluate_theta(g)
-            self.record_evaluation(g, metrics, rows, keep_completions=True)
-            evaluations[g] = {"generation": g, **metrics}
+        if status == "finished" and g not in {r["generation"] for r in read_jsonl(self.run.evaluations_file)}:
+            self.evaluate_all(g, keep_completions=True)
         if not self.is_main:
             return {}
         if self.config.export:
             self.export(self.run.export_dir(self.space.kind))
+            if self.best is not None and not self.space.params_in_checkpoint and self.best["generation"] == g:
+                self.export(self.run.best_export_dir(self.space.kind))  # else run_es replays the log to it
+        by_set = {name: {r["generation"]: r for r in rows}
+                  for name, rows in evaluations_by_set(read_jsonl(self.run.evaluations_file)).items()}
+
+        def outline(evaluations: dict[int, dict]) -> dict:
+            return {"base": evaluations.get(0), "final": evaluations.get(g) if status == "finished" else None,
+                    "last_evaluated": evaluations[max(evaluations)] if evaluations else None}
+
         history = read_jsonl(self.run.history_file)
         summary = {
             "status": status,
             "generations": g,
-            "base": evaluations.get(0),
-            "final": evaluations.get(g) if status == "finished" else None,
-            "last_evaluated": evaluations[max(evaluations)] if evaluations else None,
+            **outline(by_set.get(TEST_SET, {})),
+            "sets": {name: outline(rows) for name, rows in by_set.items() if name != TEST_SET},
+            "best": self.best,
             "best_mean_fitness": max((h["mean"] for h in history), default=None),
             "tokens_generated": sum(h["tokens"] for h in history),
             "wall_time_s_this_session": wall_time,
@@ -334,10 +389,11 @@ def make_space(config: SpaceConfig, engine: PopulationEngine, keep_base: bool = 
     return FullSpace(engine, keep_base)
 
 
-def load_run(run_dir: str | Path, device: str | None = None, model: str | None = None) -> ESRun:
-    """A run as its checkpoint left it (θ rebuilt by replay where it is not stored), ready to evaluate or export.
-
-    `model` is the run's base model where it now lives (a run folder shared from another machine)."""
+def load_run(run_dir: str | Path, device: str | None = None, generation: int | None = None,
+             model: str | None = None) -> ESRun:
+    """A run as its checkpoint left it (θ rebuilt by replay where it is not stored), or with `generation` θ
+    of that generation (the fitness log replayed up to it), ready to evaluate or export. `model` is the run's
+    base model where it now lives (a run folder shared from another machine)."""
     run = RunDir.open(run_dir)
     config = validate(read_source(run.config_file), ESRunConfig)
     if device:
@@ -349,14 +405,28 @@ def load_run(run_dir: str | Path, device: str | None = None, model: str | None =
     loaded = load_model(config.model)
     es_run = ESRun(config, run, loaded, task, [], [])
     state = run.load_checkpoint()
+    if state is not None and generation is not None:
+        log_so_far = state["strategy"]["fitness_log"]
+        if generation > len(log_so_far):
+            raise ValueError(f"{run_dir}: generation {generation} is past the checkpoint's {len(log_so_far)}")
+        state["strategy"] = {"fitness_log": log_so_far[:generation]}  # no θ stored: replayed
     if state is not None:
         es_run.strategy.load_state_dict(state["strategy"])
     return es_run
 
 
-def export_run(run_dir: str | Path, out: str | Path, device: str | None = None, model: str | None = None) -> Path:
-    """`evolm export RUN DIR`: rebuild θ from the run's small checkpoint and write it as a model or adapter."""
-    return load_run(run_dir, device, model).export(Path(out))
+def export_run(run_dir: str | Path, out: str | Path, device: str | None = None, best: bool = False,
+               model: str | None = None) -> Path:
+    """`evolm export RUN DIR [--best]`: rebuild θ (the last, or the best on eval.keep_best's set) from the
+    run's small checkpoint by replaying its fitness log, and write it as a model or adapter."""
+    generation = None
+    if best:
+        best_file = RunDir.open(run_dir).best_file
+        if not best_file.is_file():
+            raise ValueError(f"{run_dir} has no best θ recorded ({best_file.name} is absent: the run has no "
+                             "eval.keep_best, or its set was not evaluated yet)")
+        generation = json.loads(best_file.read_text())["generation"]
+    return load_run(run_dir, device, generation, model).export(Path(out))
 
 
 def run_es(config_source: str | None, overrides: list[str], *, resume: str | None = None,
@@ -369,13 +439,24 @@ def run_es(config_source: str | None, overrides: list[str], *, resume: str | Non
     with log_to_file(run.logs / "run.log" if rank == 0 else None):
         task = load_task(config.task.name, config.task.options)
         train, test = load_splits(task, config.task, hold_out=False)
+        eval_sets = load_eval_sets(task, config.task, config.eval.sets)
+        if config.eval.keep_best == TEST_SET and not test:
+            raise ConfigError("eval.keep_best=test, but the run has no test examples (task.test)")
         config.model.device = distributed.local_device_name(config.model.device)
         torch.manual_seed(config.seed)
         loaded = load_model(config.model)
-        log.info("model %s on %s (%s); %d train / %d test examples", config.model.name_or_path, loaded.device,
-                 loaded.dtype, len(train), len(test))
-        es_run = ESRun(config, run, loaded, task, train, test)
+        log.info("model %s on %s (%s); %d train / %d test examples%s", config.model.name_or_path, loaded.device,
+                 loaded.dtype, len(train), len(test),
+                 "".join(f", {len(s.examples)} in {s.name}" for s in eval_sets))
+        es_run = ESRun(config, run, loaded, task, train, test, eval_sets)
         summary = es_run.train_loop()
+        best = summary.get("best")
+        if config.export and best and best["generation"] != summary["generations"] and \
+                not es_run.space.params_in_checkpoint:
+            del es_run, loaded  # the replay loads the base model afresh: free this copy first
+            release_memory()
+            log.info("rebuilding the best θ (generation %d) by replaying the fitness log", best["generation"])
+            export_run(run.root, run.best_export_dir(config.space.kind), config.model.device, best=True)
     return run, summary
 
 
@@ -387,8 +468,7 @@ def _fmt(metrics: dict | None) -> str:
 
 def _postfix(row: dict) -> str:
     text = f"mean={row['mean']:.4g} best={row['max']:.4g} tok/s={row['tokens_per_s']:.0f}"
-    test = row.get("test") or {}
-    metric = test.get("accuracy") if test.get("accuracy") is not None else test.get("reward")
+    metric = headline_metric(row["test"])[1] if row.get("test") else None
     return text + (f" test={metric:.4g}" if metric is not None else "")
 
 

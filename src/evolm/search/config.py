@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from evolm.config import RunConfig, Section
+from evolm.config import EvalSetsSection, RunConfig, Section
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -99,6 +99,8 @@ class SearchRunConfig(RunConfig):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     fitness: FitnessConfig = Field(default_factory=FitnessConfig)
     workers: WorkerConfig = Field(default_factory=WorkerConfig)
+    eval: EvalSetsSection = Field(default_factory=EvalSetsSection,
+                                  description="Sets the best variant and the base model are scored on at the end.")
 
 
 MODES = {  # test modes: (population, generations, training examples, evaluation examples)

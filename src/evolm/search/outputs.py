@@ -1,4 +1,5 @@
-"""Run-folder views of the database: results/history.jsonl, results/summary.json, best_adapter/."""
+"""Run-folder views of the database: results/history.jsonl, results/summary.json, best_adapter/, and the
+best variant's scores on eval.sets (results/eval_sets.json)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from evolm.evaluation import EvalOptions, evaluate_adapter
 from evolm.runs import RunDir, atomic_write_text, replace_dir
+from evolm.search.config import SearchRunConfig
 from evolm.search.evolution import Member, rank
 from evolm.search.store import Store, Variant
+from evolm.tasks.splits import EvalSet
 
 
 def best_variant(variants: list[Variant]) -> Variant | None:
@@ -78,3 +82,23 @@ def export_best(store: Store, run: RunDir, generations: int) -> Variant | None:
     }
     atomic_write_text(run.summary_file, json.dumps(summary, indent=2, default=float) + "\n")
     return best
+
+
+def score_best_on_sets(run: RunDir, config: SearchRunConfig, best: Variant, sets: list[EvalSet]) -> dict:
+    """Score the best variant's adapter and the base model (one batched generation per set, greedy, as the
+    fitness evaluation generates) on eval.sets: the full report in results/eval_sets.json, the metrics in
+    summary.json under "sets". Skipped when that variant was already scored on these sets (a resumed run)."""
+    report_file = run.results / "eval_sets.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    if report.get("variant") != best.id or set(report["sets"]) != {s.name for s in sets}:
+        options = EvalOptions(task=config.task.name, model=config.model.name_or_path,
+                              max_new_tokens=config.fitness.max_new_tokens, device=config.model.device,
+                              dtype=config.model.dtype, task_options=config.task.options or None)
+        report = {"variant": best.id, **evaluate_adapter(run.best_adapter_dir, options, compare=True, sets=sets)}
+        atomic_write_text(report_file, json.dumps(report, indent=2, default=float) + "\n")
+    summary = json.loads(run.summary_file.read_text())
+    summary["sets"] = {name: {"examples": r["examples"], "base": r["base_metrics"], "best": r["adapter_metrics"],
+                              "comparison": r["comparison"], "sign_test_p": r["sign_test_p"]}
+                       for name, r in report["sets"].items()}
+    atomic_write_text(run.summary_file, json.dumps(summary, indent=2, default=float) + "\n")
+    return report

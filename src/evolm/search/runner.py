@@ -16,22 +16,23 @@ from typing import Literal
 import torch
 
 from evolm.config import ConfigError, apply_overrides, dump_config, load_config, read_source, validate
-from evolm.models import LoadedModel, eos_token_ids, load_model
+from evolm.models import LoadedModel, eos_token_ids, load_model, release_memory
 from evolm.runs import RunDir, atomic_write_text, changed_keys, is_under, log_to_file, refuse_busy_dir
 from evolm.scoring import render
 from evolm.search.config import SearchRunConfig, apply_mode
 from evolm.search.data import encode
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
 from evolm.search.fitness import GreedyAnswers, score_variant
-from evolm.search.outputs import best_variant, export_best, write_history
+from evolm.search.outputs import best_variant, export_best, score_best_on_sets, write_history
 from evolm.search.store import Store, Variant, open_search_run, worker_name
 from evolm.search.targets import self_targets
 from evolm.search.training import attach, check_target_modules, inherit, save_adapter, train
 from evolm.tasks import Example, Task, load_task
-from evolm.tasks.splits import load_splits
+from evolm.tasks.splits import load_eval_sets, load_splits
 
 PRESETS = "evolm.presets.search"
-RESUMABLE = ("model.device", "model.attn_implementation", "workers")  # what a resumed run may change
+# what a resumed run may change; new eval.sets on a finished run score its best variant on them
+RESUMABLE = ("model.device", "model.attn_implementation", "workers", "eval")
 log = logging.getLogger("evolm.search")
 
 
@@ -50,6 +51,7 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
     task = load_task(config.task.name, config.task.options)
     train_examples, test_examples = load_splits(task, config.task, hold_out=True,
                                                 needs_references=config.training.targets == "reference")
+    eval_sets = load_eval_sets(task, config.task, config.eval.sets)
     if resume is None:
         run = RunDir.create(config.output_dir, overwrite)
         atomic_write_text(run.config_file, dump_config(config))
@@ -62,6 +64,9 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
             if best is not None and store.finished(config.evolution.generations):
                 log.info("run complete: best variant %d (fitness %.4f) exported to %s", best.id, best.fitness,
                          run.best_adapter_dir)
+                if eval_sets:
+                    release_memory()  # the worker's models are gone; the scoring loads the base model once
+                    score_best_on_sets(run, config, best, eval_sets)
         finally:
             store.close()
     return run.root

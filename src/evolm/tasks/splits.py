@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-from evolm.config import TaskConfig
+from dataclasses import dataclass
+
+from evolm.config import EvalSetConfig, TaskConfig
+from evolm.tasks import load_task
 from evolm.tasks.base import Example, Task, TaskError
+
+
+@dataclass
+class EvalSet:
+    """A named evaluation set: the task that prompts and scores it, and its examples."""
+
+    name: str
+    task: Task
+    examples: list[Example]
 
 
 def load_splits(task: Task, config: TaskConfig, *, hold_out: bool,
@@ -34,3 +46,25 @@ def load_splits(task: Task, config: TaskConfig, *, hold_out: bool,
     if hold_out and not test:
         raise TaskError(f"task '{config.name}': the evaluation split is empty ({config.test or 'built-in'})")
     return train, test
+
+
+def load_eval_sets(task: Task, config: TaskConfig, sets: dict[str, EvalSetConfig]) -> list[EvalSet]:
+    """The configured evaluation sets, loaded up front so that a bad source stops the run before the model
+    loads, with a one-line error naming the set. A set of the run's own task shares its task object."""
+    loaded = []
+    for name, spec in sets.items():
+        try:
+            set_task = task
+            if spec.task not in (None, config.name) or spec.options is not None:
+                set_task = load_task(spec.task or config.name, spec.options)
+            examples = set_task.load_split("test", spec.source)[: spec.size]
+        except (OSError, ValueError) as exc:  # TaskError, and what `datasets` raises
+            raise TaskError(f"eval.sets.{name}: {_one_line(exc)}") from exc
+        if not examples:
+            raise TaskError(f"eval.sets.{name}: no examples in {spec.source or 'the built-in test data'}")
+        loaded.append(EvalSet(name, set_task, examples))
+    return loaded
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

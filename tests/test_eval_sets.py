@@ -1,0 +1,147 @@
+"""Evaluation sets beside the test split, keeping the best θ, and `evolm evaluate` on several sets: a tiny
+real model and the letter task (whose prompts a data file can give)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_es import LETTER_TASK, write_config
+from typer.testing import CliRunner
+
+from evolm.cli import app
+from evolm.config import ConfigError, load_config
+from evolm.es.loop import export_run, run_es
+from evolm.reports import evolution_figure
+from evolm.runs import evaluations_by_set, read_jsonl
+from evolm.tasks import TaskError
+
+NO_LETTER_TASK = "helpers.letter_task:NoLetterTask"
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sets") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Bad", "Hi", "Name a fruit", "Zoo"]))
+    return path
+
+
+def sets_config(tmp_path: Path, model: Path, prompts: Path, out: str = "run", keep_best: str = "test",
+                every: int = 2, **sections) -> Path:
+    """Letter-task ES scored every `every` generations on the test split, `words` (3 prompts) and `plain`
+    (the opposite task, so its best θ is the base model's), keeping the best θ on `keep_best`."""
+    sets = {"words": f"{prompts}[0:3]", "plain": {"source": str(prompts), "task": NO_LETTER_TASK}}
+    sections = {"es": {"generations": 4}, "eval": {"every": every, "sets": sets, "keep_best": keep_best}} | sections
+    return write_config(tmp_path / f"{out}.yaml", model, tmp_path / out, **sections)
+
+
+def first_best(rows: list[dict]) -> int:
+    """The generation of the highest accuracy, the earliest of ties."""
+    return max(rows, key=lambda r: (r["accuracy"], -r["generation"]))["generation"]
+
+
+def tensors_equal(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_llama, prompts_file, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora-sets")
+    run, summary = run_es(str(sets_config(tmp, tiny_llama, prompts_file)), [])
+    return run, summary
+
+
+def test_sets_are_recorded_under_their_names_at_the_evaluated_generations(lora_run):
+    run, summary = lora_run
+    by_set = evaluations_by_set(read_jsonl(run.evaluations_file))
+    assert next(iter(by_set)) == "test"  # the test split first, then eval.sets
+    assert {name: [r["generation"] for r in rows] for name, rows in by_set.items()} == {
+        "test": [0, 2, 4], "words": [0, 2, 4], "plain": [0, 2, 4]}
+    history = read_jsonl(run.history_file)
+    assert set(history[1]["sets"]) == {"words", "plain"} and history[1]["test"]  # generation 1 ends at θ₂
+    assert "sets" not in history[0]
+    assert summary["sets"]["words"]["final"]["generation"] == 4 and summary["base"]["set"] == "test"
+    assert (run.results / "completions_words_gen00000.jsonl").is_file()
+    assert len(read_jsonl(run.results / "completions_words_gen00000.jsonl")) == 3
+    events = EventAccumulator(str(run.logs / "tensorboard")).Reload()
+    assert {"test/accuracy", "words/accuracy", "plain/reward"} <= set(events.Tags()["scalars"])
+    labels = [line.get_label() for line in evolution_figure(run.root).axes[-1].get_lines()]
+    assert sorted(labels) == ["plain accuracy", "test accuracy", "words accuracy"]
+
+
+def test_keep_best_saves_the_best_generation_and_export_best_rebuilds_it(tiny_llama, prompts_file, tmp_path):
+    run, summary = run_es(str(sets_config(tmp_path, tiny_llama, prompts_file, every=1)), [])
+    tests = evaluations_by_set(read_jsonl(run.evaluations_file))["test"]
+    best = json.loads(run.best_file.read_text())
+    assert best == summary["best"]
+    assert best["generation"] == first_best(tests) and best["metric"] == "accuracy" and best["set"] == "test"
+    assert 0 < best["generation"] < 4, "this run's best test accuracy comes mid-run (1.0 at generation 3)"
+    rebuilt = export_run(run.root, tmp_path / "rebuilt", best=True)
+    best_weights = run.root / "best/adapter/adapter_model.safetensors"
+    assert tensors_equal(rebuilt / "adapter_model.safetensors", best_weights)
+    assert not tensors_equal(run.adapter_dir / "adapter_model.safetensors", best_weights)
+
+
+def test_resume_keeps_the_best_so_far(tiny_llama, prompts_file, tmp_path):
+    """`plain` scores best at generation 0 and worse after; a resumed run that forgot that would take a later θ."""
+    config = sets_config(tmp_path, tiny_llama, prompts_file, keep_best="plain", every=1, es={"generations": 2})
+    run, first = run_es(str(config), [])
+    assert first["best"]["generation"] == 0
+    before = load_file(run.root / "best/adapter/adapter_model.safetensors")
+    run, summary = run_es(None, ["es.generations=4"], resume=str(run.root))
+    plain = evaluations_by_set(read_jsonl(run.evaluations_file))["plain"]
+    assert [r["generation"] for r in plain] == [0, 1, 2, 3, 4] and max(r["accuracy"] for r in plain[2:]) < 1
+    assert summary["best"] == first["best"] == json.loads(run.best_file.read_text())
+    after = load_file(run.root / "best/adapter/adapter_model.safetensors")
+    assert all(before[k].equal(after[k]) for k in before)
+
+
+def test_full_space_best_is_the_replayed_generation(tiny_llama, prompts_file, tmp_path):
+    full = {"space": {"kind": "full-lowrank", "rank": 1, "target_modules": ["q_proj", "v_proj"]},
+            "es": {"generations": 3, "population": 4, "sigma": 0.03, "learning_rate": 0.03, "optimizer": "es"},
+            "eval": {"every": 1, "sets": {"words": f"{prompts_file}[0:3]"}, "keep_best": "words"}}
+    run, summary = run_es(str(sets_config(tmp_path, tiny_llama, prompts_file, **full)), [])
+    generation = summary["best"]["generation"]
+    assert generation == first_best(evaluations_by_set(read_jsonl(run.evaluations_file))["words"])
+    assert 0 < generation < 3, "this run's best words accuracy comes mid-run: the replay path is taken"
+    reference, _ = run_es(str(sets_config(tmp_path, tiny_llama, prompts_file, out="reference", **full)),
+                          [f"es.generations={generation}"])
+    weights = "model.safetensors"
+    assert tensors_equal(run.root / "best/model" / weights, reference.root / "model" / weights)
+    exported = CliRunner().invoke(app, ["export", str(run.root), str(tmp_path / "best-again"), "--best"])
+    assert exported.exit_code == 0, exported.output
+    assert tensors_equal(tmp_path / "best-again" / weights, reference.root / "model" / weights)
+
+
+def test_evaluate_scores_each_data_set(tiny_llama, prompts_file, tmp_path):
+    report_file = tmp_path / "report.json"
+    result = CliRunner().invoke(app, [
+        "evaluate", "--model", str(tiny_llama), "--task", LETTER_TASK, "--data", str(prompts_file),
+        "--data", f"head={prompts_file}[0:2]", "--max-new-tokens", "6", "--output", str(report_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    assert {name: r["examples"] for name, r in report["sets"].items()} == {"prompts": 4, "head": 2}
+    assert "prompts" in result.output and "head" in result.output
+    assert "adapter_metrics" not in report  # several sets: only under "sets"
+
+
+def test_a_bad_set_source_stops_with_one_line_naming_the_set(tiny_llama, prompts_file, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run",
+                          eval={"sets": {"broken": str(tmp_path / "missing.jsonl")}})
+    with pytest.raises(TaskError) as raised:
+        run_es(str(config), [])
+    assert str(raised.value).startswith("eval.sets.broken: data file not found") and "\n" not in str(raised.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before the model loaded
+    result = CliRunner().invoke(app, ["es", str(config), "--overwrite"])
+    assert result.exit_code == 2 and result.output.startswith("error: eval.sets.broken: data file not found")
+    evaluated = CliRunner().invoke(app, ["evaluate", "--model", str(tiny_llama), "--task", LETTER_TASK,
+                                         "--data", f"odd={tmp_path / 'missing.jsonl'}"])
+    assert evaluated.exit_code == 2 and "--data odd: data file not found" in evaluated.output
+    with pytest.raises(ConfigError, match="eval.keep_best 'nope' is not an evaluation set; known: test, words"):
+        load_config(str(config), ["eval.keep_best=nope", f"eval.sets={{words: {prompts_file}}}"])
+    with pytest.raises(ConfigError, match="set name 'fitness'"):
+        load_config(str(config), [f"eval.sets={{fitness: {prompts_file}}}"])
