@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from evolm.adapters import WEIGHTS_FILE
-from evolm.config import ConfigError
+from evolm.models import check_targets
 from evolm.runs import replace_dir
 from evolm.search.config import SearchSpace, TrainingConfig
 from evolm.search.data import Encoded, answer_nll, collate
@@ -22,12 +22,8 @@ from evolm.search.genes import Genes
 
 def check_target_modules(model: PreTrainedModel, space: SearchSpace) -> None:
     """Fail before any training when a module set names a module the model does not have."""
-    present = {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     for set_name, modules in space.target_modules.items():
-        missing = sorted(set(modules) - present)
-        if missing:
-            raise ConfigError(f"space.target_modules.{set_name}: the model has no linear module named "
-                              f"{', '.join(missing)}; it has {', '.join(sorted(present))}")
+        check_targets(model, modules, f"space.target_modules.{set_name}")
 
 
 def attach(model: PreTrainedModel, genes: Genes, space: SearchSpace) -> PeftModel:

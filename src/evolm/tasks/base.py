@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from evolm.errors import UserError
+
 Split = Literal["train", "test"]
 Messages = list[dict[str, str]]
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task or its data is unusable; the message names the task, file or example."""
 
 
