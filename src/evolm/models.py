@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from evolm.config import ConfigError, ModelConfig
 
@@ -84,6 +84,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def check_model(config: ModelConfig) -> None:
+    """What can fail about the model without loading its weights: the path, the hub, the device."""
+    source, extra = model_source(config.name_or_path)
+    resolve_device(config.device)
+    try:
+        AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **extra)
+    except OSError as exc:
+        raise hub_failure(config.name_or_path, exc) from exc
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
