@@ -128,7 +128,7 @@ def test_resume_keeps_the_config_truthful(tiny_llama, tmp_path):
     run, _ = run_es(str(config), [])
     with pytest.raises(ConfigError, match="es.generations=1: this run has done 2 generations already"):
         run_es(None, ["es.generations=1"], resume=str(run.root))
-    with pytest.raises(RunDirError, match="drop 'c.yaml'"):
+    with pytest.raises(RunDirError, match="own config.yaml; drop '.*c.yaml'"):
         run_es(str(config), [], resume=str(run.root))
     with pytest.raises(RunDirError, match="drop output_dir"):
         run_es(None, [f"output_dir={tmp_path / 'elsewhere'}"], resume=str(run.root))

@@ -243,7 +243,8 @@ def runs_list_command(
         table.add_row(r["path"], r["status"], str(r["generations"]),
                       "-" if r["last_mean_fitness"] is None else f"{r['last_mean_fitness']:.4g}",
                       "-" if metric is None else f"{metric:.4g}", f"{r['size_mb']:.1f} MB", format_age(r["modified"]))
-    console.print(table)
+    # wider than the terminal rather than a cut path: the other columns need about 80 characters
+    console.print(table, width=max(console.width, longest + 80), crop=False)
     if cleanup:
         doomed = [r["path"] for r in runs[keep:]]
         if not doomed:
