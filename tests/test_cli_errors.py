@@ -259,3 +259,10 @@ def test_a_full_disk_stops_the_run_with_one_line_and_no_temporary_file(config, t
     summary = json.loads("{" + summary)
     assert summary["status"] == "failed" and "No space left on device" in summary["error"]
     assert summary["resume_from"] >= 1
+
+
+def test_evaluate_shows_progress_on_stderr(tiny_llama):
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(tiny_llama), "--task", LETTER_TASK,
+                                      "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.stderr
+    assert "generating (" in result.stderr and "4/4" in result.stderr

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from evolm.adapters import read_peft_adapter
 from evolm.config import ModelConfig
@@ -107,7 +109,10 @@ def _adapter_texts(adapter: Path, options: EvalOptions, prompts_of, params, comp
     theta = space.params_of(weights)
     members = {n: torch.stack([torch.zeros_like(t), t]) if compare else t[None] for n, t in theta.items()}
     engine.set_adapters(space.unflatten(members), space.scale)
-    out = engine.generate(prompts_of(loaded.tokenizer), list(range(2 if compare else 1)), params)
+    members = list(range(2 if compare else 1))
+    prompts = prompts_of(loaded.tokenizer)
+    with rows_progress(len(members) * len(prompts), "base and adapter" if compare else "adapter") as bar:
+        out = engine.generate(prompts, members, params, on_wave=bar.update)
     return out.texts, base_name
 
 
@@ -115,11 +120,18 @@ def _model_texts(name_or_path: str, options: EvalOptions, prompts_of, params) ->
     loaded = load_model(ModelConfig(name_or_path=name_or_path, device=options.device, dtype=options.dtype))
     engine = PopulationEngine(loaded.model, loaded.tokenizer, (),
                               eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer))
-    texts = engine.generate(prompts_of(loaded.tokenizer), None, params).texts[0]
+    prompts = prompts_of(loaded.tokenizer)
+    with rows_progress(len(prompts), name_or_path) as bar:
+        texts = engine.generate(prompts, None, params, on_wave=bar.update).texts[0]
     del engine, loaded
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return texts
+
+
+def rows_progress(total: int, what: str) -> tqdm:
+    """A progress bar on stderr over the completions to generate (it moves wave by wave)."""
+    return tqdm(total=total, desc=f"generating ({what})", unit="answer", file=sys.stderr, dynamic_ncols=True)
 
 
 def _recorded_base(model_dir: Path) -> str:
