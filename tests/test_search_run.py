@@ -365,13 +365,13 @@ def test_train_loss_is_the_mean_over_the_steps_taken(tiny_llama, data_file):
 
     tokenizer = load_tokenizer(str(tiny_llama))
     task = load_task("gsm8k")
-    examples = task.load_split("train", str(data_file))[:12]
+    examples = task.load_split("train", str(data_file))[:6]
     rows = encode(tokenizer, [(ex, task.answer_text(ex)) for ex in examples], 160, tokenizer.eos_token_id)
 
     def trained(learning_rate: float, **training) -> dict:
         genes = Genes(4, 1.0, learning_rate, 0.0, "attention", 1)
         model = attach(AutoModelForCausalLM.from_pretrained(tiny_llama), genes, SearchSpace())
-        return train(model, rows, genes, TrainingConfig(batch_size=4, warmup_ratio=0.0, **training), seed=0,
+        return train(model, rows, genes, TrainingConfig(batch_size=2, warmup_ratio=0.0, **training), seed=0,
                      pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), heartbeat=lambda: None)
 
     slow, fast = trained(1e-6), trained(1e-2)
