@@ -15,8 +15,10 @@ class UserError(Exception):
 
 # Failures of the disk or the folder, not of evolm: the user frees space or picks another folder.
 STORAGE_ADVICE = {
-    errno.ENOSPC: "the disk is full: free some space or set output_dir on another disk",
-    errno.EDQUOT: "the disk quota is used up: free some space or set output_dir on another disk",
+    errno.ENOSPC: "the disk is full: free some space or set output_dir on another disk; --resume RUN then "
+                  "continues a run from its last checkpoint",
+    errno.EDQUOT: "the disk quota is used up: free some space or set output_dir on another disk; --resume RUN "
+                  "then continues a run from its last checkpoint",
     errno.EFBIG: "the file grew past the size this process may write (ulimit -f): raise the limit",
     errno.EROFS: "the file system is read-only: set output_dir to a writable folder",
     errno.EACCES: "no permission to write there: set output_dir to a folder you can write",
