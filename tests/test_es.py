@@ -104,10 +104,39 @@ def test_non_empty_output_dir_is_refused_and_untouched(tiny_llama, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_llama, out)
     with pytest.raises(RunDirError, match="--overwrite"):
         run_es(str(config), [])
+    with pytest.raises(RunDirError, match="not an evolm run"):  # --overwrite replaces runs only
+        run_es(str(config), [], overwrite=True)
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
     assert (out / "precious.txt").read_text() == "keep me"
-    run, _ = run_es(str(config), ["es.generations=1"], overwrite=True)
-    assert not (out / "precious.txt").exists() and run.summary_file.is_file()
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_can_start(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", es={"generations": 1})
+    old, _ = run_es(str(config), [])
+    before = {p: p.read_bytes() for p in old.root.rglob("*") if p.is_file()}
+    for bad in (f"model.name_or_path={tmp_path / 'missing-model'}", "space.target_modules=[nope]",
+                "task.options.prompts=0"):  # bad model, bad targets, no data
+        with pytest.raises(Exception) as err:
+            run_es(str(config), [bad], overwrite=True)
+        assert err.type.__name__ in ("ConfigError", "TaskError"), err.value
+        assert {p: p.read_bytes() for p in old.root.rglob("*") if p.is_file()} == before, bad
+    new, summary = run_es(str(config), ["es.generations=2"], overwrite=True)
+    assert summary["generations"] == 2 and len(read_jsonl(new.history_file)) == 2
+
+
+def test_resume_keeps_the_config_truthful(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", es={"generations": 2})
+    run, _ = run_es(str(config), [])
+    with pytest.raises(ConfigError, match="es.generations=1: this run has done 2 generations already"):
+        run_es(None, ["es.generations=1"], resume=str(run.root))
+    with pytest.raises(RunDirError, match="own config.yaml; drop '.*c.yaml'"):
+        run_es(str(config), [], resume=str(run.root))
+    with pytest.raises(RunDirError, match="drop output_dir"):
+        run_es(None, [f"output_dir={tmp_path / 'elsewhere'}"], resume=str(run.root))
+    assert yaml.safe_load(run.config_file.read_text())["es"]["generations"] == 2
+    run_es(None, ["es.generations=3"], resume=str(run.root))
+    assert yaml.safe_load(run.config_file.read_text())["es"]["generations"] == 3
+    assert [r["changed"] for r in read_jsonl(run.resumes_file)] == [{"es.generations": [2, 3]}]
 
 
 def test_bad_config_fails_before_anything_is_loaded(tmp_path):

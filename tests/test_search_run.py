@@ -375,3 +375,43 @@ def test_a_bad_eval_set_source_stops_the_search_before_its_folder_exists(tiny_ll
         run_search("gsm8k", overrides(tiny_llama, data_file, out, f"eval.sets.gone={tmp_path / 'gone.jsonl'}"),
                    mode="pipeline")
     assert not out.exists()
+
+
+def test_train_loss_is_the_mean_over_the_steps_taken(tiny_llama, data_file):
+    """One step's loss is measured before its update, so a single step reports the base model's loss
+    for every variant alike; the mean over several steps tells a faster learner apart."""
+    from transformers import AutoModelForCausalLM
+
+    from evolm.models import load_tokenizer
+    from evolm.search.config import TrainingConfig
+    from evolm.search.data import encode
+    from evolm.search.training import train
+    from evolm.tasks import load_task
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    task = load_task("gsm8k")
+    examples = task.load_split("train", str(data_file))[:6]
+    rows = encode(tokenizer, [(ex, task.answer_text(ex)) for ex in examples], 160, tokenizer.eos_token_id)
+
+    def trained(learning_rate: float, **training) -> dict:
+        genes = Genes(4, 1.0, learning_rate, 0.0, "attention", 1)
+        model = attach(AutoModelForCausalLM.from_pretrained(tiny_llama), genes, SearchSpace())
+        return train(model, rows, genes, TrainingConfig(batch_size=2, warmup_ratio=0.0, **training), seed=0,
+                     pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), heartbeat=lambda: None)
+
+    slow, fast = trained(1e-6), trained(1e-2)
+    assert slow["steps"] == fast["steps"] == 3
+    assert fast["train_loss"] < slow["train_loss"] - 0.05 and fast["last_step_loss"] < fast["train_loss"]
+    one_slow, one_fast = trained(1e-6, max_steps=1), trained(1e-2, max_steps=1)
+    assert one_slow["train_loss"] == pytest.approx(one_fast["train_loss"]) == one_fast["last_step_loss"]
+
+
+def test_pipeline_mode_caps_the_rank_and_takes_several_steps(pipeline_run):
+    import yaml
+
+    config = yaml.safe_load((pipeline_run / "config.yaml").read_text())
+    assert max(config["space"]["ranks"]) <= 8 and config["training"]["gradient_accumulation"] == 1
+    assert all(v.metrics["steps"] >= 2 for v in variants(pipeline_run))
+    best = json.loads((pipeline_run / "results" / "summary.json").read_text())["best"]
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # hard links, not a second copy
+        assert (pipeline_run / "best_adapter" / name).samefile(pipeline_run / best["adapter"] / name)

@@ -3,26 +3,78 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune language models by evolution.")
-runs_app = typer.Typer(no_args_is_help=True, help="List and clean up run folders.")
+from evolm.errors import UserError, storage_problem, traceback_log
+
+
+def flags_as_flags(params: list[click.Parameter]) -> list[click.Parameter]:
+    """Boolean flags show bare in --help (typer's rich help would print `--overwrite <bool>`)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return flags_as_flags(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return flags_as_flags(super().get_params(ctx))
+
+
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True,
+                  help="Fine-tune language models by evolution.")
+runs_app = typer.Typer(cls=Group, no_args_is_help=True, help="List and clean up run folders.")
 app.add_typer(runs_app, name="runs")
 console = Console()
+stderr = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line, whatever the width
 
 CONFIG_HELP = "YAML config file or preset name (countdown, conciseness, …)"
 OVERRIDES_HELP = "Dotted key=value overrides, e.g. es.population=8 output_dir=runs/x"
+NOT_STARTED = "interrupted before the run started: nothing was written (an existing output_dir is untouched)"
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {escape(str(exc))}")
+def _fail(message: str) -> None:
+    stderr.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
+
+
+@contextmanager
+def reported_errors(*, user_errors: tuple[type[Exception], ...] = (), interrupted: str = "interrupted") -> Iterator[None]:
+    """A command's failures as one line: a user's mistake (or a full or read-only disk) as `error: …`
+    with exit 2, Ctrl-C as `interrupted` with exit 130, anything else as an internal error with the
+    path of the log that holds its traceback, exit 1."""
+    try:
+        yield
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
+    except KeyboardInterrupt:
+        stderr.print(interrupted)
+        raise typer.Exit(130) from None
+    except (UserError, *user_errors) as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        problem = storage_problem(exc)
+        if problem:
+            _fail(problem)
+        summary = (str(exc).splitlines() or [""])[0]
+        stderr.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(summary)} "
+                     f"(the traceback is in {traceback_log(exc)}; please report it)")
+        raise typer.Exit(1) from None
 
 
 def split_config_and_overrides(config: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
@@ -33,7 +85,7 @@ def split_config_and_overrides(config: str | None, overrides: list[str] | None) 
     return config, rest
 
 
-@app.command("es")
+@app.command("es", cls=Command)
 def es_command(
     config: Optional[str] = typer.Argument(None, help=CONFIG_HELP),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
@@ -41,23 +93,19 @@ def es_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
 ) -> None:
     """Evolution Strategies in weight space: a population of LoRA-perturbed models, one batched generation."""
-    from evolm.config import ConfigError
     from evolm.es.loop import run_es
-    from evolm.runs import RunDirError
-    from evolm.tasks import TaskError
 
     config, rest = split_config_and_overrides(config, overrides)
-    try:
+    with reported_errors(user_errors=(FloatingPointError,), interrupted=NOT_STARTED):
         run, summary = run_es(config, rest, resume=str(resume) if resume else None, overwrite=overwrite)
-    except (ConfigError, RunDirError, TaskError, FileNotFoundError) as exc:
-        _fail(exc)
     if summary.get("status") == "interrupted":
-        console.print(f"interrupted; resume with: evolm es --resume {run.root}")
+        when = "" if summary.get("generations") else " before its first generation"
+        console.print(f"interrupted{when}; resume with: evolm es --resume {run.root}")
         raise typer.Exit(130)
     console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=Command)
 def evaluate_command(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder, evolved model folder, "
                                            "or run folder (its export, with the run's settings); none: --model alone."),
@@ -81,12 +129,10 @@ def evaluate_command(
     output: Optional[Path] = typer.Option(None, "--output", help="Write the full report (with texts) as JSON."),
 ) -> None:
     """Score an adapter on a task; with --compare, list improvements, regressions and both-wrong cases."""
-    from evolm.config import ConfigError, apply_overrides
+    from evolm.config import apply_overrides
     from evolm.evaluation import EvalOptions, evaluate_adapter, load_data_sets, named_sources, resolve_run_folder
-    from evolm.runs import RunDirError
-    from evolm.tasks import TaskError
 
-    try:
+    with reported_errors(user_errors=(ValueError, FileNotFoundError)):
         options = EvalOptions(task=task, split=split, model=model, limit=limit,
                               max_new_tokens=max_new_tokens or 1024, temperature=temperature, samples=samples,
                               device=device, dtype=dtype, stop=stop or None,
@@ -99,8 +145,6 @@ def evaluate_command(
                           f"stop={options.stop}")
         sets = load_data_sets(options, named_sources(data) if data else {"test": None})
         report = evaluate_adapter(adapter, options, compare=compare, sets=sets)
-    except (TaskError, FileNotFoundError, ValueError, ConfigError, RunDirError) as exc:
-        _fail(exc)
     sizes = ", ".join(f"{name} ({result['examples']} examples)" for name, result in report["sets"].items())
     table = Table(title=f"{task}: {sizes}")
     table.add_column("set")
@@ -127,7 +171,7 @@ def evaluate_command(
         console.print(f"report written to {output}")
 
 
-@app.command("export")
+@app.command("export", cls=Command)
 def export_command(
     run_dir: Path = typer.Argument(..., help="An ES run folder."),
     out: Path = typer.Argument(..., help="Folder to write: a PEFT adapter (lora) or a Hugging Face model folder."),
@@ -138,17 +182,13 @@ def export_command(
     best: bool = typer.Option(False, "--best", help="The θ that scored best on eval.keep_best's set, not the last."),
 ) -> None:
     """Rebuild a run's θ from its small checkpoint and write it as an adapter or a model folder."""
-    from evolm.config import ConfigError
     from evolm.es.loop import export_run
-    from evolm.runs import RunDirError
 
-    try:
+    with reported_errors(user_errors=(ValueError,)):
         console.print(f"wrote {export_run(run_dir, out, device, best=best, model=model)}")
-    except (ConfigError, RunDirError, ValueError) as exc:
-        _fail(exc)
 
 
-@app.command("search")
+@app.command("search", cls=Command)
 def search_command(
     config: Optional[str] = typer.Argument(None, help="YAML config file or search preset name (gsm8k, …)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. evolution.population=8"),
@@ -158,32 +198,24 @@ def search_command(
     pipeline_test: bool = typer.Option(False, "--pipeline-test", help="3 variants, 2 generations, 15 examples."),
 ) -> None:
     """Evolutionary search over LoRA hyperparameters (rank, alpha, learning rate, dropout, modules, epochs)."""
-    from evolm.config import ConfigError
-    from evolm.runs import RunDirError
     from evolm.search import run_search
-    from evolm.tasks import TaskError
 
     if quick_test and pipeline_test:
         raise typer.BadParameter("choose one of --quick-test and --pipeline-test")
     mode = "quick" if quick_test else "pipeline" if pipeline_test else "full"
     config, rest = split_config_and_overrides(config, overrides)
-    try:
+    with reported_errors(interrupted="interrupted; a variant in progress goes back to the queue; continue "
+                                     "with --resume RUN_DIR (before the run folder exists, nothing was written)"):
         run_dir = run_search(config, rest, resume=str(resume) if resume else None, overwrite=overwrite, mode=mode)
-    except (ConfigError, RunDirError, TaskError) as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        console.print("interrupted; the current variant goes back to the queue; continue with --resume RUN_DIR")
-        raise typer.Exit(130) from None
     console.print(f"run folder: {run_dir}")
 
 
-@app.command("analyze")
+@app.command("analyze", cls=Command)
 def analyze_command(run_dir: Path = typer.Argument(..., help="A run folder (ES or search), finished or running.")):
     """Figures of a run; for a search also the family tree, survival, mutation effects and a Markdown report."""
-    from evolm.config import ConfigError
-    from evolm.runs import RunDir, RunDirError
+    from evolm.runs import RunDir
 
-    try:
+    with reported_errors():
         if RunDir(run_dir).database.is_file():
             from evolm.search import analyze
 
@@ -192,13 +224,11 @@ def analyze_command(run_dir: Path = typer.Argument(..., help="A run folder (ES o
         from evolm.reports import write_figures
 
         RunDir.open(run_dir)
-    except (ConfigError, RunDirError) as exc:
-        _fail(exc)
-    for path in write_figures(run_dir):
-        console.print(f"wrote {path}")
+        for path in write_figures(run_dir):
+            console.print(f"wrote {path}")
 
 
-@runs_app.command("list")
+@runs_app.command("list", cls=Command)
 def runs_list_command(
     root: Path = typer.Argument(Path("runs"), help="Folder holding run folders."),
     cleanup: bool = typer.Option(False, "--cleanup", help="Delete all but the --keep most recent runs."),
@@ -208,9 +238,12 @@ def runs_list_command(
     """List runs (newest first); with --cleanup remove older ones."""
     from evolm.runs import cleanup_runs, format_age, list_runs
 
-    runs = list_runs(root)
+    with reported_errors():
+        runs = list_runs(root)
     table = Table(title=f"runs under {root}")
-    for col in ("path", "status", "generations", "last mean fitness", "final", "size", "modified"):
+    longest = max((len(r["path"]) for r in runs), default=4)
+    table.add_column("path", no_wrap=True, min_width=longest)  # whole, or two runs could look alike
+    for col in ("status", "generations", "last mean fitness", "final", "size", "modified"):
         table.add_column(col)
     for r in runs:
         final = r["final"] or {}
@@ -218,7 +251,8 @@ def runs_list_command(
         table.add_row(r["path"], r["status"], str(r["generations"]),
                       "-" if r["last_mean_fitness"] is None else f"{r['last_mean_fitness']:.4g}",
                       "-" if metric is None else f"{metric:.4g}", f"{r['size_mb']:.1f} MB", format_age(r["modified"]))
-    console.print(table)
+    # wider than the terminal rather than a cut path: the other columns need about 80 characters
+    console.print(table, width=max(console.width, longest + 80), crop=False)
     if cleanup:
         doomed = [r["path"] for r in runs[keep:]]
         if not doomed:
@@ -230,7 +264,7 @@ def runs_list_command(
             console.print(f"deleted {path}")
 
 
-@app.command("datasets")
+@app.command("datasets", cls=Command)
 def datasets_command() -> None:
     """The built-in tasks, their data, and where else data can come from."""
     from evolm.tasks.catalog import describe_tasks

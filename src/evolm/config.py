@@ -10,8 +10,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evolm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, phrased for the user (field name and what is allowed)."""
 
 
@@ -211,7 +213,7 @@ def read_source(source: str | Path, presets: str = ES_PRESETS) -> dict[str, Any]
     else:
         names = ", ".join(preset_names(presets))
         raise ConfigError(f"'{source}' is neither a config file nor a preset; presets: {names}")
-    data = yaml.safe_load(text) or {}
+    data = parse_yaml(text, f"{source}: not valid YAML") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     return data
@@ -230,8 +232,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = parse_yaml(raw, f"override '{item}': the value is not valid YAML "
+                                     "(quote text that holds YAML signs)") if raw.strip() else None
     return data
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text as Python values; a syntax error is a ConfigError of one line saying where it is."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what} ({where}{problem})") from None
 
 
 def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from evolm.adapters import read_peft_adapter
 from evolm.config import SET_NAME, ModelConfig
@@ -171,9 +173,8 @@ def _adapter_texts(adapter: Path, options: EvalOptions, sets: list[EvalSet], com
     theta = space.params_of(weights)
     members = {n: torch.stack([torch.zeros_like(t), t]) if compare else t[None] for n, t in theta.items()}
     engine.set_adapters(space.unflatten(members), space.scale)
-    texts = {s.name: engine.generate(render_all(loaded.tokenizer, s.examples) * options.samples,
-                                     list(range(2 if compare else 1)), _sampling(options, s.task)).texts
-             for s in sets}
+    texts = _generate_sets(engine, loaded.tokenizer, sets, options, list(range(2 if compare else 1)),
+                           "base and adapter" if compare else "adapter")
     del engine, loaded
     release_memory()
     return base_name, texts
@@ -183,12 +184,26 @@ def _model_texts(name_or_path: str, options: EvalOptions, sets: list[EvalSet]) -
     loaded = load_model(ModelConfig(name_or_path=name_or_path, device=options.device, dtype=options.dtype))
     engine = PopulationEngine(loaded.model, loaded.tokenizer, (),
                               eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer))
-    texts = {s.name: engine.generate(render_all(loaded.tokenizer, s.examples) * options.samples, None,
-                                     _sampling(options, s.task)).texts[0]
-             for s in sets}
+    texts = {name: t[0] for name, t in _generate_sets(engine, loaded.tokenizer, sets, options, None,
+                                                       name_or_path).items()}
     del engine, loaded
     release_memory()
     return texts
+
+
+def _generate_sets(engine: PopulationEngine, tokenizer, sets: list[EvalSet], options: EvalOptions,
+                   members: list[int] | None, what: str) -> dict[str, list[list[str]]]:
+    """Each set's completions (one list per member slot), with one progress bar over all of them."""
+    prompts = {s.name: render_all(tokenizer, s.examples) * options.samples for s in sets}
+    slots = len(members) if members else 1
+    with rows_progress(slots * sum(map(len, prompts.values())), what) as bar:
+        return {s.name: engine.generate(prompts[s.name], members, _sampling(options, s.task), on_wave=bar.update).texts
+                for s in sets}
+
+
+def rows_progress(total: int, what: str) -> tqdm:
+    """A progress bar on stderr over the completions to generate (it moves wave by wave)."""
+    return tqdm(total=total, desc=f"generating ({what})", unit="answer", file=sys.stderr, dynamic_ncols=True)
 
 
 def _recorded_base(model_dir: Path) -> str:

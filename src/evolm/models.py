@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from evolm.config import ModelConfig
+from evolm.config import ConfigError, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,7 +29,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"model.device={name} but no CUDA device is available")
+        raise ConfigError(f"model.device={name}: this machine has no CUDA device (torch.cuda.is_available() is "
+                          "False); use model.device=cpu or auto, or install a CUDA build of torch")
     return device
 
 
@@ -36,24 +40,74 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def model_source(name_or_path: str) -> tuple[str, dict]:
+    """What from_pretrained gets for a hub id, a model folder or a .gguf file: (name or folder, extra
+    keyword arguments). A local path that is no model is a ConfigError naming it, before any download."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path.endswith(".gguf"):
+        if not path.is_file():
+            raise ConfigError(f"model {name_or_path}: no such GGUF file")
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(f"model {name_or_path} is a GGUF file, which needs the gguf package: "
+                              "pip install 'evolm[gguf]'")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model {name_or_path}: the folder has no config.json, so it is no transformers model "
+                              "folder; give the folder that holds config.json and the weights")
+        return str(path), {}
+    if path.exists() or looks_like_path(name_or_path):
+        raise ConfigError(f"model {name_or_path}: no such model folder (a local path; a hub id looks like "
+                          "'org/name')")
+    return name_or_path, {}
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else with a slash, or starting with . or ~, is a path."""
+    return name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name
+
+
+def hub_failure(name: str, exc: Exception) -> ConfigError:
+    """A hub id that did not load, with the way round it when offline."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ConfigError(f"model {name} could not be loaded from the Hugging Face hub ({reason}); offline, or for a "
+                       f"private model, download it where there is network (huggingface-cli download {name} "
+                       "--local-dir DIR) and pass the folder: model.name_or_path=DIR")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    source, extra = model_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except OSError as exc:
+        raise hub_failure(name_or_path, exc) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
 
 
+def check_model(config: ModelConfig) -> None:
+    """What can fail about the model without loading its weights: the path, the hub, the device."""
+    source, extra = model_source(config.name_or_path)
+    resolve_device(config.device)
+    try:
+        AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **extra)
+    except OSError as exc:
+        raise hub_failure(config.name_or_path, exc) from exc
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
+    source, extra = model_source(config.name_or_path)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code, **extra}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
-        raise RuntimeError(f"could not load model '{config.name_or_path}' (hub id or local folder): {exc}") from exc
+        raise hub_failure(config.name_or_path, exc) from exc
     model.to(device).eval()
     model.requires_grad_(False)
     tokenizer = load_tokenizer(config.name_or_path, config.trust_remote_code)
@@ -76,3 +130,20 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def check_targets(model: PreTrainedModel, target_modules: Iterable[str], field: str,
+                  layers: Iterable[int] | None = None) -> None:
+    """Fail before any work when `field` names a linear module (matched as peft matches: the whole
+    dotted name or its ending) or a decoder layer the model does not have."""
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        present = sorted({name.rpartition(".")[2] for name in linear})
+        raise ConfigError(f"{field}: the model has no linear module named {', '.join(missing)}; "
+                          f"it has {', '.join(present)}")
+    count = getattr(model.config, "num_hidden_layers", None)
+    absent = [i for i in layers or () if count is not None and not 0 <= i < count]
+    if absent:
+        raise ConfigError(f"space.layers: the model has {count} decoder layers (0 to {count - 1}); "
+                          f"there is no layer {', '.join(map(str, absent))}")

@@ -3,6 +3,7 @@ overwrites, written atomically), its log file, the check of a resumed config, an
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,20 +17,38 @@ from typing import Any
 
 import torch
 
+from evolm.errors import UserError, remember_log
 
-class RunDirError(RuntimeError):
+
+class RunDirError(UserError, RuntimeError):
     """A run folder cannot be used as asked; the message says what to do instead."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    """Write to a temporary file in the same folder, fsync, then rename over the target; on any
+    failure (a full disk) the temporary file is removed and the target keeps its old content."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with naming_the_file(path), open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def naming_the_file(path: Path) -> Iterator[None]:
+    """An OSError from a write or fsync (a full disk) carries no file name; give it `path`'s."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -37,12 +56,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Serialised in memory first (checkpoints are small), so a write error is a plain OSError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -64,7 +81,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def append_jsonl(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with naming_the_file(path), open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -111,6 +128,11 @@ class RunDir:
         return self.root / "best" / self.export_dir(space_kind).name
 
     @property
+    def resumes_file(self) -> Path:
+        """One line per --resume: when, and which settings it changed ({key: [before, after]})."""
+        return self.results / "resumes.jsonl"
+
+    @property
     def summary_file(self) -> Path:
         return self.results / "summary.json"
 
@@ -155,7 +177,9 @@ class RunDir:
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool) -> "RunDir":
-        """A fresh, empty run folder; a non-empty one is only emptied when `overwrite` is set. Every
+        """A fresh, empty run folder; a non-empty one is only emptied when `overwrite` is set and it is a
+        run. Call it once the run can start (config valid, data and model loaded): `refuse_busy_dir`
+        first, to fail fast, then this, so a run that cannot start never costs the old one. Every
         writer makes the subfolders it writes into, so a command leaves none it does not use."""
         root = Path(path)
         refuse_busy_dir(root, overwrite)
@@ -174,23 +198,35 @@ class RunDir:
         atomic_torch_save(state, self.checkpoint_file)
 
     def load_checkpoint(self) -> dict | None:
+        """The checkpoint, None when there is none yet; an unreadable one is a RunDirError saying what to do."""
         if not self.checkpoint_file.is_file():
             return None
-        return torch.load(self.checkpoint_file, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(self.checkpoint_file, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises EOFError, RuntimeError, UnpicklingError … for a damaged file
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RunDirError(
+                f"checkpoint {self.checkpoint_file} is unreadable (truncated or corrupted: {reason}); delete it to "
+                f"restart this run from generation 0, or start a new run") from None
+        if not isinstance(state, dict) or "strategy" not in state:
+            raise RunDirError(f"checkpoint {self.checkpoint_file} is not an evolm checkpoint (no strategy state); "
+                              "delete it to restart this run from generation 0, or start a new run")
+        return state
 
 
 def changed_keys(saved: dict, wanted: dict) -> list[str]:
     """Dotted keys whose values differ between two nested configs, sorted; each command decides
     which of them a resumed run may change."""
-    before, after = _flatten(saved), _flatten(wanted)
+    before, after = flatten(saved), flatten(wanted)
     return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
 
 
-def _flatten(tree: Any, key: str = "") -> dict[str, Any]:
+def flatten(tree: Any, key: str = "") -> dict[str, Any]:
+    """A nested config as {dotted key: leaf value}."""
     if not isinstance(tree, dict) or not tree:  # an empty section is a value, so filling it is a change
         return {key: tree}
     return {leaf: value for name, child in tree.items()
-            for leaf, value in _flatten(child, f"{key}.{name}" if key else str(name)).items()}
+            for leaf, value in flatten(child, f"{key}.{name}" if key else str(name)).items()}
 
 
 def is_under(key: str, sections: Iterable[str]) -> bool:
@@ -219,6 +255,11 @@ def log_to_file(path: Path | None, *, echo: bool = False) -> Iterator[None]:
         logger.addHandler(handler)
     try:
         yield
+    except Exception as exc:
+        if path is not None and not isinstance(exc, UserError):  # the traceback the command's one line points to
+            logger.exception("internal error")
+            remember_log(exc, path)
+        raise
     finally:
         for handler in handlers:
             logger.removeHandler(handler)
@@ -227,14 +268,34 @@ def log_to_file(path: Path | None, *, echo: bool = False) -> Iterator[None]:
 
 
 def refuse_busy_dir(root: Path, overwrite: bool) -> None:
-    """Raise unless `root` is absent or empty, or `overwrite` allows replacing it."""
+    """Raise unless `root` is absent or empty, or is a run (it has config.yaml) that `overwrite` allows
+    replacing. A folder that is not a run is never deleted: the user empties it, there is no force."""
     if root.exists() and not root.is_dir():
         raise RunDirError(f"output_dir {root} exists and is not a folder")
-    if root.is_dir() and any(root.iterdir()) and not overwrite:
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    if not overwrite:
         raise RunDirError(
             f"output_dir {root} is not empty; pass --overwrite to replace it, "
             f"--resume {root} to continue it, or choose another output_dir"
         )
+    if not RunDir(root).config_file.is_file():
+        raise RunDirError(
+            f"output_dir {root} is not empty and is not an evolm run (no config.yaml): --overwrite only "
+            "replaces runs; choose another output_dir, or delete the folder yourself if nothing in it matters"
+        )
+
+
+def refuse_ignored_resume_arguments(config_source: str | None, overrides: list[str], overwrite: bool) -> None:
+    """`--resume RUN` continues RUN with its own config.yaml in RUN: a config file, an output_dir or
+    --overwrite next to it would be silently ignored, so they are refused."""
+    if config_source is not None:
+        raise RunDirError(f"--resume continues a run with its own config.yaml; drop '{config_source}' "
+                          "(key=value overrides may follow --resume RUN)")
+    if any(item.partition("=")[0].strip() == "output_dir" for item in overrides):
+        raise RunDirError("--resume RUN writes into RUN; drop output_dir=… (start a new run to write elsewhere)")
+    if overwrite:
+        raise RunDirError("--overwrite replaces a run and --resume continues one: give only one of them")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -248,7 +309,9 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def list_runs(root: Path) -> list[dict]:
-    """Every run folder below `root` (ES and search), newest first."""
+    """Every run folder below `root` (ES and search), newest first; `path` relative to `root`."""
+    if not Path(root).is_dir():
+        raise RunDirError(f"{root} is not a folder; give the folder that holds your runs (default: runs)")
     rows = []
     for config in sorted(Path(root).glob("**/config.yaml")):
         run = config.parent
@@ -258,7 +321,7 @@ def list_runs(root: Path) -> list[dict]:
         last = history[-1] if history else {}
         rows.append(
             {
-                "path": str(run),
+                "path": str(run.relative_to(root)),
                 "modified": max(p.stat().st_mtime for p in run.rglob("*") if p.is_file()),
                 "generations": len(history),
                 "last_mean_fitness": last.get("mean"),
@@ -275,7 +338,7 @@ def cleanup_runs(root: Path, keep: int) -> list[str]:
     """Delete all but the `keep` most recently modified runs; returns what was deleted."""
     doomed = [r["path"] for r in list_runs(root)[keep:]]
     for path in doomed:
-        shutil.rmtree(path)
+        shutil.rmtree(Path(root) / path)
     return doomed
 
 

@@ -118,12 +118,14 @@ class PopulationEngine:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: Sequence[Sequence[int]], members: Sequence[int] | None, params: SamplingParams
+        self, prompts: Sequence[Sequence[int]], members: Sequence[int] | None, params: SamplingParams,
+        on_wave: Callable[[int], object] | None = None,
     ) -> Generation:
         """Every (member, prompt) row, member-major, in waves that fit the memory budget.
 
         `members` lists population indices to run (a share of the population, for one process
-        of several); None runs the model without adapters as a single slot.
+        of several); None runs the model without adapters as a single slot. `on_wave` gets the
+        number of rows of each finished wave (a progress bar's update).
         """
         slots = list(members) if members is not None else [None]
         if members is not None and any(not 0 <= m < self.population for m in slots):
@@ -146,6 +148,8 @@ class PopulationEngine:
             waves.append(len(wave))
             steps.append(wave_steps)
             start += len(wave)
+            if on_wave is not None:
+                on_wave(len(wave))
         texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
         return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), waves, steps)
 

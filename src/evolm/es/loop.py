@@ -34,16 +34,19 @@ from evolm.es.lora_space import LoRASpace
 from evolm.es.noise import stream_key
 from evolm.es.space import Space
 from evolm.es.strategy import EvolutionStrategy
-from evolm.models import LoadedModel, eos_token_ids, load_model, release_memory
+from evolm.models import LoadedModel, check_targets, eos_token_ids, load_model, release_memory
 from evolm.runs import (
     RunDir,
     append_jsonl,
     atomic_write_text,
     changed_keys,
     evaluations_by_set,
+    flatten,
     is_under,
     log_to_file,
     read_jsonl,
+    refuse_busy_dir,
+    refuse_ignored_resume_arguments,
     write_jsonl,
 )
 from evolm.scoring import headline_metric, render_all, score_all, summarize
@@ -69,25 +72,37 @@ class PromptSet:
 
 
 def prepare_run(
-    config_source: str | None, overrides: list[str], *, resume: str | None, overwrite: bool, create: bool = True
-) -> tuple[ESRunConfig, RunDir]:
-    """Validate everything that can be checked without a model; create (if `create`) or reopen the run folder."""
-    if resume:
-        run = RunDir.open(resume)
-        saved = read_source(run.config_file)
-        config = validate(apply_overrides(read_source(run.config_file), overrides), ESRunConfig)
-        before, after = validate(saved, ESRunConfig).model_dump(), config.model_dump()
-        policy = FROZEN_ON_RESUME + (FROZEN_FOR_REPLAY if config.space.kind != "lora" else ())
-        frozen = [key for key in changed_keys(before, after) if is_under(key, policy)]
-        if frozen:
-            raise ConfigError(f"{', '.join(frozen)} cannot change on --resume (they define what the checkpoint "
-                              f"means; frozen for a {config.space.kind} run: {', '.join(policy)})")
-        config.output_dir = str(run.root)
-        return config, run
-    if config_source is None:
-        raise ConfigError("give a config file or preset name, or --resume RUN_DIR")
-    config = load_config(config_source, overrides, ESRunConfig)
-    return config, RunDir.create(config.output_dir, overwrite) if create else RunDir(Path(config.output_dir))
+    config_source: str | None, overrides: list[str], *, resume: str | None, overwrite: bool
+) -> tuple[ESRunConfig, RunDir, dict[str, list]]:
+    """Validate everything that can be checked without a model, and touch nothing: the config, the
+    output folder (is it free?) or the resumed run (its checkpoint readable, its generations no fewer
+    than it has done). Returns the config, the run folder and, on resume, what the overrides change
+    ({key: [before, after]})."""
+    if not resume:
+        if config_source is None:
+            raise ConfigError("give a config file or preset name, or --resume RUN_DIR")
+        config = load_config(config_source, overrides, ESRunConfig)
+        refuse_busy_dir(Path(config.output_dir), overwrite)
+        return config, RunDir(Path(config.output_dir)), {}
+    refuse_ignored_resume_arguments(config_source, overrides, overwrite)
+    run = RunDir.open(resume)
+    saved = validate(read_source(run.config_file), ESRunConfig)
+    config = validate(apply_overrides(saved.model_dump(mode="json"), overrides), ESRunConfig)
+    before, after = saved.model_dump(), config.model_dump()
+    changed = changed_keys(before, after)
+    policy = FROZEN_ON_RESUME + (FROZEN_FOR_REPLAY if config.space.kind != "lora" else ())
+    frozen = [key for key in changed if is_under(key, policy)]
+    if frozen:
+        raise ConfigError(f"{', '.join(frozen)} cannot change on --resume (they define what the checkpoint "
+                          f"means; frozen for a {config.space.kind} run: {', '.join(policy)})")
+    state = run.load_checkpoint()
+    done = state["strategy"]["generation"] if state else 0
+    if config.es.generations < done:
+        raise ConfigError(f"es.generations={config.es.generations}: this run has done {done} generations already; "
+                          f"give es.generations={done} or more (a run does not shrink below what it has done)")
+    config.output_dir = str(run.root)  # where the run is now, should it have been moved
+    flat_before, flat_after = flatten(before), flatten(after)
+    return config, run, {key: [flat_before.get(key), flat_after.get(key)] for key in changed}
 
 
 class ESRun:
@@ -264,14 +279,14 @@ class ESRun:
             atomic_write_text(self.run.config_file, dump_config(config))
             self.tracker = Tracker(config, self.run.logs)
         evaluated = {r["generation"] for r in read_jsonl(self.run.evaluations_file)}
-        if start == 0 and 0 not in evaluated:
-            for name, metrics in self.evaluate_all(0, keep_completions=True).items():
-                log.info("base model %s metrics: %s", name, _fmt(metrics))
         bar = tqdm(total=es.generations, initial=start, desc="ES", unit="gen",
                    disable=not (self.is_main and config.logging.progress), dynamic_ncols=True)
         status = "finished"
         try:
             with _sigterm_as_interrupt():
+                if start == 0 and 0 not in evaluated:
+                    for name, metrics in self.evaluate_all(0, keep_completions=True).items():
+                        log.info("base model %s metrics: %s", name, _fmt(metrics))
                 for g in range(start, es.generations):
                     row = self.one_generation(g)
                     bar.update(1)
@@ -280,6 +295,9 @@ class ESRun:
             status = "interrupted"  # update, history line and checkpoint are one step (see _commit)
             log.warning("interrupted: the generation in progress is abandoned; the checkpoint at generation %d is kept",
                         self.strategy.generation)
+        except Exception as exc:
+            self.record_failure(exc, time.time() - started)
+            raise
         finally:
             bar.close()
         return self.finish(status, time.time() - started)
@@ -336,6 +354,18 @@ class ESRun:
         exported = self.space.export(self.strategy.params, path, self.config.model.name_or_path)
         log.info("exported generation %d to %s", self.strategy.generation, exported)
         return exported
+
+    def record_failure(self, exc: Exception, wall_time: float) -> None:
+        """A summary saying the run failed and where it can resume from; best effort, as the failure may
+        be the full disk that this write needs too."""
+        if not self.is_main:
+            return
+        summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "generations": self.strategy.generation,
+                   "resume_from": self.strategy.generation, "wall_time_s_this_session": wall_time}
+        try:
+            atomic_write_text(self.run.summary_file, json.dumps(summary, indent=2))
+        except OSError:
+            log.warning("could not write %s either", self.run.summary_file)
 
     def finish(self, status: str, wall_time: float) -> dict:
         g = self.strategy.generation
@@ -431,23 +461,32 @@ def export_run(run_dir: str | Path, out: str | Path, device: str | None = None, 
 
 def run_es(config_source: str | None, overrides: list[str], *, resume: str | None = None,
            overwrite: bool = False) -> tuple[RunDir, dict]:
-    """Validate, load data, then the model; run; return the run folder and its summary."""
+    """Validate, load data, then the model and the engine; only then create the run folder (replacing
+    an old run with --overwrite) or record the resume; run; return the run folder and its summary. A
+    run that cannot start, or a Ctrl-C before it starts, writes nothing."""
     rank, _ = distributed.world()
-    # the first process creates the folder; the others validate the same config and wait for it
-    config, run = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite, create=rank == 0)
+    config, run, changes = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
+    task = load_task(config.task.name, config.task.options)
+    train, test = load_splits(task, config.task, hold_out=False)
+    eval_sets = load_eval_sets(task, config.task, config.eval.sets)
+    if config.eval.keep_best == TEST_SET and not test:
+        raise ConfigError("eval.keep_best=test, but the run has no test examples (task.test)")
+    config.model.device = distributed.local_device_name(config.model.device)
+    torch.manual_seed(config.seed)
+    loaded = load_model(config.model)
+    check_targets(loaded.model, config.space.target_modules, "space.target_modules", config.space.layers)
+    if rank == 0:  # the first process creates the folder; the others wait for it
+        if resume:
+            append_jsonl(run.resumes_file, {"time": time.time(), "changed": changes})
+        else:
+            run = RunDir.create(run.root, overwrite)
     distributed.barrier()
     with log_to_file(run.logs / "run.log" if rank == 0 else None):
-        task = load_task(config.task.name, config.task.options)
-        train, test = load_splits(task, config.task, hold_out=False)
-        eval_sets = load_eval_sets(task, config.task, config.eval.sets)
-        if config.eval.keep_best == TEST_SET and not test:
-            raise ConfigError("eval.keep_best=test, but the run has no test examples (task.test)")
-        config.model.device = distributed.local_device_name(config.model.device)
-        torch.manual_seed(config.seed)
-        loaded = load_model(config.model)
         log.info("model %s on %s (%s); %d train / %d test examples%s", config.model.name_or_path, loaded.device,
                  loaded.dtype, len(train), len(test),
                  "".join(f", {len(s.examples)} in {s.name}" for s in eval_sets))
+        if changes:
+            log.info("resumed with changes: %s", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
         es_run = ESRun(config, run, loaded, task, train, test, eval_sets)
         summary = es_run.train_loop()
         best = summary.get("best")

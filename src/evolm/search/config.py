@@ -107,6 +107,10 @@ MODES = {  # test modes: (population, generations, training examples, evaluation
     "quick": (2, 2, 120, 40),
     "pipeline": (3, 2, 15, 15),
 }
+# A pipeline test checks the machinery, so it writes small adapters and takes several optimizer
+# steps (15 examples in batches of 8 x 2 would be one step, whose loss is the base model's).
+PIPELINE_MAX_RANK = 8
+PIPELINE_BATCH_SIZE = 4
 
 
 def apply_mode(config: SearchRunConfig, mode: Literal["full", "quick", "pipeline"]) -> SearchRunConfig:
@@ -120,4 +124,7 @@ def apply_mode(config: SearchRunConfig, mode: Literal["full", "quick", "pipeline
     data["task"].update(train_size=train_size, test_size=test_size)
     if mode == "pipeline":
         data["fitness"]["max_new_tokens"] = min(config.fitness.max_new_tokens, 128)
+        data["space"]["ranks"] = sorted({min(rank, PIPELINE_MAX_RANK) for rank in config.space.ranks})
+        data["training"].update(batch_size=min(config.training.batch_size, PIPELINE_BATCH_SIZE),
+                                gradient_accumulation=1)
     return SearchRunConfig.model_validate(data)

@@ -54,13 +54,23 @@ def complete_generations(store: Store) -> list[tuple[int, list[Variant]]]:
     return result
 
 
+def link_or_copy(source: str, target: str) -> None:
+    """A hard link (the adapter files of a variant are never rewritten in place), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def write_history(store: Store, run: RunDir) -> None:
     lines = [json.dumps(generation_record(g, vs), default=float) for g, vs in complete_generations(store)]
     atomic_write_text(run.history_file, "".join(line + "\n" for line in lines))
 
 
 def export_best(store: Store, run: RunDir, generations: int) -> Variant | None:
-    """Copy the best scored adapter to best_adapter/ (a PEFT folder) and write results/summary.json."""
+    """Put the best scored adapter in best_adapter/ (a PEFT folder of hard links to the variant's files,
+    so no second copy on disk; a copy where the file system has no hard links) and write
+    results/summary.json, which names the variant."""
     variants = store.variants()
     best = best_variant(variants)
     if best is None:
@@ -69,7 +79,7 @@ def export_best(store: Store, run: RunDir, generations: int) -> Variant | None:
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with store.transaction():  # the database's write lock keeps workers that finish together from colliding
         shutil.rmtree(temporary, ignore_errors=True)
-        shutil.copytree(run.root / best.adapter, temporary)
+        shutil.copytree(run.root / best.adapter, temporary, copy_function=link_or_copy)
         replace_dir(temporary, target)
     summary = {
         "status": "finished" if store.finished(generations) else "running or stopped",

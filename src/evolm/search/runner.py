@@ -16,8 +16,16 @@ from typing import Literal
 import torch
 
 from evolm.config import ConfigError, apply_overrides, dump_config, load_config, read_source, validate
-from evolm.models import LoadedModel, eos_token_ids, load_model, release_memory
-from evolm.runs import RunDir, atomic_write_text, changed_keys, is_under, log_to_file, refuse_busy_dir
+from evolm.models import LoadedModel, check_model, eos_token_ids, load_model, release_memory
+from evolm.runs import (
+    RunDir,
+    atomic_write_text,
+    changed_keys,
+    is_under,
+    log_to_file,
+    refuse_busy_dir,
+    refuse_ignored_resume_arguments,
+)
 from evolm.scoring import render
 from evolm.search.config import SearchRunConfig, apply_mode
 from evolm.search.data import encode
@@ -39,8 +47,10 @@ log = logging.getLogger("evolm.search")
 def run_search(config_source: str | None, overrides: list[str], *, resume: str | None = None,
                overwrite: bool = False, mode: Literal["full", "quick", "pipeline"] = "full") -> Path:
     """Start a run (config file or preset + overrides), or continue / join one with `resume`; returns
-    the run folder. Everything is validated and the data loaded before the folder is touched."""
+    the run folder. Everything is validated, the data loaded and the model checked (path, hub, device)
+    before the folder is touched, so a run that cannot start costs no old run (see RunDir.create)."""
     if resume is not None:
+        refuse_ignored_resume_arguments(config_source, overrides, overwrite)
         run = open_search_run(resume)
         config = _resumed_config(run, overrides, mode)
     elif not config_source:
@@ -52,6 +62,7 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
     train_examples, test_examples = load_splits(task, config.task, hold_out=True,
                                                 needs_references=config.training.targets == "reference")
     eval_sets = load_eval_sets(task, config.task, config.eval.sets)
+    check_model(config.model)
     if resume is None:
         run = RunDir.create(config.output_dir, overwrite)
         atomic_write_text(run.config_file, dump_config(config))

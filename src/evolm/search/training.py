@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from evolm.adapters import WEIGHTS_FILE
-from evolm.config import ConfigError
+from evolm.models import check_targets
 from evolm.runs import replace_dir
 from evolm.search.config import SearchSpace, TrainingConfig
 from evolm.search.data import Encoded, answer_nll, collate
@@ -22,12 +22,8 @@ from evolm.search.genes import Genes
 
 def check_target_modules(model: PreTrainedModel, space: SearchSpace) -> None:
     """Fail before any training when a module set names a module the model does not have."""
-    present = {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     for set_name, modules in space.target_modules.items():
-        missing = sorted(set(modules) - present)
-        if missing:
-            raise ConfigError(f"space.target_modules.{set_name}: the model has no linear module named "
-                              f"{', '.join(missing)}; it has {', '.join(sorted(present))}")
+        check_targets(model, modules, f"space.target_modules.{set_name}")
 
 
 def attach(model: PreTrainedModel, genes: Genes, space: SearchSpace) -> PeftModel:
@@ -61,7 +57,10 @@ def autocast(device: torch.device, mode: str):
 def train(model: PeftModel, rows: list[Encoded], genes: Genes, config: TrainingConfig, *, seed: int,
           pad_id: int, device: torch.device, heartbeat: Callable[[], None]) -> dict[str, float]:
     """AdamW over the adapter for genes.epochs epochs: linear warmup then linear decay, gradient
-    accumulation, clipping; the loss is the mean over answer tokens of each optimizer step."""
+    accumulation, clipping. Each step's loss (mean over its answer tokens) is measured on the weights
+    that step starts from, as in any training loop; `train_loss` is the mean of the losses of the steps
+    taken and `last_step_loss` the last one's. A fresh adapter starts as the base model (B = 0), so a
+    single step reports the base model's loss, alike for every variant: take several steps."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(rows), generator=generator) for _ in range(genes.epochs)]).tolist()
     micro = [order[i: i + config.batch_size] for i in range(0, len(order), config.batch_size)]
@@ -74,16 +73,18 @@ def train(model: PeftModel, rows: list[Encoded], genes: Genes, config: TrainingC
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(len(steps) - s, 0) / decay)
     model.train()
-    total_nll, total_tokens = 0.0, 0
+    step_losses, total_tokens = [], 0
     for step in steps:
         batches = [collate([rows[i] for i in indices], pad_id, device) for indices in step]
         tokens = sum(int(b["answer_mask"].sum()) for b in batches)
+        step_nll = 0.0
         for batch in batches:
             with autocast(device, config.mixed_precision):
                 nll, _ = answer_nll(model, batch)
             loss = nll.sum() / tokens
             loss.backward()
-            total_nll += float(nll.detach().sum())
+            step_nll += float(nll.detach().sum())
+        step_losses.append(step_nll / max(tokens, 1))
         total_tokens += tokens
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -92,7 +93,9 @@ def train(model: PeftModel, rows: list[Encoded], genes: Genes, config: TrainingC
         optimizer.zero_grad(set_to_none=True)
         heartbeat()
     model.eval()
-    return {"train_loss": total_nll / max(total_tokens, 1), "steps": len(steps), "train_tokens": total_tokens}
+    return {"train_loss": sum(step_losses) / max(len(step_losses), 1),
+            "last_step_loss": step_losses[-1] if step_losses else 0.0,
+            "steps": len(steps), "train_tokens": total_tokens}
 
 
 def save_adapter(model: PeftModel, folder: Path) -> None:

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from evolm.errors import UserError
+
 Split = Literal["train", "test"]
 Messages = list[dict[str, str]]
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task or its data is unusable; the message names the task, file or example."""
 
 
@@ -86,10 +88,10 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     """
     location, part = split_slice(source)
     path = Path(location).expanduser()
-    if path.is_file():
-        records = _read_file(path)
-    elif path.is_dir():
+    if path.is_dir():
         records = _read_saved_dataset(path, split)
+    elif path.exists():  # a file, or a named pipe (bash's <(zcat data.jsonl.gz))
+        records = _read_file(path)
     elif location.startswith(("/", ".", "~")) or location.endswith((".json", ".jsonl")):
         raise TaskError(f"data file not found: {path}")
     else:

@@ -25,7 +25,8 @@ def load_splits(task: Task, config: TaskConfig, *, hold_out: bool,
     `hold_out`: the run cannot do without an evaluation split (search scores every variant on it),
     so with a local training source and no test source the last test_size records (default: a
     tenth, at most 200) are held out of training for it. Without `hold_out` each split comes from
-    its own source and an empty evaluation split is allowed (ES then evaluates nothing).
+    its own source. Either split empty is a TaskError: a run without test examples would report no
+    base or final metric at all.
     `needs_references`: the run learns the task's reference answers, so the task must provide them.
     """
     if needs_references and not callable(getattr(task, "answer_text", None)):
@@ -43,8 +44,9 @@ def load_splits(task: Task, config: TaskConfig, *, hold_out: bool,
     train, test = train[: config.train_size], test[: config.test_size]
     if not train:
         raise TaskError(f"task '{config.name}': the training split is empty ({config.train or 'built-in'})")
-    if hold_out and not test:
-        raise TaskError(f"task '{config.name}': the evaluation split is empty ({config.test or 'built-in'})")
+    if not test:
+        raise TaskError(f"task '{config.name}': the test split is empty ({config.test or 'built-in'}); give "
+                        "task.test a source with examples")
     return train, test
 
 

@@ -1,0 +1,49 @@
+"""What the `evolm` command reports on one line, and where an internal failure's traceback goes."""
+
+from __future__ import annotations
+
+import errno
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a field, a file, a value): the command prints the message, exits 2."""
+
+
+# Failures of the disk or the folder, not of evolm: the user frees space or picks another folder.
+STORAGE_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space or set output_dir on another disk; --resume RUN then "
+                  "continues a run from its last checkpoint",
+    errno.EDQUOT: "the disk quota is used up: free some space or set output_dir on another disk; --resume RUN "
+                  "then continues a run from its last checkpoint",
+    errno.EFBIG: "the file grew past the size this process may write (ulimit -f): raise the limit",
+    errno.EROFS: "the file system is read-only: set output_dir to a writable folder",
+    errno.EACCES: "no permission to write there: set output_dir to a folder you can write",
+    errno.EPERM: "no permission to write there: set output_dir to a folder you can write",
+}
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """A one-line description of an OSError the user's disk or folder caused, or None for any other error."""
+    if not isinstance(exc, OSError) or exc.errno not in STORAGE_ADVICE:
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"cannot write{where}: {exc.strerror}; {STORAGE_ADVICE[exc.errno]}"
+
+
+def remember_log(exc: BaseException, path: Path) -> None:
+    """Note on `exc` the log file its traceback went to, for the one line the command prints."""
+    exc.evolm_log = path  # type: ignore[attr-defined]
+
+
+def traceback_log(exc: BaseException) -> Path:
+    """The log holding `exc`'s traceback: the run's log when the run wrote it there, else a new file."""
+    path = getattr(exc, "evolm_log", None)
+    if path is not None:
+        return path
+    path = Path(tempfile.gettempdir()) / f"evolm-error-{time.strftime('%Y%m%d-%H%M%S')}-{id(exc):x}.log"
+    path.write_text("".join(traceback.format_exception(exc)))
+    return path

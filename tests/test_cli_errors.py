@@ -1,0 +1,268 @@
+"""Every user mistake is one line on stderr, `error: …`, exit 2, and writes nothing; an internal
+failure is one line naming the log with its traceback; Ctrl-C before the start says so (exit 130).
+
+The cheap cases run the real `evolm` app in process (typer's runner); those that need a process of
+their own (an offline hub, Ctrl-C, a full or read-only disk) run `python -m evolm.cli`. A full and a
+read-only disk are real: a tiny or read-only tmpfs mounted in a user namespace (`unshare -rm`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import evolm as evolm_package
+from evolm.cli import app
+from evolm.es.loop import run_es
+
+TESTS = Path(__file__).parent
+LETTER_TASK = "helpers.letter_task:LetterTask"
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def write_config(path: Path, model: Path, out: Path, **top) -> Path:
+    config = {"output_dir": str(out), "model": {"name_or_path": str(model)}, "task": {"name": LETTER_TASK},
+              "space": {"rank": 2, "target_modules": ["q_proj", "v_proj"]},
+              "es": {"generations": 2, "population": 4}, "generation": {"max_new_tokens": 4},
+              "eval": {"every": 0}, "logging": {"progress": False, "tensorboard": False}, **top}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def evolm(*args: str) -> tuple[int, str]:
+    """Exit code and stderr of the `evolm` app run in this process."""
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stderr
+
+
+def evolm_process(*args: str, wrap: list[str] | None = None, env: dict | None = None,
+                  **popen) -> subprocess.Popen:
+    command = [*(wrap or []), sys.executable, "-m", "evolm.cli", *args]
+    source = str(Path(evolm_package.__file__).parents[1])  # the evolm under test, whatever the working folder
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), source]),
+                       **(env or {}))
+    return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def finished(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    stderr = finished_with_stdout(process, timeout)[1]
+    return process.returncode, stderr
+
+
+def finished_with_stdout(process: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    return process.communicate(timeout=timeout)
+
+
+def one_error_line(stderr: str) -> str:
+    """The `error:` line; there must be exactly one and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def config(tiny_llama, tmp_path) -> Path:
+    return write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_llama, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    run, _ = run_es(str(write_config(root / "c.yaml", tiny_llama, root / "run")), [])
+    return run.root
+
+
+def user_mistakes(tmp_path: Path, config: Path) -> dict[str, tuple[list[str], str]]:
+    """case -> (arguments, a part of the message the one line must hold)."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("es: {population: [1, 2\n")
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("mine")
+    return {
+        "missing model folder": ([f"model.name_or_path={tmp_path / 'no-model'}"],
+                                 f"model {tmp_path / 'no-model'}: no such model folder"),
+        "folder that is no model": ([f"model.name_or_path={not_a_model}"], "has no config.json"),
+        "GGUF without the gguf package": ([f"model.name_or_path={tmp_path / 'm.gguf'}"], "no such GGUF file"),
+        "cuda without a GPU": (["model.device=cuda"], "model.device=cuda: this machine has no CUDA device"),
+        "malformed YAML file": ([str(bad_yaml)], f"{bad_yaml}: not valid YAML (line 2, column 1"),
+        "malformed YAML override": (["es.population=[1"], "override 'es.population=[1': the value is not valid YAML"),
+        "layer the model lacks": (["space.layers=[7]"], "space.layers: the model has 2 decoder layers (0 to 1)"),
+        "module the model lacks": (["space.target_modules=[qq_proj]"],
+                                   "space.target_modules: the model has no linear module named qq_proj"),
+        "empty data": (["task.options.prompts=0"], "the training split is empty"),
+        "overwrite a folder that is no run": ([f"output_dir={not_a_model}", "--overwrite"],
+                                              "is not an evolm run (no config.yaml)"),
+    }
+
+
+def test_user_mistakes_are_one_line_exit_2_and_write_nothing(config, tmp_path):
+    for case, (extra, expected) in user_mistakes(tmp_path, config).items():
+        arguments = extra if extra[0].endswith(".yaml") else [str(config), *extra]
+        code, stderr = evolm("es", *arguments)
+        assert code == 2, (case, stderr)
+        assert expected in one_error_line(stderr), (case, stderr)
+        assert not (tmp_path / "run").exists(), case
+    if importlib.util.find_spec("gguf") is not None:
+        return  # the missing-package message below needs gguf absent
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    code, stderr = evolm("es", str(config), f"model.name_or_path={tmp_path / 'm.gguf'}")
+    assert code == 2 and "needs the gguf package: pip install 'evolm[gguf]'" in one_error_line(stderr)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", b"not a checkpoint at all"],
+                         ids=["empty", "truncated", "corrupted"])
+def test_resume_from_an_unreadable_checkpoint(finished_run, tmp_path, content):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "checkpoints" / "latest.pt").write_bytes(content)
+    code, stderr = evolm("es", "--resume", str(run), "es.generations=3")
+    assert code == 2
+    assert f"checkpoint {run / 'checkpoints' / 'latest.pt'} is unreadable" in one_error_line(stderr)
+
+
+def test_resume_arguments_that_would_be_ignored_or_untrue(finished_run, config):
+    history = (finished_run / "results" / "history.jsonl").read_text()
+    for arguments, expected in ((["es.generations=1"], "es.generations=1: this run has done 2 generations already"),
+                                ([str(config)], "--resume continues a run with its own config.yaml"),
+                                (["output_dir=elsewhere"], "drop output_dir"),
+                                (["--overwrite"], "give only one of them")):
+        code, stderr = evolm("es", "--resume", str(finished_run), *arguments)
+        assert code == 2 and expected in one_error_line(stderr), stderr
+    assert yaml.safe_load((finished_run / "config.yaml").read_text())["es"]["generations"] == 2
+    assert (finished_run / "results" / "history.jsonl").read_text() == history
+
+
+def test_runs_list_of_a_missing_folder(tmp_path):
+    code, stderr = evolm("runs", "list", str(tmp_path / "missing"))
+    assert code == 2 and "is not a folder" in one_error_line(stderr)
+
+
+def test_runs_list_shows_whole_paths_relative_to_the_root(finished_run):
+    deep = finished_run.parent / ("a-rather-long-folder-name-for-runs" * 2) / "run-with-a-long-name-0001"
+    shutil.copytree(finished_run, deep)
+    result = CliRunner().invoke(app, ["runs", "list", str(finished_run.parent)], terminal_width=80)
+    assert result.exit_code == 0 and str(deep.relative_to(finished_run.parent)) in result.stdout
+
+
+def test_boolean_flags_show_as_flags_in_help():
+    for command in (["es", "--help"], ["search", "--help"], ["runs", "list", "--help"], ["--help"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0 and "<bool>" not in result.stdout, result.stdout
+
+
+def test_an_internal_error_is_one_line_with_the_log_of_its_traceback(config):
+    code, stderr = evolm("es", str(config), "task.name=helpers.broken_task:BrokenTask")
+    assert code == 1 and "Traceback" not in stderr
+    line, = [line for line in stderr.splitlines() if line.startswith("internal error: ")]
+    assert line.startswith("internal error: RuntimeError: a bug in the data loader (the traceback is in ")
+    log = Path(line.split("the traceback is in ")[1].split(";")[0])
+    assert "RuntimeError: a bug in the data loader" in log.read_text()
+    log.unlink()
+
+
+def test_an_offline_hub_id_says_how_to_pass_a_local_folder(config, tmp_path):
+    process = evolm_process("es", str(config), "model.name_or_path=nobody/no-such-model",
+                            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    code, stderr = finished(process)
+    assert code == 2
+    line = one_error_line(stderr)
+    assert "model nobody/no-such-model could not be loaded from the Hugging Face hub" in line
+    assert "pass the folder: model.name_or_path=DIR" in line
+
+
+def test_ctrl_c_while_loading_keeps_the_old_run_and_says_nothing_started(finished_run, tmp_path):
+    """The new run reads its data from a named pipe that never delivers, so Ctrl-C lands while loading."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    pipe = tmp_path / "data.jsonl"
+    os.mkfifo(pipe)
+    process = evolm_process("es", str(run / "config.yaml"), "task.name=conciseness", f"task.train={pipe}",
+                            "--overwrite")
+    deadline = time.time() + 60
+    while True:  # opening the write end succeeds once the run has opened the pipe to read its data
+        try:
+            writer = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert time.time() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    code, stderr = finished(process)
+    os.close(writer)
+    assert code == 130, stderr
+    assert "interrupted before the run started: nothing was written" in stderr and "Traceback" not in stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+AFTER = "--- after the run ---"
+
+
+def namespace_with(mount_options: str, folder: Path) -> list[str]:
+    """A command prefix that runs the rest with a tmpfs mounted on `folder` (a user namespace: unprivileged),
+    then lists the temporary files left there and prints the run's summary (the mount ends with it)."""
+    script = (f'mount -t tmpfs -o {mount_options} tmpfs "{folder}" && {{ "$@"; code=$?; echo "{AFTER}"; '
+              f'find "{folder}" -name "*.tmp"; cat "{folder}/run/results/summary.json"; exit $code; }}')
+    return ["unshare", "-rm", "sh", "-c", script, "sh"]
+
+
+def user_namespaces_work(tmp_path: Path) -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run([*namespace_with("size=4k", tmp_path), "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_a_read_only_output_folder(config, tmp_path):
+    if not user_namespaces_work(tmp_path):
+        pytest.skip("no unprivileged user namespaces here to mount a read-only folder")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    process = evolm_process("es", str(config), f"output_dir={disk / 'run'}", wrap=namespace_with("ro", disk))
+    code, stderr = finished(process)
+    assert code == 2
+    assert one_error_line(stderr) == (f"error: cannot write {disk / 'run'}: Read-only file system; the file system "
+                                      "is read-only: set output_dir to a writable folder")
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_no_temporary_file(config, tmp_path):
+    if not user_namespaces_work(tmp_path):
+        pytest.skip("no unprivileged user namespaces here to mount a small disk")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "run"
+    process = evolm_process("es", str(config), f"output_dir={out}", "es.generations=100000",
+                            wrap=namespace_with("size=48k", disk), cwd=tmp_path)
+    stdout, stderr = finished_with_stdout(process, timeout=300)
+    assert process.returncode == 2, stderr
+    line = one_error_line(stderr)
+    assert line.startswith(f"error: cannot write {out}/") and "No space left on device; the disk is full" in line
+    temporary_files, _, summary = stdout.partition(AFTER)[2].strip().partition("{")
+    assert temporary_files == ""
+    summary = json.loads("{" + summary)
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    assert summary["resume_from"] >= 1
+
+
+def test_evaluate_shows_progress_on_stderr(tiny_llama):
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(tiny_llama), "--task", LETTER_TASK,
+                                      "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.stderr
+    assert "generating (" in result.stderr and "4/4" in result.stderr
