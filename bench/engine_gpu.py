@@ -8,7 +8,8 @@ training prompts, the same rows with no adapters, `--reference-members` members 
 transformers generate (the paper's evaluation, extrapolated to N: for lora a PEFT LoRA with the member's A and B
 written in, for full-lowrank the model with W + σ·E_i written in), greedy agreement with that reference, and with
 `--scaling` a table over population sizes and token limits. `--profile` profiles decoding steps and exits;
-`--agreement` compares fp32 and bf16 engine vs reference. Prints Markdown tables and writes bench-SPACE.json.
+`--agreement` compares fp32 and bf16 engine vs reference. Prints Markdown tables and writes
+bench-SPACE.json (bench-SPACE-stop.json with --stop).
 """
 
 from __future__ import annotations
@@ -68,15 +69,15 @@ def roofline_peaks(device: torch.device, peak_flops: float | None, peak_bytes: f
     return {"device": name, "flops_per_s": flops, "bytes_per_s": bytes_per_s, "source": source}
 
 
-def workload(engine: PopulationEngine, prompts, tokens_per_row, steps) -> dict:
-    """FLOPs and bytes of a generation with the engine's current adapters, counted from what actually ran."""
+def workload(engine: PopulationEngine, prompts, tokens_per_row, steps, population: int, rank: int) -> dict:
+    """FLOPs and bytes of a generation of `population` members' rank-`rank` factors, counted from what ran."""
     cfg = engine.model.config.get_text_config()
     layers, hidden, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     shapes = engine.shapes().values()  # (in, out) of every targeted linear layer, all decoder blocks
     linear = sum(fan_in * fan_out for fan_in, fan_out in shapes)  # multiply-adds per token
-    adapter = engine.rank * sum(fan_in + fan_out for fan_in, fan_out in shapes)  # x·Aᵀ then ·Bᵀ, one member per row
+    adapter = rank * sum(fan_in + fan_out for fan_in, fan_out in shapes)  # x·Aᵀ then ·Bᵀ, one member per row
     element = torch.finfo(engine.dtype).bits // 8
     kv_bytes_per_token = 2 * layers * kv_heads * head_dim * element
     prompt_tokens, new_tokens = sum(len(p) for p in prompts), sum(tokens_per_row)
@@ -85,7 +86,7 @@ def workload(engine: PopulationEngine, prompts, tokens_per_row, steps) -> dict:
     flops = 2 * (linear + adapter) * (prompt_tokens + new_tokens) + 2 * hidden * vocab * new_tokens
     flops += 4 * layers * heads * head_dim * attn_ctx
     # every decoding step reads the weights and all members' factors once, and the KV cache of its rows
-    step_bytes = element * (linear + hidden * vocab + engine.population * adapter)
+    step_bytes = element * (linear + hidden * vocab + population * adapter)
     bytes_moved = step_bytes * sum(steps) + kv_bytes_per_token * (attn_ctx + new_tokens)
     return {"flops": flops, "bytes": bytes_moved}
 
@@ -242,7 +243,8 @@ def main() -> None:
                      "max_new_tokens": args.max_new_tokens, "stop": args.stop, "roofline": peaks}
     main_run = es_generation(space, strategy(args.members), task, examples, prompt_ids, sampling)
     results["engine"] = {k: v for k, v in main_run.items() if k not in ("output", "rows_tokens")}
-    results["engine"].update(workload(engine, prompt_ids * args.members, main_run["rows_tokens"], main_run["steps"]))
+    results["engine"].update(workload(engine, prompt_ids * args.members, main_run["rows_tokens"], main_run["steps"],
+                                      args.members, main_run["rank"]))
     results["plain"] = plain_generation(engine, prompt_ids, args.members, sampling)
     print(json.dumps({k: results[k] for k in ("engine", "plain")}, indent=1), flush=True)
 
@@ -337,8 +339,8 @@ def report(r: dict) -> None:
     print(f"\n{r['device']}, {r['prompts']} prompts, max_new_tokens {r['max_new_tokens']}, stop {r['stop'] or 'none'}")
     print("\n| what | s / ES generation | generate s | tokens | tokens/s | peak GB | vs reference |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| evolm engine, {r['space']} rank {r['rank']}, N={r['members']} | {e['seconds']:.3g} | {e['generate_s']:.3g} "
-          f"| {e['tokens']} | {e['tokens_per_s']:.0f} | {peak} | "
+    print(f"| evolm engine, {r['space']} rank {r['rank']}, N={r['members']} | {e['seconds']:.3g} "
+          f"| {e['generate_s']:.3g} | {e['tokens']} | {e['tokens_per_s']:.0f} | {peak} | "
           f"{r['reference_per_generation_s'] / e['seconds']:.3g}x faster |")
     print(f"| same rows, no adapters | | {p['seconds']:.3g} | {p['tokens']} | {p['tokens_per_s']:.0f} | | |")
     print(f"| {reference} per member (x{r['members']}, extrapolated) | {r['reference_per_generation_s']:.3g} | | | | "
@@ -348,8 +350,8 @@ def report(r: dict) -> None:
     if r["roofline"]:
         t_compute, t_memory = e["flops"] / r["roofline"]["flops_per_s"], e["bytes"] / r["roofline"]["bytes_per_s"]
         bound = max(t_compute, t_memory)
-        print(f"roofline ({r['roofline']['source']}, {r['roofline']['device']}): {e['flops'] / 1e15:.3f} PFLOP, "
-              f"{e['bytes'] / 1e12:.3f} TB -> bound {bound:.2f} s ({'compute' if t_compute > t_memory else 'memory'}); "
+        print(f"roofline ({r['roofline']['source']}, {r['roofline']['device']}): {e['flops'] / 1e15:.3g} PFLOP, "
+              f"{e['bytes'] / 1e12:.3g} TB -> bound {bound:.3g} s ({'compute' if t_compute > t_memory else 'memory'}); "
               f"generate reached {bound / e['generate_s']:.0%}")
     print(f"adapters cost: {e['tokens_per_s'] / p['tokens_per_s']:.0%} of the no-adapter tokens/s")
     if "scaling" in r:
@@ -357,8 +359,8 @@ def report(r: dict) -> None:
         print("|---|---|---|---|---|---|---|---|")
         for s in r["scaling"]:
             peak = "" if s["peak_gb"] is None else f"{s['peak_gb']:.1f}"
-            print(f"| {s['members']} | {s['max_new_tokens']} | {s['seconds']:.3g} | {s['generate_s']:.3g} | {s['tokens']} "
-                  f"| {s['tokens_per_s']:.0f} | {len(s['waves'])} | {peak} |")
+            print(f"| {s['members']} | {s['max_new_tokens']} | {s['seconds']:.3g} | {s['generate_s']:.3g} "
+                  f"| {s['tokens']} | {s['tokens_per_s']:.0f} | {len(s['waves'])} | {peak} |")
 
 
 if __name__ == "__main__":
