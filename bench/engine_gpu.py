@@ -215,6 +215,8 @@ def main() -> None:
     ap.add_argument("--peak-bytes", type=float, help="roofline memory bytes/s (overrides the device table)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
+    if args.reference_members < 1:
+        ap.error("--reference-members must be at least 1 (the extrapolated reference row needs one)")
     args.out.mkdir(parents=True, exist_ok=True)
     sigma, learning_rate = STEP_DEFAULTS[args.space]
     sigma = args.sigma or sigma
