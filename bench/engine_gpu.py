@@ -339,11 +339,11 @@ def report(r: dict) -> None:
     peak = "" if e["peak_gb"] is None else f"{e['peak_gb']:.1f}"
     reference = "PEFT LoRA + generate" if r["space"] == "lora" else "W + σ·E_i written in + generate"
     print(f"\n{r['device']}, {r['prompts']} prompts, max_new_tokens {r['max_new_tokens']}, stop {r['stop'] or 'none'}")
-    print("\n| what | s / ES generation | generate s | tokens | tokens/s | peak GB | vs reference |")
+    print("\n| what | s / ES generation | generate s | tokens | tokens/s | peak GB | speed-up vs reference |")
     print("|---|---|---|---|---|---|---|")
     print(f"| evolm engine, {r['space']} rank {r['rank']}, N={r['members']} | {e['seconds']:.3g} "
           f"| {e['generate_s']:.3g} | {e['tokens']} | {e['tokens_per_s']:.0f} | {peak} | "
-          f"{r['reference_per_generation_s'] / e['seconds']:.3g}x faster |")
+          f"{r['reference_per_generation_s'] / e['seconds']:.3g}x |")
     print(f"| same rows, no adapters | | {p['seconds']:.3g} | {p['tokens']} | {p['tokens_per_s']:.0f} | | |")
     print(f"| {reference} per member (x{r['members']}, extrapolated) | {r['reference_per_generation_s']:.3g} | | | | "
           "| 1x |")
