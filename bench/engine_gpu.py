@@ -1,12 +1,15 @@
-"""Population engine vs the paper's way (transformers generate per member), on one GPU.
+"""Population engine vs the paper's way (one plain generate per member), on one GPU; `--device cpu` for a smoke check.
 
-    PYTHONPATH=src python bench/engine_gpu.py --model /tmp/models/qwen2.5-coder-0.5b-instruct \
-        --data countdown.json --out results/
+    PYTHONPATH=src python bench/engine_gpu.py --model /tmp/models/qwen2.5-coder-1.5b-instruct \
+        --data countdown.json --space lora|full-lowrank [--rank R] [--stop '</answer>'] [--scaling] --out results/
 
-Times one full ES generation (ask, generate, score, tell) with N members on the countdown training
-prompts, the same rows without adapters, `--reference-members` members through PEFT + generate (the
-paper's original evaluation, extrapolated to N), greedy agreement with that reference, and a
-scaling table. Prints Markdown tables and writes bench.json.
+Times one full ES generation (space.generate_population, score, strategy.tell) with N members on the countdown
+training prompts, the same rows with no adapters, `--reference-members` members each as a plain model through
+transformers generate (the paper's evaluation, extrapolated to N: for lora a PEFT LoRA with the member's A and B
+written in, for full-lowrank the model with W + σ·E_i written in), greedy agreement with that reference, and with
+`--scaling` a table over population sizes and token limits. `--profile` profiles decoding steps and exits;
+`--agreement` compares fp32 and bf16 engine vs reference. Prints Markdown tables and writes
+bench-SPACE.json (bench-SPACE-stop.json with --stop).
 """
 
 from __future__ import annotations
@@ -14,251 +17,352 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 
-from evolm.config import ModelConfig
-from evolm.engine import PopulationEngine
-from evolm.engine.decoding import SamplingParams
-from evolm.es.lora_space import LoRASpace
+from evolm.config import STEP_DEFAULTS, ModelConfig, SpaceConfig
+from evolm.engine import PopulationEngine, SamplingParams
+from evolm.engine.decoding import cut_at_stop, trim_at_eos
+from evolm.es.loop import make_space
+from evolm.es.space import Space
 from evolm.es.strategy import EvolutionStrategy
 from evolm.models import eos_token_ids, load_model
 from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks.countdown import CountdownTask
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PEAK_FLOPS, PEAK_BYTES = 790e12, 4.3e12  # H200 bf16 dense matmul, HBM copy
+TARGETS = SpaceConfig().target_modules  # every linear layer of a decoder block
+# Roofline ceilings by torch.cuda.get_device_name(): the vendor's datasheet numbers (dense bf16 matmul FLOP/s,
+# HBM bytes/s). What was measured on these machines is lower: an H200 about 790 TFLOP/s bf16 and 4.3 TB/s
+# device copy, an H100 80GB HBM3 about 798 TFLOP/s and 3.0 TB/s; pass those as --peak-flops/--peak-bytes to
+# read "reached" against measured ceilings instead.
+DEVICE_PEAKS = {
+    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),  # H100 SXM
+    "NVIDIA H200": (989e12, 4.8e12),  # H200 SXM
+}
 
 
-def workload(model, prompts, tokens_per_row, steps, population, rank) -> dict:
-    """FLOPs and bytes of the generation, counted from what actually ran."""
-    cfg = model.config
-    layers, hidden, inter, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def roofline_peaks(device: torch.device, peak_flops: float | None, peak_bytes: float | None) -> dict | None:
+    """FLOP/s and bytes/s ceilings: the overrides, else the device's datasheet numbers; None when neither is known."""
+    name = device_name(device)
+    table = DEVICE_PEAKS.get(name, (None, None))
+    flops, bytes_per_s = peak_flops or table[0], peak_bytes or table[1]
+    if not (flops and bytes_per_s):
+        print(f"roofline: no ceilings known for device '{name}' (known: {', '.join(DEVICE_PEAKS)}); "
+              "pass --peak-flops and --peak-bytes for a roofline column", flush=True)
+        return None
+    source = "--peak-flops/--peak-bytes" if peak_flops or peak_bytes else "datasheet"
+    print(f"roofline: {flops / 1e12:.0f} TFLOP/s and {bytes_per_s / 1e12:.2f} TB/s for device '{name}' ({source})",
+          flush=True)
+    return {"device": name, "flops_per_s": flops, "bytes_per_s": bytes_per_s, "source": source}
+
+
+def workload(engine: PopulationEngine, prompts, tokens_per_row, steps, population: int, rank: int) -> dict:
+    """FLOPs and bytes of a generation of `population` members' rank-`rank` factors, counted from what ran."""
+    cfg = engine.model.config.get_text_config()
+    layers, hidden, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = hidden // heads
-    q_out, kv_out = heads * head_dim, kv_heads * head_dim
-    linear = layers * (hidden * (q_out + 2 * kv_out) + q_out * hidden + 3 * hidden * inter)
-    lora = layers * population * rank * 2 * (hidden * 6 + q_out + 2 * kv_out + 2 * inter)  # x·Aᵀ and h·B over all members
-    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2
-    prompt_tokens = sum(len(p) for p in prompts)
-    new_tokens = sum(tokens_per_row)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    shapes = engine.shapes().values()  # (in, out) of every targeted linear layer, all decoder blocks
+    linear = sum(fan_in * fan_out for fan_in, fan_out in shapes)  # multiply-adds per token
+    adapter = rank * sum(fan_in + fan_out for fan_in, fan_out in shapes)  # x·Aᵀ then ·Bᵀ, one member per row
+    element = torch.finfo(engine.dtype).bits // 8
+    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * element
+    prompt_tokens, new_tokens = sum(len(p) for p in prompts), sum(tokens_per_row)
     width = max(len(p) for p in prompts)
     attn_ctx = sum(n * width + n * (n - 1) // 2 for n in tokens_per_row)  # keys read, summed over steps
-    flops = 2 * (linear + lora) * (prompt_tokens + new_tokens) + 2 * hidden * vocab * new_tokens
+    flops = 2 * (linear + adapter) * (prompt_tokens + new_tokens) + 2 * hidden * vocab * new_tokens
     flops += 4 * layers * heads * head_dim * attn_ctx
-    weight_bytes = 2 * (linear + hidden * vocab)
-    bytes_moved = weight_bytes * sum(steps) + kv_bytes_per_token * (attn_ctx + new_tokens)
-    return {"flops": flops, "bytes": bytes_moved, "t_compute": flops / PEAK_FLOPS, "t_memory": bytes_moved / PEAK_BYTES}
+    # every decoding step reads the weights and all members' factors once, and the KV cache of its rows
+    step_bytes = element * (linear + hidden * vocab + population * adapter)
+    bytes_moved = step_bytes * sum(steps) + kv_bytes_per_token * (attn_ctx + new_tokens)
+    return {"flops": flops, "bytes": bytes_moved}
 
 
-def es_generation(engine, space, strategy, task, examples, prompt_ids, params) -> dict:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+def new_strategy(space: Space, population: int, sigma: float, learning_rate: float) -> EvolutionStrategy:
+    """A strategy at generation 0. θ₀ of a full space is the engine's weights: the bench never evolves them
+    (tell updates the strategy's fp32 θ; the model is written from it only at the next generate_population)."""
+    params = {n: p.to(space.engine.device) for n, p in space.initial_params(0).items()}
+    return EvolutionStrategy(params, population=population, sigma=sigma, learning_rate=learning_rate, seed=0,
+                             noise_rank=space.noise_rank)
+
+
+def es_generation(space: Space, strategy: EvolutionStrategy, task, examples, prompt_ids,
+                  sampling: SamplingParams) -> dict:
+    """One ES generation as the loop runs it: every member's completions, their rewards, the update."""
+    device = space.engine.device
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    members = strategy.ask()
-    engine.set_adapters(space.unflatten(members), space.scale)
-    out = engine.generate(prompt_ids, list(range(strategy.population)), params)
-    torch.cuda.synchronize()
+    out = space.generate_population(strategy, range(strategy.population), prompt_ids, sampling)
+    synchronize(device)
     t1 = time.perf_counter()
     fitness = [summarize(score_all(task, examples, texts))["reward"] for texts in out.texts]
     t2 = time.perf_counter()
     strategy.tell(fitness)
-    torch.cuda.synchronize()
+    synchronize(device)
     t3 = time.perf_counter()
-    rows = [len(t) for member in out.tokens for t in member]
     return {
-        "members": strategy.population, "max_new_tokens": params.max_new_tokens,
+        "space": space.kind, "rank": space.engine.rank, "members": strategy.population,
+        "max_new_tokens": sampling.max_new_tokens,
         "seconds": t3 - t0, "generate_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2,
         "tokens": out.num_tokens, "tokens_per_s": out.num_tokens / (t1 - t0),
-        "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "waves": out.waves, "steps": out.steps,
-        "rows_tokens": rows, "output": out, "mean_fitness": sum(fitness) / len(fitness),
+        "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "waves": out.waves, "steps": out.steps, "mean_fitness": sum(fitness) / len(fitness),
+        "output": out, "rows_tokens": [len(t) for member in out.tokens for t in member],
     }
 
 
-def plain_generation(engine, prompt_ids, members, params) -> dict:
+def plain_generation(engine: PopulationEngine, prompt_ids, members: int, sampling: SamplingParams) -> dict:
     """The same rows with no adapters at all (the engine's plain model path)."""
     engine.clear_adapters()
-    torch.cuda.synchronize()
+    synchronize(engine.device)
     t0 = time.perf_counter()
-    out = engine.generate(prompt_ids * members, None, params)
-    torch.cuda.synchronize()
+    out = engine.generate(prompt_ids * members, None, sampling)
+    synchronize(engine.device)
     t = time.perf_counter() - t0
     return {"seconds": t, "tokens": out.num_tokens, "tokens_per_s": out.num_tokens / t}
 
 
-def reference_generation(base, space, member_theta, tokenizer, prompt_ids, params, eos) -> dict:
-    """The paper's original evaluation of one member: PEFT adapter + one generate over all prompts."""
-    config = LoraConfig(r=space.rank, lora_alpha=space.alpha, target_modules=TARGETS, lora_dropout=0.0)
-    model = get_peft_model(copy.deepcopy(base), config).eval()
-    weights = space.unflatten(member_theta[None].cpu())
-    with torch.no_grad():
-        for name, w in weights.items():
+@torch.no_grad()
+def reference_model(base, space: Space, strategy: EvolutionStrategy, member: int):
+    """Member `member` of the strategy's generation as a plain model: what the paper evaluates one by one."""
+    noise = strategy.member_noise(member)
+    if space.kind == "lora":  # a PEFT LoRA holding the member's A and B
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=space.rank, lora_alpha=space.alpha,
+                                                                 target_modules=TARGETS, lora_dropout=0.0))
+        theta = {n: (strategy.params[n] + strategy.sigma * eps)[None] for n, eps in noise.items()}
+        for name, w in space.unflatten(theta).items():
             module = model.base_model.model.get_submodule(name)
             module.lora_A["default"].weight.copy_(w.A[0])
             module.lora_B["default"].weight.copy_(w.B[0])
-    batch = tokenizer.pad([{"input_ids": p} for p in prompt_ids], return_tensors="pt", padding_side="left").to(base.device)
-    torch.cuda.synchronize()
+        return model.eval()
+    model = copy.deepcopy(base)  # full-lowrank: W + σ·E_i, E_i = B_i A_i / √r, written into the weights
+    for name, (a, b) in noise.items():
+        model.get_submodule(name).weight.copy_(strategy.params[name] + strategy.sigma * (b @ a) / math.sqrt(a.shape[0]))
+    return model.eval()
+
+
+def reference_generation(model, tokenizer, prompt_ids, sampling: SamplingParams, eos) -> dict:
+    """One greedy transformers generate over all prompts (left padded), as the paper evaluates a member."""
+    batch = tokenizer.pad([{"input_ids": p} for p in prompt_ids], return_tensors="pt", padding_side="left")
+    batch = batch.to(model.device)
+    stops = list(sampling.stop_strings)
+    synchronize(model.device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=params.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-    torch.cuda.synchronize()
+        out = model.generate(**batch, max_new_tokens=sampling.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                             **({"stop_strings": stops, "tokenizer": tokenizer} if stops else {}))
+    synchronize(model.device)
     seconds = time.perf_counter() - t0
-    rows = []
-    for row in out[:, batch["input_ids"].shape[1]:].tolist():
-        kept = []
-        for tok in row:
-            if tok == tokenizer.pad_token_id and tok not in eos:
-                break
-            kept.append(tok)
-            if tok in eos:
-                break
-        rows.append(kept)
-    del model
-    torch.cuda.empty_cache()
-    return {"seconds": seconds, "tokens": sum(len(r) for r in rows), "rows": rows}
+    pad = tokenizer.pad_token_id
+    rows = [trim_at_eos([-1 if t == pad and pad not in eos else t for t in row], eos)  # padding after a finished row
+            for row in out[:, batch["input_ids"].shape[1]:].tolist()]
+    texts = [cut_at_stop(tokenizer.decode(r, skip_special_tokens=True), stops)[0] for r in rows]
+    return {"seconds": seconds, "tokens": sum(len(r) for r in rows), "texts": texts}
+
+
+def release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def setup(args, dtype: str):
+    """The model, an untouched copy of it for the references, the engine and the space."""
+    loaded = load_model(ModelConfig(name_or_path=args.model, dtype=dtype, device=args.device))
+    base = copy.deepcopy(loaded.model)  # the engine wraps (and a full space writes) the model's own layers
+    eos = eos_token_ids(loaded.model, loaded.tokenizer)
+    engine = PopulationEngine(loaded.model, loaded.tokenizer, TARGETS, eos_token_ids=eos)
+    space = make_space(SpaceConfig(kind=args.space, rank=args.rank, target_modules=TARGETS), engine)
+    return loaded, base, engine, space, eos
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True, help="the paper's countdown.json")
+    ap.add_argument("--data", help="the paper's countdown.json (its first --prompts records); default the built-in "
+                                   "generator")
+    ap.add_argument("--prompts", type=int, default=200, help="training prompts per member (the paper: 200)")
+    ap.add_argument("--space", choices=["lora", "full-lowrank"], default="lora")
+    ap.add_argument("--rank", type=int, default=1, help="LoRA rank (lora) or each member's noise rank (full-lowrank)")
     ap.add_argument("--members", type=int, default=30)
     ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--sigma", type=float, default=0.001)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. '</answer>'")
+    ap.add_argument("--sigma", type=float, help="default: the space kind's (evolm.config.STEP_DEFAULTS)")
     ap.add_argument("--reference-members", type=int, default=1)
     ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--scaling-members", default="8,30,64,128")
+    ap.add_argument("--scaling-tokens", default="256,1024")
     ap.add_argument("--profile", action="store_true", help="profile decoding steps and exit")
     ap.add_argument("--agreement", action="store_true",
                     help="fp32 engine vs fp32 reference, and the bf16 reference against itself in other batches")
+    ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (a smoke check on a tiny model)")
+    ap.add_argument("--peak-flops", type=float, help="roofline FLOP/s (overrides the device table)")
+    ap.add_argument("--peak-bytes", type=float, help="roofline memory bytes/s (overrides the device table)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
+    if args.reference_members < 1:
+        ap.error("--reference-members must be at least 1 (the extrapolated reference row needs one)")
     args.out.mkdir(parents=True, exist_ok=True)
+    sigma, learning_rate = STEP_DEFAULTS[args.space]
+    sigma = args.sigma or sigma
 
-    loaded = load_model(ModelConfig(name_or_path=args.model, dtype="bfloat16", device="cuda"))
-    base = copy.deepcopy(loaded.model)  # untouched copy for the PEFT reference
-    tokenizer, model = loaded.tokenizer, loaded.model
-    task = CountdownTask()
-    examples = task.load_split("train", f"{args.data}[:200]")
+    task = CountdownTask(train_size=args.prompts)
+    examples = task.load_split("train", None if args.data is None else f"{args.data}[:{args.prompts}]")
+    if args.agreement:
+        return agreement(args, task, examples[:64], sigma, learning_rate)
+    loaded, base, engine, space, eos = setup(args, "auto")
+    tokenizer, device = loaded.tokenizer, loaded.device
     prompt_ids = render_all(tokenizer, examples)
-    eos = eos_token_ids(model, tokenizer)
-    engine = PopulationEngine(model, tokenizer, TARGETS, eos_token_ids=eos)
-    space = LoRASpace(engine.shapes(), rank=1, alpha=1.0)
-    print(f"device {torch.cuda.get_device_name()}, backend {type(engine.backend).__name__}, "
-          f"{len(prompt_ids)} prompts, mean prompt {sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens", flush=True)
+    print(f"device {device_name(device)}, {loaded.dtype}, backend {type(engine.backend).__name__}, space {space.kind} "
+          f"rank {args.rank}, sigma {sigma}, {len(prompt_ids)} prompts, mean prompt "
+          f"{sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens, stop {args.stop or 'none'}", flush=True)
 
     def strategy(n):
-        return EvolutionStrategy(space.initial_theta(0).cuda(), population=n, sigma=args.sigma,
-                                 learning_rate=0.0005, seed=0)
+        return new_strategy(space, n, sigma, learning_rate)
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, stop_strings=args.stop)
     if args.profile:
-        return profile(engine, space, strategy(args.members), prompt_ids)
-    if args.agreement:
-        return agreement(args, space, prompt_ids[:64], eos, base, tokenizer)
-    es_generation(engine, space, strategy(2), task, examples[:8], prompt_ids[:8], SamplingParams(max_new_tokens=8))
-    results: dict = {"device": torch.cuda.get_device_name(), "members": args.members,
-                     "max_new_tokens": args.max_new_tokens}
-    main_run = es_generation(engine, space, strategy(args.members), task, examples, prompt_ids, params)
+        return profile(space, strategy(args.members), prompt_ids)
+    peaks = roofline_peaks(device, args.peak_flops, args.peak_bytes)
+    es_generation(space, strategy(2), task, examples[:8], prompt_ids[:8], SamplingParams(max_new_tokens=8))  # warm-up
+    results: dict = {"device": device_name(device), "dtype": str(loaded.dtype), "space": space.kind, "rank": args.rank,
+                     "sigma": sigma, "members": args.members, "prompts": len(prompt_ids),
+                     "max_new_tokens": args.max_new_tokens, "stop": args.stop, "roofline": peaks}
+    main_run = es_generation(space, strategy(args.members), task, examples, prompt_ids, sampling)
     results["engine"] = {k: v for k, v in main_run.items() if k not in ("output", "rows_tokens")}
-    results["engine"].update(workload(model, prompt_ids * args.members, main_run["rows_tokens"], main_run["steps"],
-                                      args.members, 1))
-    results["plain"] = plain_generation(engine, prompt_ids, args.members, params)
+    results["engine"].update(workload(engine, prompt_ids * args.members, main_run["rows_tokens"], main_run["steps"],
+                                      args.members, main_run["rank"]))
+    results["plain"] = plain_generation(engine, prompt_ids, args.members, sampling)
     print(json.dumps({k: results[k] for k in ("engine", "plain")}, indent=1), flush=True)
 
-    members = strategy(args.members).ask()
+    reference_strategy = strategy(args.members)  # generation 0 again: the members the main run generated
     refs = []
     for m in range(args.reference_members):
-        ref = reference_generation(base, space, members[m], tokenizer, prompt_ids, params, eos)
-        same = sum(a == b for a, b in zip(ref["rows"], main_run["output"].tokens[m]))
-        refs.append({"member": m, "seconds": ref["seconds"], "tokens": ref["tokens"],
-                     "identical_rows": same, "rows": len(prompt_ids)})
-        print(f"reference member {m}: {ref['seconds']:.1f} s, {ref['tokens']} tokens, "
-              f"{same}/{len(prompt_ids)} rows identical to the engine", flush=True)
+        model = reference_model(base, space, reference_strategy, m)
+        ref = reference_generation(model, tokenizer, prompt_ids, sampling, eos)
+        del model
+        release(device)
+        same = sum(a == b for a, b in zip(ref["texts"], main_run["output"].texts[m]))
+        refs.append({"member": m, "seconds": ref["seconds"], "tokens": ref["tokens"], "identical_rows": same,
+                     "rows": len(prompt_ids)})
+        print(f"reference member {m}: {ref['seconds']:.3g} s, {ref['tokens']} tokens, "
+              f"{same}/{len(prompt_ids)} completions identical to the engine's", flush=True)
     results["reference"] = refs
-    per_member = sum(r["seconds"] for r in refs) / len(refs)
-    results["reference_per_generation_s"] = per_member * args.members
+    results["reference_per_generation_s"] = sum(r["seconds"] for r in refs) / len(refs) * args.members
 
     if args.scaling:
         table = []
-        for new_tokens in (256, 1024):
-            for n in (8, 30, 64, 128):
-                run = es_generation(engine, space, strategy(n), task, examples, prompt_ids,
-                                    SamplingParams(max_new_tokens=new_tokens))
+        for new_tokens in map(int, args.scaling_tokens.split(",")):
+            for n in map(int, args.scaling_members.split(",")):
+                run = es_generation(space, strategy(n), task, examples, prompt_ids,
+                                    SamplingParams(max_new_tokens=new_tokens, stop_strings=args.stop))
                 row = {k: v for k, v in run.items() if k not in ("output", "rows_tokens")}
                 table.append(row)
                 print(json.dumps(row), flush=True)
         results["scaling"] = table
-    (args.out / "bench.json").write_text(json.dumps(results, indent=1))
+    name = f"bench-{space.kind}{'-stop' if args.stop else ''}.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
     report(results)
 
 
-def first_divergence(a: list[int], b: list[int]) -> int | None:
+def first_divergence(a: str, b: str) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
-def agreement(args, space, prompt_ids, eos, base_bf16, tokenizer) -> None:
+def agreement(args, task, examples, sigma: float, learning_rate: float) -> None:
     """Is a disagreement with the reference rounding (bf16 batching) or a bug? fp32 must agree."""
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    theta = EvolutionStrategy(space.initial_theta(0), population=2, sigma=args.sigma, learning_rate=0.0005,
-                              seed=0).ask()[0]
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, stop_strings=args.stop)
     for dtype in ("float32", "bfloat16"):
-        loaded = load_model(ModelConfig(name_or_path=args.model, dtype=dtype, device="cuda"))
-        ref_base = copy.deepcopy(loaded.model)
-        engine = PopulationEngine(loaded.model, tokenizer, TARGETS, eos_token_ids=eos)
-        engine.set_adapters(space.unflatten(theta[None].cuda()), space.scale)
-        ours = engine.generate(prompt_ids, [0], params).tokens[0]
-        ref = reference_generation(ref_base, space, theta, tokenizer, prompt_ids, params, eos)["rows"]
-        split = [r for i in range(0, len(prompt_ids), 16)
-                 for r in reference_generation(ref_base, space, theta, tokenizer, prompt_ids[i:i + 16], params, eos)["rows"]]
+        loaded, base, engine, space, eos = setup(args, dtype)
+        prompt_ids = render_all(loaded.tokenizer, examples)
+        strategy = new_strategy(space, 2, sigma, learning_rate)
+        ours = space.generate_population(strategy, [0], prompt_ids, sampling).texts[0]
+        model = reference_model(base, space, strategy, 0)
+        ref = reference_generation(model, loaded.tokenizer, prompt_ids, sampling, eos)["texts"]
+        split = [t for i in range(0, len(prompt_ids), 16)
+                 for t in reference_generation(model, loaded.tokenizer, prompt_ids[i:i + 16], sampling, eos)["texts"]]
         same = sum(a == b for a, b in zip(ours, ref))
         noise = sum(a == b for a, b in zip(split, ref))
         where = sorted(d for d in (first_divergence(a, b) for a, b in zip(ours, ref)) if d is not None)
-        print(f"{dtype}: engine = reference on {same}/{len(ref)} rows; reference in batches of 16 = reference "
-              f"in one batch on {noise}/{len(ref)}; first divergences at {where[:20]}", flush=True)
-        del loaded, ref_base, engine
-        torch.cuda.empty_cache()
+        print(f"{dtype}: engine = reference on {same}/{len(ref)} completions; reference in batches of 16 = reference "
+              f"in one batch on {noise}/{len(ref)}; first divergences at characters {where[:20]}", flush=True)
+        del loaded, base, engine, space, strategy, model
+        release(torch.device(args.device))
 
 
-def profile(engine, space, strategy, prompt_ids) -> None:
+def profile(space: Space, strategy: EvolutionStrategy, prompt_ids) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    engine.set_adapters(space.unflatten(strategy.ask()), space.scale)
+    engine, device = space.engine, space.engine.device
+    # a one-token generation loads the members' factors (and θ) into the engine as a real generation does
+    space.generate_population(strategy, range(strategy.population), prompt_ids[:1], SamplingParams(max_new_tokens=1))
     rows = [p for _ in range(strategy.population) for p in prompt_ids]
-    members = torch.arange(strategy.population, device="cuda").repeat_interleave(len(prompt_ids))
-    engine.current_max_new_tokens = 64
+    members = torch.arange(strategy.population, device=device).repeat_interleave(len(prompt_ids))
+    on_gpu = device.type == "cuda"
     backend = engine.backend
-    logits = backend.prefill(rows, members)
-    token = logits.argmax(-1)
-    for _ in range(4):
-        token = backend.step(token).argmax(-1)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(8):
+    with torch.inference_mode():
+        token = backend.prefill(rows, members, 64).argmax(-1)
+        for _ in range(4):
             token = backend.step(token).argmax(-1)
-        torch.cuda.synchronize()
-    print(f"8 steps of {len(rows)} rows: {time.perf_counter() - t0:.3f} s (under the profiler)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        synchronize(device)
+        t0 = time.perf_counter()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(8):
+                token = backend.step(token).argmax(-1)
+            synchronize(device)
+    print(f"8 steps of {len(rows)} rows ({space.kind}, rank {engine.rank}): {time.perf_counter() - t0:.3f} s "
+          "(under the profiler)")
+    print(prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=25,
+                                    max_name_column_width=60))
     backend.close()
 
 
 def report(r: dict) -> None:
     e, p = r["engine"], r["plain"]
-    bound = max(e["t_compute"], e["t_memory"])
-    print("\n| what | s / ES generation | tokens | tokens/s | peak GB | vs reference |")
-    print("|---|---|---|---|---|---|")
-    print(f"| evolm engine, N={r['members']} | {e['seconds']:.1f} | {e['tokens']} | {e['tokens_per_s']:.0f} | "
-          f"{e['peak_gb']:.1f} | {r['reference_per_generation_s'] / e['seconds']:.1f}x faster |")
-    print(f"| same rows, no adapters | {p['seconds']:.1f} (generate only) | {p['tokens']} | {p['tokens_per_s']:.0f} | | |")
-    print(f"| PEFT + generate per member (x{r['members']}, extrapolated) | {r['reference_per_generation_s']:.0f} | | | | 1x |")
-    print(f"\nroofline: {e['flops'] / 1e15:.2f} PFLOP, {e['bytes'] / 1e12:.2f} TB -> bound {bound:.1f} s "
-          f"({'compute' if e['t_compute'] > e['t_memory'] else 'memory'}); reached {bound / e['generate_s']:.0%}")
+    peak = "" if e["peak_gb"] is None else f"{e['peak_gb']:.1f}"
+    reference = "PEFT LoRA + generate" if r["space"] == "lora" else "W + σ·E_i written in + generate"
+    print(f"\n{r['device']}, {r['prompts']} prompts, max_new_tokens {r['max_new_tokens']}, stop {r['stop'] or 'none'}")
+    print("\n| what | s / ES generation | generate s | tokens | tokens/s | peak GB | speed-up vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| evolm engine, {r['space']} rank {r['rank']}, N={r['members']} | {e['seconds']:.3g} "
+          f"| {e['generate_s']:.3g} | {e['tokens']} | {e['tokens_per_s']:.0f} | {peak} | "
+          f"{r['reference_per_generation_s'] / e['seconds']:.3g}x |")
+    print(f"| same rows, no adapters | | {p['seconds']:.3g} | {p['tokens']} | {p['tokens_per_s']:.0f} | | |")
+    print(f"| {reference} per member (x{r['members']}, extrapolated) | {r['reference_per_generation_s']:.3g} | | | | "
+          "| 1x |")
+    agree = ", ".join(f"{x['identical_rows']}/{x['rows']}" for x in r["reference"])
+    print(f"\ngreedy agreement with the reference (identical completions, members 0..): {agree}")
+    if r["roofline"]:
+        t_compute, t_memory = e["flops"] / r["roofline"]["flops_per_s"], e["bytes"] / r["roofline"]["bytes_per_s"]
+        bound = max(t_compute, t_memory)
+        print(f"roofline ({r['roofline']['source']}, {r['roofline']['device']}): {e['flops'] / 1e15:.3g} PFLOP, "
+              f"{e['bytes'] / 1e12:.3g} TB -> bound {bound:.3g} s ({'compute' if t_compute > t_memory else 'memory'}); "
+              f"generate reached {bound / e['generate_s']:.0%}")
     print(f"adapters cost: {e['tokens_per_s'] / p['tokens_per_s']:.0%} of the no-adapter tokens/s")
+    if "scaling" in r:
+        print("\n| members | max_new_tokens | s / ES generation | generate s | tokens | tokens/s | waves | peak GB |")
+        print("|---|---|---|---|---|---|---|---|")
+        for s in r["scaling"]:
+            peak = "" if s["peak_gb"] is None else f"{s['peak_gb']:.1f}"
+            print(f"| {s['members']} | {s['max_new_tokens']} | {s['seconds']:.3g} | {s['generate_s']:.3g} "
+                  f"| {s['tokens']} | {s['tokens_per_s']:.0f} | {len(s['waves'])} | {peak} |")
 
 
 if __name__ == "__main__":
