@@ -44,7 +44,7 @@ class GreedyAnswers:
             a = factors.get("A", torch.zeros(genes.rank, fan_in))
             b = factors.get("B", torch.zeros(fan_out, genes.rank))
             weights[name] = LowRankWeights(a[None], b[None])
-        self.engine.set_adapters(weights, genes.alpha / genes.rank)
+        self.engine.set_factors(weights, genes.alpha / genes.rank)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=stop)
         return self.engine.generate(prompts, [0], params).texts[0]
 

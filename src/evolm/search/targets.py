@@ -27,7 +27,7 @@ def correct_samples(engine: PopulationEngine, task: Task, examples: list[Example
                     samples: int, temperature: float, max_new_tokens: int, seed: int) -> list[list[str]]:
     """For each example, its distinct sampled answers (base model, no adapter) that the task scores
     correct, in sampling order; all samples of all examples run as one batched generation."""
-    engine.clear_adapters()
+    engine.clear_factors()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             stop_strings=task.stop_strings, seed=seed)
     texts = engine.generate(prompts * samples, None, params).texts[0]
