@@ -16,8 +16,8 @@ perturbation is a batched matmul over groups,
     y = x W_catᵀ + b + bmm(bmm(x[G, C, in], A[G, in, P·r]), B[G, P·r, out])
 
 at a cost of r·(in + out) per row, not N·r (unused rows of a group point at a scratch slot). Prefill
-packs the newly admitted rows of any groups into one right-padded batch and routes each row to its
-group with a selector (engine/layer.py's rule).
+packs the newly admitted rows of any groups into right-padded chunks; for the perturbation a chunk's rows
+are gathered [G, k] by group, so prefill uses the same batched matmuls.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from evolm.engine.attention import decode_attention
 from evolm.engine.decoding import SamplingParams, pick_token
-from evolm.engine.layer import PopulationLinear, Routing, member_selector
+from evolm.engine.layer import PopulationLinear, Routing
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 GROUPS = {
@@ -41,6 +42,8 @@ GROUPS = {
     "down": ("mlp", ("down_proj",)),
 }
 PREFILL_TOKENS = 32768  # padded prompt tokens per prefill chunk: bounds activation memory
+# cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200)
+PREFILL_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def supports(model: nn.Module) -> bool:
@@ -99,14 +102,34 @@ class Group:
             y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, self.down), self.up)
         return y
 
-    def prefill(self, x: torch.Tensor, selector: torch.Tensor | None) -> torch.Tensor:
-        """x [rows, T, in]; selector [rows, 1, G·P·r] picks each row's group's columns."""
+    def prefill(self, x: torch.Tensor, route: PrefillRoute | None) -> torch.Tensor:
+        """x [rows, T, in], rows of any groups: each row's delta through its own group's factors."""
         y = F.linear(x, self.weight, self.bias)
-        if self.down is not None and selector is not None:
-            down = self.down.transpose(1, 2).reshape(-1, self.down.shape[1])  # [G·P·r, in]
-            hidden = F.linear(x, down) * selector
-            y.view(-1, y.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), self.up.reshape(-1, self.up.shape[-1]))
+        if self.down is not None and route is not None:
+            rows, t = route.rows.numel(), x.shape[1]
+            grouped = x.index_select(0, route.rows).view(self.down.shape[0], -1, x.shape[-1])  # [G, k·T, in]
+            delta = torch.bmm(torch.bmm(grouped, self.down), self.up).view(rows, t, -1) * route.valid
+            y.index_add_(0, route.rows, delta)
         return y
+
+
+@dataclass
+class PrefillRoute:
+    """A prefill chunk's rows laid out [G groups × k] for batched matmuls: `rows` [G·k] indexes the chunk's
+    rows (a group with fewer than k rows repeats one, with `valid` 0 so that it adds nothing)."""
+
+    rows: torch.Tensor
+    valid: torch.Tensor  # [G·k, 1, 1]
+
+    @classmethod
+    def of(cls, groups: Sequence[int], num_groups: int, device, dtype) -> PrefillRoute:
+        by_group: list[list[int]] = [[] for _ in range(num_groups)]
+        for row, g in enumerate(groups):
+            by_group[g].append(row)
+        k = max(len(rows) for rows in by_group)
+        rows = [r for members in by_group for r in members + [0] * (k - len(members))]
+        valid = [float(i < len(members)) for members in by_group for i in range(k)]
+        return cls(torch.as_tensor(rows, device=device), torch.tensor(valid, device=device, dtype=dtype)[:, None, None])
 
 
 class FusedBackend:
@@ -323,25 +346,23 @@ class FusedBackend:
         keys = torch.arange(width, device=device)
         # causal, and no key past a row's prompt; a padding query still sees the row's first key
         allowed = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
-        selector = None
-        if self.members:  # each row's group, tiled for groups whose P adapted projections give P·r columns
-            widths = {g.down.shape[2] for groups in self.groups for g in groups.values() if g.down is not None}
-            selector = {w: member_selector(index // self.per_group, self.num_groups, w, x.dtype)[:, None]
-                        for w in widths}
+        route = PrefillRoute.of([s // self.per_group for s in slots], self.num_groups, device, x.dtype) \
+            if self.members else None
         for i, (layer, groups) in enumerate(zip(self.inner.layers, self.groups)):
             h = layer.input_layernorm(x)
             qkv = groups["qkv"]
-            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, _pick(selector, qkv)), cos, sin)
+            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, route), cos, sin)
             self.k_cache[i][index, :, :width] = k
             self.v_cache[i][index, :, :width] = v
-            attn = F.scaled_dot_product_attention(q, _repeat_kv(k, self.heads), _repeat_kv(v, self.heads),
-                                                  attn_mask=allowed[:, None], scale=self.scaling)
+            with sdpa_kernel(PREFILL_ATTENTION):
+                attn = F.scaled_dot_product_attention(q, _repeat_kv(k, self.heads), _repeat_kv(v, self.heads),
+                                                      attn_mask=allowed[:, None], scale=self.scaling)
             attn = attn.transpose(1, 2).reshape(n, width, -1)
-            x = x + groups["o"].prefill(attn, _pick(selector, groups["o"]))
+            x = x + groups["o"].prefill(attn, route)
             h = layer.post_attention_layernorm(x)
             gate_up = groups["gate_up"]
-            gate, up = gate_up.prefill(h, _pick(selector, gate_up)).split(gate_up.splits, dim=-1)
-            x = x + groups["down"].prefill(F.silu(gate) * up, _pick(selector, groups["down"]))
+            gate, up = gate_up.prefill(h, route).split(gate_up.splits, dim=-1)
+            x = x + groups["down"].prefill(F.silu(gate) * up, route)
         last = x[torch.arange(n, device=device), lengths - 1]
         token = pick_token(self.model.lm_head(self.inner.norm(last)), self.params, generator)
         self.length[index] = lengths
@@ -360,12 +381,6 @@ class FusedBackend:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
-
-
-def _pick(selectors: dict[int, torch.Tensor] | None, group: Group) -> torch.Tensor | None:
-    if selectors is None or group.down is None:
-        return None
-    return selectors[group.down.shape[2]]
 
 
 def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
