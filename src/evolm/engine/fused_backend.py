@@ -16,8 +16,8 @@ perturbation is a batched matmul over groups,
     y = x W_catᵀ + b + bmm(bmm(x[G, C, in], A[G, in, P·r]), B[G, P·r, out])
 
 at a cost of r·(in + out) per row, not N·r (unused rows of a group point at a scratch slot). Prefill
-packs the newly admitted rows of any groups into right-padded chunks; for the perturbation a chunk's rows
-are gathered [G, k] by group, so prefill uses the same batched matmuls.
+packs the newly admitted rows of any groups into right-padded chunks, a group's rows next to each other,
+so that a group's perturbation is two plain matmuls on a slice of the chunk.
 """
 
 from __future__ import annotations
@@ -102,34 +102,17 @@ class Group:
             y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, self.down), self.up)
         return y
 
-    def prefill(self, x: torch.Tensor, route: PrefillRoute | None) -> torch.Tensor:
-        """x [rows, T, in], rows of any groups: each row's delta through its own group's factors."""
+    def prefill(self, x: torch.Tensor, segments: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """x [rows, T, in] with rows sorted by group; segments (group, first row, end row) of each group present.
+
+        A group's rows are contiguous, so its delta is two plain matmuls on views: no padding, no atomics.
+        """
         y = F.linear(x, self.weight, self.bias)
-        if self.down is not None and route is not None:
-            rows, t = route.rows.numel(), x.shape[1]
-            grouped = x.index_select(0, route.rows).view(self.down.shape[0], -1, x.shape[-1])  # [G, k·T, in]
-            delta = torch.bmm(torch.bmm(grouped, self.down), self.up).view(rows, t, -1) * route.valid
-            y.index_add_(0, route.rows, delta)
+        if self.down is not None:
+            for group, start, end in segments:
+                rows = x[start:end].reshape(-1, x.shape[-1])
+                y[start:end].view(-1, y.shape[-1]).addmm_(rows @ self.down[group], self.up[group])
         return y
-
-
-@dataclass
-class PrefillRoute:
-    """A prefill chunk's rows laid out [G groups × k] for batched matmuls: `rows` [G·k] indexes the chunk's
-    rows (a group with fewer than k rows repeats one, with `valid` 0 so that it adds nothing)."""
-
-    rows: torch.Tensor
-    valid: torch.Tensor  # [G·k, 1, 1]
-
-    @classmethod
-    def of(cls, groups: Sequence[int], num_groups: int, device, dtype) -> PrefillRoute:
-        by_group: list[list[int]] = [[] for _ in range(num_groups)]
-        for row, g in enumerate(groups):
-            by_group[g].append(row)
-        k = max(len(rows) for rows in by_group)
-        rows = [r for members in by_group for r in members + [0] * (k - len(members))]
-        valid = [float(i < len(members)) for members in by_group for i in range(k)]
-        return cls(torch.as_tensor(rows, device=device), torch.tensor(valid, device=device, dtype=dtype)[:, None, None])
 
 
 class FusedBackend:
@@ -225,7 +208,7 @@ class FusedBackend:
                 width = max(width, len(prompts[order[end]]))
                 end += 1
             end = max(end, start + 1)
-            chunk = order[start:end]
+            chunk = sorted(order[start:end], key=lambda i: slots[i])  # a group's rows together
             self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk], generator)
             start = end
 
@@ -346,23 +329,28 @@ class FusedBackend:
         keys = torch.arange(width, device=device)
         # causal, and no key past a row's prompt; a padding query still sees the row's first key
         allowed = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
-        route = PrefillRoute.of([s // self.per_group for s in slots], self.num_groups, device, x.dtype) \
-            if self.members else None
+        segments = []  # (group, first row, end row): the rows come sorted by slot, so by group
+        for row, slot in enumerate(slots):
+            group = slot // self.per_group
+            if segments and segments[-1][0] == group:
+                segments[-1][2] = row + 1
+            else:
+                segments.append([group, row, row + 1])
         for i, (layer, groups) in enumerate(zip(self.inner.layers, self.groups)):
             h = layer.input_layernorm(x)
             qkv = groups["qkv"]
-            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, route), cos, sin)
+            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, segments), cos, sin)
             self.k_cache[i][index, :, :width] = k
             self.v_cache[i][index, :, :width] = v
             with sdpa_kernel(PREFILL_ATTENTION):
                 attn = F.scaled_dot_product_attention(q, _repeat_kv(k, self.heads), _repeat_kv(v, self.heads),
                                                       attn_mask=allowed[:, None], scale=self.scaling)
             attn = attn.transpose(1, 2).reshape(n, width, -1)
-            x = x + groups["o"].prefill(attn, route)
+            x = x + groups["o"].prefill(attn, segments)
             h = layer.post_attention_layernorm(x)
             gate_up = groups["gate_up"]
-            gate, up = gate_up.prefill(h, route).split(gate_up.splits, dim=-1)
-            x = x + groups["down"].prefill(F.silu(gate) * up, route)
+            gate, up = gate_up.prefill(h, segments).split(gate_up.splits, dim=-1)
+            x = x + groups["down"].prefill(F.silu(gate) * up, segments)
         last = x[torch.arange(n, device=device), lengths - 1]
         token = pick_token(self.model.lm_head(self.inner.norm(last)), self.params, generator)
         self.length[index] = lengths
