@@ -108,7 +108,7 @@ def user_mistakes(tmp_path: Path, config: Path) -> dict[str, tuple[list[str], st
                                    "space.target_modules: the model has no linear module named qq_proj"),
         "empty data": (["task.options.prompts=0"], "the training split is empty"),
         "overwrite a folder that is no run": ([f"output_dir={not_a_model}", "--overwrite"],
-                                              "is not an evolm run (no config.yaml)"),
+                                              "is not an evolm run (no .evolm-run marker)"),
     }
 
 

@@ -238,8 +238,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def parse_yaml(text: str, what: str) -> Any:
-    """YAML text as Python values; a syntax error is a ConfigError of one line saying where it is."""
+    """YAML text as Python values; a syntax error is a ConfigError of one line saying where it is. Aliases
+    (`*name`) are refused before anything is built: nested ones expand exponentially (a few hundred bytes
+    can fill the memory), and a shared run folder's config.yaml is read too; evolm never writes them."""
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise ConfigError(f"{what} (line {mark.line + 1}, column {mark.column + 1}: YAML aliases "
+                                  f"(*{event.anchor}) are not allowed; write the value out)")
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

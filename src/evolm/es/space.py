@@ -18,9 +18,7 @@ import torch
 
 from evolm.engine import Generation, PopulationEngine, SamplingParams
 from evolm.es.strategy import EvolutionStrategy
-from evolm.runs import replace_dir
-
-EXPORT_INFO = "evolm.json"  # written beside an exported model: what it was evolved from
+from evolm.runs import EXPORT_INFO, fresh_dir_beside, replace_dir
 
 
 class Space(ABC):
@@ -108,7 +106,7 @@ class WeightSpace(Space):
         wrapped = {f"{name}.base.weight": f"{name}.weight" for name in self.engine.layers}
         wrapped |= {f"{name}.base.bias": f"{name}.bias" for name in self.engine.layers}
         state = {wrapped.get(k, k): v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = fresh_dir_beside(path)
         model.save_pretrained(tmp, state_dict=state)
         self.engine.tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps({"base_model": base_model, "space": self.kind}, indent=2))
