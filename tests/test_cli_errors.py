@@ -99,7 +99,8 @@ def user_mistakes(tmp_path: Path, config: Path) -> dict[str, tuple[list[str], st
         "missing model folder": ([f"model.name_or_path={tmp_path / 'no-model'}"],
                                  f"model {tmp_path / 'no-model'}: no such model folder"),
         "folder that is no model": ([f"model.name_or_path={not_a_model}"], "has no config.json"),
-        "GGUF without the gguf package": ([f"model.name_or_path={tmp_path / 'm.gguf'}"], "no such GGUF file"),
+        "GGUF file as a run's model": ([f"model.name_or_path={tmp_path / 'm.gguf'}"],
+                                       "must be a transformers model folder; dequantise the GGUF file once"),
         "cuda without a GPU": (["model.device=cuda"], "model.device=cuda: this machine has no CUDA device"),
         "malformed YAML file": ([str(bad_yaml)], f"{bad_yaml}: not valid YAML (line 2, column 1"),
         "malformed YAML override": (["es.population=[1"], "override 'es.population=[1': the value is not valid YAML"),
@@ -121,8 +122,8 @@ def test_user_mistakes_are_one_line_exit_2_and_write_nothing(config, tmp_path):
         assert not (tmp_path / "run").exists(), case
     if importlib.util.find_spec("gguf") is not None:
         return  # the missing-package message below needs gguf absent
-    (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    code, stderr = evolm("es", str(config), f"model.name_or_path={tmp_path / 'm.gguf'}")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # scoring a GGUF model needs no run folder, only the package
+    code, stderr = evolm("evaluate", "--task", LETTER_TASK, "--model", str(tmp_path / "m.gguf"))
     assert code == 2 and "needs the gguf package: pip install 'evolm[gguf]'" in one_error_line(stderr)
 
 

@@ -73,8 +73,10 @@ class SpaceConfig(Section):
 class ESConfig(Section):
     generations: int = Field(500, ge=0)
     population: int = Field(30, ge=2)
-    sigma: float | None = Field(None, gt=0, description="None = the space kind's default (see STEP_DEFAULTS).")
-    learning_rate: float | None = Field(None, gt=0, description="None = the space kind's default.")
+    # at most 1: weights are O(0.01-1), so a larger noise or step replaces the model by noise (and 1e308 is
+    # infinite once θ's fp32 arithmetic meets it)
+    sigma: float | None = Field(None, gt=0, le=1, description="None = the space kind's default (see STEP_DEFAULTS).")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="None = the space kind's default.")
     antithetic: bool = True
     fitness: Literal["zscore", "centered_rank", "raw"] = "zscore"
     optimizer: Literal["es", "adam"] = "es"
@@ -169,6 +171,22 @@ class RunConfig(Section):
     seed: int = Field(0, ge=0, lt=2**31)
     model: ModelConfig
     task: TaskConfig
+
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return str(Path(v).expanduser())  # output_dir=~/x is the home folder's x, not a folder named ~
+
+    @model_validator(mode="after")
+    def _trainable_model(self) -> "RunConfig":
+        if self.model.name_or_path.endswith(".gguf"):
+            raise ValueError(
+                f"model.name_or_path={self.model.name_or_path}: a run exports and rebuilds against its base model, "
+                "which must be a transformers model folder; dequantise the GGUF file once into one (python -c "
+                "\"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; f='FILE.gguf'; "
+                "M.from_pretrained('.', gguf_file=f).save_pretrained('DIR'); "
+                "T.from_pretrained('.', gguf_file=f).save_pretrained('DIR')\") and pass model.name_or_path=DIR")
+        return self
 
 
 class ESRunConfig(RunConfig):

@@ -51,7 +51,7 @@ from evolm.runs import (
     refuse_ignored_resume_arguments,
     write_jsonl,
 )
-from evolm.scoring import headline_metric, render_all, score_all, summarize
+from evolm.scoring import check_prompts, headline_metric, render_all, score_all, summarize
 from evolm.tasks import Example, Task, load_task
 from evolm.tasks.splits import EvalSet, load_eval_sets, load_splits
 
@@ -514,6 +514,10 @@ def run_es(config_source: str | None, overrides: list[str], *, resume: str | Non
     torch.manual_seed(config.seed)
     loaded = load_model(config.model)
     check_targets(loaded.model, config.space.target_modules, "space.target_modules", config.space.layers)
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    for what, examples in [("the training split", train), ("the test split", test),
+                           *((f"evaluation set {s.name}", s.examples) for s in eval_sets)]:
+        check_prompts(render_all(loaded.tokenizer, examples), examples, context, what)
     lock = ExitStack()
     if rank == 0:  # the first process creates the folder and holds it; the others wait for it
         if not resume:
