@@ -99,8 +99,6 @@ def user_mistakes(tmp_path: Path, config: Path) -> dict[str, tuple[list[str], st
         "missing model folder": ([f"model.name_or_path={tmp_path / 'no-model'}"],
                                  f"model {tmp_path / 'no-model'}: no such model folder"),
         "folder that is no model": ([f"model.name_or_path={not_a_model}"], "has no config.json"),
-        "GGUF file as a run's model": ([f"model.name_or_path={tmp_path / 'm.gguf'}"],
-                                       "must be a transformers model folder; dequantise the GGUF file once"),
         "cuda without a GPU": (["model.device=cuda"], "model.device=cuda: this machine has no CUDA device"),
         "malformed YAML file": ([str(bad_yaml)], f"{bad_yaml}: not valid YAML (line 2, column 1"),
         "malformed YAML override": (["es.population=[1"], "override 'es.population=[1': the value is not valid YAML"),
