@@ -186,6 +186,17 @@ def test_an_offline_hub_id_says_how_to_pass_a_local_folder(config, tmp_path):
     assert "pass the folder: model.name_or_path=DIR" in line
 
 
+def test_an_unreachable_hub_fails_at_the_first_connection_with_one_line(config, tmp_path):
+    """No network (a hub address that refuses connections), nothing cached: one line at once, no retries."""
+    process = evolm_process("es", str(config), "model.name_or_path=nobody/no-such-model",
+                            env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
+    code, stderr = finished(process)
+    assert code == 2 and "Retry" not in stderr, stderr
+    line = one_error_line(stderr)
+    assert "model nobody/no-such-model could not be loaded from the Hugging Face hub" in line
+    assert "(hf download nobody/no-such-model --local-dir DIR)" in line and "huggingface-cli" not in line
+
+
 def test_ctrl_c_while_loading_keeps_the_old_run_and_says_nothing_started(finished_run, tmp_path):
     """The new run reads its data from a named pipe that never delivers, so Ctrl-C lands while loading."""
     run = tmp_path / "run"
