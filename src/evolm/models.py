@@ -119,6 +119,15 @@ def check_model(config: ModelConfig) -> None:
         raise hub_failure(config.name_or_path, exc) from exc
 
 
+def stored_dtype(name_or_path: str) -> torch.dtype | None:
+    """The dtype a model's config.json records (what its weights are stored in), None where it says none."""
+    source, extra = model_source(name_or_path)
+    dtype = getattr(AutoConfig.from_pretrained(source, **extra), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     source, extra = model_source(config.name_or_path)
     device = resolve_device(config.device)
