@@ -33,7 +33,7 @@ def test_presets_carry_the_paper_defaults():
         assert (config.es.sigma, config.es.learning_rate) == STEP_DEFAULTS["full-lowrank"] == (0.001, 0.0005)
     assert (load_config("countdown", ["space.kind=full"]).es.sigma, STEP_DEFAULTS["full"]) == (0.001, (0.001, 0.0005))
     lora = load_config("countdown", ["space.kind=lora"])  # a rank-1 LoRA step moves a layer far less
-    assert (lora.es.sigma, lora.es.learning_rate) == STEP_DEFAULTS["lora"] == (0.01, 0.005)
+    assert (lora.es.sigma, lora.es.learning_rate) == STEP_DEFAULTS["lora"] == (0.05, 0.025)
     assert load_config("countdown", ["space.kind=full", "es.sigma=0.002"]).es.sigma == 0.002
     assert load_config("countdown").generation.max_new_tokens == 1024
 
