@@ -52,16 +52,18 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, tied: bool = False,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """`tied`: the lm_head is the embedding (as SmolLM2's); `dtype`: what the weights are stored in."""
     tok = make_tokenizer()
     common = dict(
         vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=tied,
     )
     config_class, model_class, specific = ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    model = model_class(config_class(**common, **specific))
+    model = model_class(config_class(**common, **specific)).to(dtype)
     with torch.no_grad():  # larger logits than the default init: sharper, more varied greedy text
         model.lm_head.weight.mul_(8.0)
     model.generation_config.eos_token_id = tok.eos_token_id

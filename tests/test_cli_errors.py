@@ -99,7 +99,6 @@ def user_mistakes(tmp_path: Path, config: Path) -> dict[str, tuple[list[str], st
         "missing model folder": ([f"model.name_or_path={tmp_path / 'no-model'}"],
                                  f"model {tmp_path / 'no-model'}: no such model folder"),
         "folder that is no model": ([f"model.name_or_path={not_a_model}"], "has no config.json"),
-        "GGUF without the gguf package": ([f"model.name_or_path={tmp_path / 'm.gguf'}"], "no such GGUF file"),
         "cuda without a GPU": (["model.device=cuda"], "model.device=cuda: this machine has no CUDA device"),
         "malformed YAML file": ([str(bad_yaml)], f"{bad_yaml}: not valid YAML (line 2, column 1"),
         "malformed YAML override": (["es.population=[1"], "override 'es.population=[1': the value is not valid YAML"),
@@ -108,7 +107,7 @@ def user_mistakes(tmp_path: Path, config: Path) -> dict[str, tuple[list[str], st
                                    "space.target_modules: the model has no linear module named qq_proj"),
         "empty data": (["task.options.prompts=0"], "the training split is empty"),
         "overwrite a folder that is no run": ([f"output_dir={not_a_model}", "--overwrite"],
-                                              "is not an evolm run (no config.yaml)"),
+                                              "is not an evolm run (no .evolm-run marker)"),
     }
 
 
@@ -121,8 +120,8 @@ def test_user_mistakes_are_one_line_exit_2_and_write_nothing(config, tmp_path):
         assert not (tmp_path / "run").exists(), case
     if importlib.util.find_spec("gguf") is not None:
         return  # the missing-package message below needs gguf absent
-    (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    code, stderr = evolm("es", str(config), f"model.name_or_path={tmp_path / 'm.gguf'}")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # scoring a GGUF model needs no run folder, only the package
+    code, stderr = evolm("evaluate", "--task", LETTER_TASK, "--model", str(tmp_path / "m.gguf"))
     assert code == 2 and "needs the gguf package: pip install 'evolm[gguf]'" in one_error_line(stderr)
 
 
@@ -185,6 +184,17 @@ def test_an_offline_hub_id_says_how_to_pass_a_local_folder(config, tmp_path):
     line = one_error_line(stderr)
     assert "model nobody/no-such-model could not be loaded from the Hugging Face hub" in line
     assert "pass the folder: model.name_or_path=DIR" in line
+
+
+def test_an_unreachable_hub_fails_at_the_first_connection_with_one_line(config, tmp_path):
+    """No network (a hub address that refuses connections), nothing cached: one line at once, no retries."""
+    process = evolm_process("es", str(config), "model.name_or_path=nobody/no-such-model",
+                            env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
+    code, stderr = finished(process)
+    assert code == 2 and "Retry" not in stderr, stderr
+    line = one_error_line(stderr)
+    assert "model nobody/no-such-model could not be loaded from the Hugging Face hub" in line
+    assert "(hf download nobody/no-such-model --local-dir DIR)" in line and "huggingface-cli" not in line
 
 
 def test_ctrl_c_while_loading_keeps_the_old_run_and_says_nothing_started(finished_run, tmp_path):

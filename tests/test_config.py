@@ -33,7 +33,7 @@ def test_presets_carry_the_paper_defaults():
         assert (config.es.sigma, config.es.learning_rate) == STEP_DEFAULTS["full-lowrank"] == (0.001, 0.0005)
     assert (load_config("countdown", ["space.kind=full"]).es.sigma, STEP_DEFAULTS["full"]) == (0.001, (0.001, 0.0005))
     lora = load_config("countdown", ["space.kind=lora"])  # a rank-1 LoRA step moves a layer far less
-    assert (lora.es.sigma, lora.es.learning_rate) == STEP_DEFAULTS["lora"] == (0.01, 0.005)
+    assert (lora.es.sigma, lora.es.learning_rate) == STEP_DEFAULTS["lora"] == (0.05, 0.025)
     assert load_config("countdown", ["space.kind=full", "es.sigma=0.002"]).es.sigma == 0.002
     assert load_config("countdown").generation.max_new_tokens == 1024
 
@@ -71,8 +71,29 @@ def test_non_finite_numbers_are_rejected_naming_the_field(override):
         load_config("countdown", [override])
 
 
-def test_huge_but_finite_learning_rate_is_valid():
-    assert load_config("countdown", ["es.learning_rate=1e308"]).es.learning_rate == 1e308
+@pytest.mark.parametrize("key", ["es.learning_rate", "es.sigma"])
+def test_a_step_or_noise_that_would_break_the_model_is_refused(key):
+    """1e308 is finite in the config but infinite in θ's fp32 arithmetic; above 1 the model is noise."""
+    for value in ("1e308", "1.5"):
+        with pytest.raises(ConfigError, match=rf"{key}: Input should be less than or equal to 1"):
+            load_config("countdown", [f"{key}={value}"])
+    assert load_config("countdown", [f"{key}=1.0"]).model_dump()["es"][key.split(".")[1]] == 1.0
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9))
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """Nine nested lists of 9 aliases each expand to 9**10 strings: tens of GB, from 600 bytes."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    assert len(ALIAS_BOMB) < 700
+    with pytest.raises(ConfigError, match=r"bomb.yaml: .*line 2, column 8: YAML aliases \(\*a\) are not allowed"):
+        load_config(bomb)
+    with pytest.raises(ConfigError, match="YAML aliases"):
+        load_config("countdown", ["task.options={a: &x 1, b: *x}"])
 
 
 def _numeric_leaves(node, path=()):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers.processes import default_sigint
 from peft import PeftModel
@@ -235,3 +236,18 @@ def test_torchrun_processes_share_the_population_and_agree(tiny_llama, tmp_path)
     a = load_file(run_a.adapter_dir / "adapter_model.safetensors")
     b = load_file(tmp_path / "shared" / "adapter" / "adapter_model.safetensors")
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_lora_defaults_move_a_small_model(tiny_llama, tmp_path):
+    """The conciseness preset with space.kind=lora and its default σ and learning rate, 6 members: every
+    member writes a completion of its own length (at σ = 0.01 half of them wrote alike), so the update is not
+    zero and B leaves 0 (generation 0's B is 0: the base model)."""
+    run, _ = run_es("conciseness", [f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_llama}",
+                                    "space.kind=lora", "es.population=6", "es.generations=2",
+                                    "generation.max_new_tokens=48", "eval.every=0", "export=false",
+                                    "logging.progress=false", "logging.tensorboard=false", "task.train_size=2",
+                                    "task.test_size=1"])
+    history = read_jsonl(run.history_file)
+    assert len(set(history[0]["fitness"])) == 6, history[0]["fitness"]
+    params = torch.load(run.checkpoint_file, weights_only=True)["strategy"]["params"]
+    assert all(p.abs().max() > 0 for name, p in params.items() if name.endswith("lora_B"))

@@ -14,16 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import build_tiny_model
 from test_es import LETTER_TASK, _cli, write_config
 from transformers import AutoModelForCausalLM
 
-from evolm.config import ConfigError
+from evolm.config import ConfigError, ModelConfig
 from evolm.engine import PopulationEngine, SamplingParams
 from evolm.es.full_lowrank_space import FullLowRankSpace
 from evolm.es.full_space import FullSpace
 from evolm.es.loop import export_run, run_es
 from evolm.es.strategy import EvolutionStrategy
-from evolm.models import load_tokenizer
+from evolm.models import load_model, load_tokenizer
 from evolm.runs import read_jsonl
 
 PROMPTS = ["Hello there", "The quick brown fox", "1 + 1 =", "Once upon a time"]
@@ -172,3 +173,24 @@ def test_torchrun_reproduces_a_full_lowrank_run(tiny_llama, tmp_path):
     assert [h["fitness"] for h in read_jsonl(run_a.history_file)] == [
         h["fitness"] for h in read_jsonl(tmp_path / "shared" / "results" / "history.jsonl")]
     assert _same_weights(run_a.model_dir, tmp_path / "shared" / "model")
+
+
+def test_an_exported_model_is_in_the_base_dtype_with_tied_weights_written_once(tmp_path):
+    """A bf16 base with a tied lm_head (as SmolLM2), run in fp32 on the CPU: the export is bf16 and as small
+    as the base, and transformers loads it with the lm_head tied again."""
+    base = build_tiny_model(tmp_path / "base", tied=True, dtype=torch.bfloat16)
+    loaded = load_model(ModelConfig(name_or_path=str(base), device="cpu"))
+    assert loaded.dtype == torch.float32
+    engine = PopulationEngine(loaded.model, loaded.tokenizer, ["q_proj"], None, eos_token_ids=[3])
+    space = FullLowRankSpace(engine, 2)
+    params = {n: p + 0.01 for n, p in space.initial_params(0).items()}
+    out = space.export(params, tmp_path / "out", str(base))
+    weights = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in weights and {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert (out / "model.safetensors").stat().st_size <= (base / "model.safetensors").stat().st_size
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    name = next(iter(params))
+    assert torch.equal(model.get_submodule(name).weight, params[name].to(torch.bfloat16))
+

@@ -42,17 +42,36 @@ def assert_small_png(path: Path) -> None:
     assert 300 <= width <= 1000 and 200 <= height <= 800
 
 
-def test_figures_are_written(tmp_path):
+def drawn(ax) -> dict[str, tuple[list, list]]:
+    """{label: (x, y)} of the lines an axes draws."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def bar_heights(ax) -> dict[str, list[float]]:
+    return {c.get_label(): [bar.get_height() for bar in c] for c in ax.containers}
+
+
+def test_figures_are_written_and_draw_the_history(tmp_path):
     write_run(tmp_path)
     paths = write_figures(tmp_path)
     assert paths == [tmp_path / "figures" / "evolution.png", tmp_path / "figures" / "time_breakdown.png"]
     for path in paths:
         assert_small_png(path)
+    fitness_ax, test_ax = evolution_figure(tmp_path).axes
+    lines = drawn(fitness_ax)
+    assert lines["mean fitness"][0] == list(range(6))
+    assert lines["mean fitness"][1] == pytest.approx([0.1 * g + 0.035 for g in range(6)])
+    assert lines["best member"][1] == pytest.approx([0.1 * g + 0.07 for g in range(6)])
+    assert drawn(test_ax)["test accuracy"] == ([0, 2, 4, 6], pytest.approx([0.0, 0.2, 0.4, 0.5]))
+    heights = bar_heights(time_breakdown_figure(tmp_path).axes[0])
+    assert heights["generate"] == [1.5] * 6 and heights["eval"] == [0.7, 0, 0.7, 0, 0.7, 0]
 
 
 def test_reward_is_plotted_when_accuracy_is_absent(tmp_path):
     write_run(tmp_path, accuracy=False)
     assert_small_png(plot_evolution(tmp_path))
+    lines = drawn(evolution_figure(tmp_path).axes[1])
+    assert list(lines) == ["test reward"] and lines["test reward"] == ([0, 2, 4, 6], pytest.approx([0, 0.4, 0.8, 1.0]))
 
 
 def test_running_run_with_half_written_line_and_no_evaluations_file(tmp_path):
@@ -62,6 +81,10 @@ def test_running_run_with_half_written_line_and_no_evaluations_file(tmp_path):
         f.write('{"generation": 60, "fitn')
     assert_small_png(plot_evolution(tmp_path))
     assert_small_png(plot_time_breakdown(tmp_path))
+    fitness_ax, test_ax = evolution_figure(tmp_path).axes
+    assert drawn(fitness_ax)["mean fitness"][0] == list(range(60))  # the half-written line is left out
+    assert drawn(test_ax)["test accuracy"][0] == list(range(0, 60, 2))
+    assert len(bar_heights(time_breakdown_figure(tmp_path).axes[0])["generate"]) == 60
 
 
 def test_empty_or_missing_history_does_not_crash(tmp_path):
@@ -103,8 +126,7 @@ def test_a_part_of_a_phase_is_taken_out_of_its_bar(tmp_path):
     for row in rows:
         row["time"]["generate.noise"] = 0.5
     history.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ax = time_breakdown_figure(tmp_path).axes[0]
-    heights = {c.get_label(): [bar.get_height() for bar in c] for c in ax.containers}
+    heights = bar_heights(time_breakdown_figure(tmp_path).axes[0])
     assert heights["generate"] == [1.0] * 3 and heights["generate.noise"] == [0.5] * 3  # stacked, not counted twice
 
 

@@ -250,8 +250,13 @@ def _wait_until_busy(process: subprocess.Popen, db_path: Path, done: int) -> Non
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if db_path.is_file():
-            with sqlite3.connect(db_path) as db:
+            db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)  # read only: it creates nothing
+            try:
                 states = [s for (s,) in db.execute("SELECT state FROM variants")]
+            except sqlite3.OperationalError:  # the run is still creating its tables (or holds the write lock)
+                states = []
+            finally:
+                db.close()
             if states.count("done") >= done and "running" in states:
                 return
         time.sleep(0.1)

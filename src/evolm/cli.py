@@ -236,7 +236,7 @@ def runs_list_command(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
 ) -> None:
     """List runs (newest first); with --cleanup remove older ones."""
-    from evolm.runs import cleanup_runs, format_age, list_runs
+    from evolm.runs import RUN_MARKER, cleanup_candidates, cleanup_runs, format_age, list_runs
 
     with reported_errors():
         runs = list_runs(root)
@@ -254,13 +254,17 @@ def runs_list_command(
     # wider than the terminal rather than a cut path: the other columns need about 80 characters
     console.print(table, width=max(console.width, longest + 80), crop=False)
     if cleanup:
-        doomed = [r["path"] for r in runs[keep:]]
+        doomed = cleanup_candidates(runs, keep)
+        unmarked = [r["path"] for r in runs if not r["marked"]]
+        if unmarked:
+            console.print(f"not deleting {len(unmarked)} run(s) of an older evolm (no {RUN_MARKER} marker): "
+                          f"{', '.join(unmarked)}; --resume marks one, or delete it yourself")
         if not doomed:
             console.print("nothing to delete")
             return
         if not yes and not typer.confirm(f"delete {len(doomed)} run folder(s): {', '.join(doomed)}?"):
             raise typer.Exit(1)
-        for path in cleanup_runs(root, keep):
+        for path in cleanup_runs(root, doomed):
             console.print(f"deleted {path}")
 
 

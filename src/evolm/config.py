@@ -49,8 +49,9 @@ class TaskConfig(Section):
 SpaceKind = Literal["lora", "full-lowrank", "full"]
 # (sigma, learning_rate) by space kind. The full-weight spaces' noise has unit variance per weight, so the
 # paper's values apply; a LoRA perturbation with B = 0 moves W only by sigma·eps_B·A (A ~ 1/sqrt(in)), so
-# LoRA needs a larger sigma to change what the model writes at all.
-STEP_DEFAULTS: dict[str, tuple[float, float]] = {"lora": (0.01, 0.005), "full-lowrank": (0.001, 0.0005),
+# LoRA needs a larger sigma to change what the model writes at all: at 0.01 SmolLM2-135M's members wrote
+# alike (zero gradient, B stayed 0) and its conciseness test reward fell; at 0.05 it rose (docs/results.md).
+STEP_DEFAULTS: dict[str, tuple[float, float]] = {"lora": (0.05, 0.025), "full-lowrank": (0.001, 0.0005),
                                                  "full": (0.001, 0.0005)}
 
 
@@ -73,8 +74,10 @@ class SpaceConfig(Section):
 class ESConfig(Section):
     generations: int = Field(500, ge=0)
     population: int = Field(30, ge=2)
-    sigma: float | None = Field(None, gt=0, description="None = the space kind's default (see STEP_DEFAULTS).")
-    learning_rate: float | None = Field(None, gt=0, description="None = the space kind's default.")
+    # at most 1: weights are O(0.01-1), so a larger noise or step replaces the model by noise (and 1e308 is
+    # infinite once θ's fp32 arithmetic meets it)
+    sigma: float | None = Field(None, gt=0, le=1, description="None = the space kind's default (see STEP_DEFAULTS).")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="None = the space kind's default.")
     antithetic: bool = True
     fitness: Literal["zscore", "centered_rank", "raw"] = "zscore"
     optimizer: Literal["es", "adam"] = "es"
@@ -170,6 +173,22 @@ class RunConfig(Section):
     model: ModelConfig
     task: TaskConfig
 
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return str(Path(v).expanduser())  # output_dir=~/x is the home folder's x, not a folder named ~
+
+    @model_validator(mode="after")
+    def _trainable_model(self) -> "RunConfig":
+        if self.model.name_or_path.endswith(".gguf"):
+            raise ValueError(
+                f"model.name_or_path={self.model.name_or_path}: a run exports and rebuilds against its base model, "
+                "which must be a transformers model folder; dequantise the GGUF file once into one (python -c "
+                "\"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; f='FILE.gguf'; "
+                "M.from_pretrained('.', gguf_file=f).save_pretrained('DIR'); "
+                "T.from_pretrained('.', gguf_file=f).save_pretrained('DIR')\") and pass model.name_or_path=DIR")
+        return self
+
 
 class ESRunConfig(RunConfig):
     output_dir: str = "runs/es"
@@ -238,8 +257,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def parse_yaml(text: str, what: str) -> Any:
-    """YAML text as Python values; a syntax error is a ConfigError of one line saying where it is."""
+    """YAML text as Python values; a syntax error is a ConfigError of one line saying where it is. Aliases
+    (`*name`) are refused before anything is built: nested ones expand exponentially (a few hundred bytes
+    can fill the memory), and a shared run folder's config.yaml is read too; evolm never writes them."""
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise ConfigError(f"{what} (line {mark.line + 1}, column {mark.column + 1}: YAML aliases "
+                                  f"(*{event.anchor}) are not allowed; write the value out)")
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

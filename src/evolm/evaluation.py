@@ -9,16 +9,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from evolm.adapters import read_peft_adapter
-from evolm.config import SET_NAME, ModelConfig
+from evolm.config import SET_NAME, ModelConfig, read_source
 from evolm.engine import PopulationEngine
 from evolm.engine.decoding import SamplingParams
 from evolm.es.lora_space import LoRASpace
-from evolm.es.space import EXPORT_INFO
 from evolm.models import eos_token_ids, load_model, release_memory
+from evolm.runs import EXPORT_INFO, RunDir
 from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks import Score, Task, TaskError, load_task
 from evolm.tasks.base import split_slice
@@ -215,10 +214,8 @@ def _recorded_base(model_dir: Path) -> str:
 
 def resolve_run_folder(path: Path, options: EvalOptions) -> tuple[Path, EvalOptions]:
     """A run folder stands for its exported result, scored with the run's own task and generation settings."""
-    from evolm.runs import RunDir
-
     run = RunDir.open(path)
-    saved = yaml.safe_load(run.config_file.read_text())
+    saved = read_source(run.config_file)
     kind = saved.get("space", {}).get("kind", "lora")
     target = run.export_dir(kind)
     if not target.is_dir():

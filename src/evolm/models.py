@@ -6,8 +6,10 @@ import gc
 import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -59,7 +61,27 @@ def model_source(name_or_path: str) -> tuple[str, dict]:
     if path.exists() or looks_like_path(name_or_path):
         raise ConfigError(f"model {name_or_path}: no such model folder (a local path; a hub id looks like "
                           "'org/name')")
-    return name_or_path, {}
+    return name_or_path, hub_access(name_or_path)
+
+
+@lru_cache(maxsize=None)
+def hub_access(name: str) -> dict:
+    """Ask the hub once, without retries, whether `name` can be reached: offline, a cached copy is loaded
+    without asking again ({"local_files_only": True}), and no cached copy is one line at once, instead of
+    minutes of transformers retrying each file."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return {}  # transformers itself then reads only the cache, and fails at once
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+    except (huggingface_hub.errors.RepositoryNotFoundError, huggingface_hub.errors.GatedRepoError) as exc:
+        raise hub_failure(name, exc) from None
+    except huggingface_hub.errors.HfHubHTTPError:
+        return {}  # the hub answered: let transformers load and report
+    except Exception as exc:  # no connection (the HTTP client's own error types)
+        if huggingface_hub.try_to_load_from_cache(name, "config.json") is None:
+            raise hub_failure(name, exc) from None
+        return {"local_files_only": True}
+    return {}
 
 
 def looks_like_path(name: str) -> bool:
@@ -71,8 +93,8 @@ def hub_failure(name: str, exc: Exception) -> ConfigError:
     """A hub id that did not load, with the way round it when offline."""
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return ConfigError(f"model {name} could not be loaded from the Hugging Face hub ({reason}); offline, or for a "
-                       f"private model, download it where there is network (huggingface-cli download {name} "
-                       "--local-dir DIR) and pass the folder: model.name_or_path=DIR")
+                       f"private model, download it where there is network (hf download {name} --local-dir DIR) "
+                       "and pass the folder: model.name_or_path=DIR")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -95,6 +117,15 @@ def check_model(config: ModelConfig) -> None:
         AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **extra)
     except OSError as exc:
         raise hub_failure(config.name_or_path, exc) from exc
+
+
+def stored_dtype(name_or_path: str) -> torch.dtype | None:
+    """The dtype a model's config.json records (what its weights are stored in), None where it says none."""
+    source, extra = model_source(name_or_path)
+    dtype = getattr(AutoConfig.from_pretrained(source, **extra), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def load_model(config: ModelConfig) -> LoadedModel:

@@ -3,11 +3,13 @@ overwrites, written atomically), its log file, the check of a resumed config, an
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -22,6 +24,14 @@ from evolm.errors import UserError, remember_log
 
 class RunDirError(UserError, RuntimeError):
     """A run folder cannot be used as asked; the message says what to do instead."""
+
+
+# Written when a run folder is created: what makes a folder an evolm run that --overwrite, `runs list
+# --cleanup` and `export` may delete (a config.yaml alone could be any program's).
+RUN_MARKER = ".evolm-run"
+RUN_FORMAT = 1  # the run folder layout's version, in the marker
+LOCK_FILE = ".evolm-lock"  # held (flock) by the process writing the run; the kernel drops it when that dies
+EXPORT_INFO = "evolm.json"  # written into every export: what it was evolved from; export replaces only these
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -102,6 +112,9 @@ class RunDir:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
     @property
     def config_file(self) -> Path:
         return self.root / "config.yaml"
@@ -175,17 +188,68 @@ class RunDir:
         """A search run's best adapter so far."""
         return self.root / "best_adapter"
 
+    @property
+    def marker_file(self) -> Path:
+        return self.root / RUN_MARKER
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def is_marked(self) -> bool:
+        """Whether evolm made this folder (the only runs evolm ever deletes)."""
+        return self.marker_file.is_file()
+
+    @property
+    def is_unmarked_run(self) -> bool:
+        """A run of an evolm older than run markers: config.yaml beside results, a checkpoint or run.db."""
+        return not self.is_marked and self.config_file.is_file() and any(
+            p.exists() for p in (self.history_file, self.checkpoint_file, self.database))
+
+    def mark(self) -> None:
+        if not self.is_marked:
+            atomic_write_text(self.marker_file, json.dumps({"format": RUN_FORMAT}) + "\n")
+
     @classmethod
     def create(cls, path: str | Path, overwrite: bool) -> "RunDir":
-        """A fresh, empty run folder; a non-empty one is only emptied when `overwrite` is set and it is a
-        run. Call it once the run can start (config valid, data and model loaded): `refuse_busy_dir`
-        first, to fail fast, then this, so a run that cannot start never costs the old one. Every
-        writer makes the subfolders it writes into, so a command leaves none it does not use."""
+        """A fresh run folder holding only its marker; a non-empty one is only emptied when `overwrite` is
+        set, it is a marked run and no process holds it. Call it once the run can start (config valid, data
+        and model loaded): `refuse_busy_dir` first, to fail fast, then this, so a run that cannot start never
+        costs the old one. Every writer makes the subfolders it writes into."""
         root = Path(path)
         refuse_busy_dir(root, overwrite)
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        return cls(root)
+        if root.is_dir() and any(root.iterdir()):
+            with cls(root).lock():  # not while another process writes it
+                shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        run = cls(root)
+        run.mark()
+        return run
+
+    @contextmanager
+    def lock(self, shared: bool = False) -> Iterator[None]:
+        """Hold the run while the block writes it: exclusive for an ES run (a second writer is refused with
+        one line), shared for `evolm search` workers, which share a run by design. The kernel drops the
+        lock of a process that died, so a lock file left behind (a kill -9) is no obstacle. Marks an
+        older run (it is being resumed, so it is evolm's)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "an evolm search worker"
+                raise RunDirError(f"{self.root} is in use by another process ({holder}); wait for it to end or "
+                                  "stop it, then try again") from None
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+            if self.config_file.is_file():
+                self.mark()
+            yield
+        finally:
+            os.close(fd)
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
@@ -202,11 +266,13 @@ class RunDir:
         if not self.checkpoint_file.is_file():
             return None
         try:
-            state = torch.load(self.checkpoint_file, map_location="cpu", weights_only=False)
-        except Exception as exc:  # torch raises EOFError, RuntimeError, UnpicklingError … for a damaged file
+            # weights only: a checkpoint from a shared run folder must not be able to run code
+            state = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # EOFError, RuntimeError, UnpicklingError … for a damaged or crafted file
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RunDirError(
-                f"checkpoint {self.checkpoint_file} is unreadable (truncated or corrupted: {reason}); delete it to "
+                f"checkpoint {self.checkpoint_file} is unreadable (truncated, corrupted or not weights only: "
+                f"{reason}); delete it to "
                 f"restart this run from generation 0, or start a new run") from None
         if not isinstance(state, dict) or "strategy" not in state:
             raise RunDirError(f"checkpoint {self.checkpoint_file} is not an evolm checkpoint (no strategy state); "
@@ -268,8 +334,8 @@ def log_to_file(path: Path | None, *, echo: bool = False) -> Iterator[None]:
 
 
 def refuse_busy_dir(root: Path, overwrite: bool) -> None:
-    """Raise unless `root` is absent or empty, or is a run (it has config.yaml) that `overwrite` allows
-    replacing. A folder that is not a run is never deleted: the user empties it, there is no force."""
+    """Raise unless `root` is absent or empty, or is a marked run that `overwrite` allows replacing. A
+    folder that is not a run is never deleted: the user empties it, there is no force."""
     if root.exists() and not root.is_dir():
         raise RunDirError(f"output_dir {root} exists and is not a folder")
     if not root.is_dir() or not any(root.iterdir()):
@@ -279,11 +345,34 @@ def refuse_busy_dir(root: Path, overwrite: bool) -> None:
             f"output_dir {root} is not empty; pass --overwrite to replace it, "
             f"--resume {root} to continue it, or choose another output_dir"
         )
-    if not RunDir(root).config_file.is_file():
+    run = RunDir(root)
+    if run.is_unmarked_run:
         raise RunDirError(
-            f"output_dir {root} is not empty and is not an evolm run (no config.yaml): --overwrite only "
+            f"output_dir {root} is a run of an older evolm (no {RUN_MARKER} marker), which --overwrite does not "
+            f"delete: --resume {root} continues it (and marks it), or delete the folder yourself")
+    if not run.is_marked:
+        raise RunDirError(
+            f"output_dir {root} is not empty and is not an evolm run (no {RUN_MARKER} marker): --overwrite only "
             "replaces runs; choose another output_dir, or delete the folder yourself if nothing in it matters"
         )
+
+
+def refuse_foreign_export_dir(out: Path, run: RunDir) -> None:
+    """`export RUN DIR` writes DIR anew: DIR must be absent, empty, or an earlier export of evolm (it holds
+    evolm.json, or only a PEFT adapter's two files, as exports before evolm.json wrote); anything else,
+    the run itself or a folder holding runs, is refused and left as it is."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} exists and is not a folder; give a new folder to export to")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    names = {p.name for p in out.iterdir()}
+    if out.resolve() == run.root.resolve() or RUN_MARKER in names or "config.yaml" in names:
+        raise RunDirError(f"{out} is a run folder; export into a new folder (e.g. {run.root / 'export'})")
+    if EXPORT_INFO in names or names == {"adapter_config.json", "adapter_model.safetensors"}:
+        return
+    raise RunDirError(f"{out} is not empty and is not an earlier evolm export (no {EXPORT_INFO}); export writes "
+                      "only into a new or empty folder or over an earlier export: choose another folder")
 
 
 def refuse_ignored_resume_arguments(config_source: str | None, overrides: list[str], overwrite: bool) -> None:
@@ -298,48 +387,86 @@ def refuse_ignored_resume_arguments(config_source: str | None, overrides: list[s
         raise RunDirError("--overwrite replaces a run and --resume continues one: give only one of them")
 
 
+def fresh_dir_beside(final: Path) -> Path:
+    """A new empty folder next to `final`, named so no folder of the user's can be it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Swap a fully written folder into place, so a reader never sees half of it."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = None
     if final.exists():
+        old = fresh_dir_beside(final)
+        old.rmdir()
         final.rename(old)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_summary(run: RunDir) -> dict:
+    """results/summary.json, or a status saying why there is none to read."""
+    if not run.summary_file.is_file():
+        return {}
+    try:
+        summary = json.loads(run.summary_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {"status": "summary.json unreadable"}
+    return summary if isinstance(summary, dict) else {"status": "summary.json unreadable"}
 
 
 def list_runs(root: Path) -> list[dict]:
-    """Every run folder below `root` (ES and search), newest first; `path` relative to `root`."""
+    """Every run folder below `root` (ES and search; marked, or of an older evolm), newest first; `path`
+    relative to `root`, `marked` whether evolm may delete it."""
     if not Path(root).is_dir():
         raise RunDirError(f"{root} is not a folder; give the folder that holds your runs (default: runs)")
     rows = []
     for config in sorted(Path(root).glob("**/config.yaml")):
-        run = config.parent
-        history = read_jsonl(run / "results" / "history.jsonl")
-        summary_path = run / "results" / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        run = RunDir(config.parent)
+        if not (run.is_marked or run.is_unmarked_run):
+            continue
+        history = read_jsonl(run.history_file)
+        summary = read_summary(run)
         last = history[-1] if history else {}
+        files = [p for p in run.root.rglob("*") if p.is_file()]
         rows.append(
             {
-                "path": str(run.relative_to(root)),
-                "modified": max(p.stat().st_mtime for p in run.rglob("*") if p.is_file()),
+                "path": str(run.root.relative_to(root)),
+                "modified": max(p.stat().st_mtime for p in files),
                 "generations": len(history),
                 "last_mean_fitness": last.get("mean"),
-                "final": summary.get("final"),
+                "final": summary.get("final") if isinstance(summary.get("final"), dict) else None,
                 "status": summary.get("status", "running or stopped" if history else "new"),
-                "size_mb": sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) / 2**20,
+                "size_mb": sum(p.stat().st_size for p in files) / 2**20,
+                "marked": run.is_marked,
             }
         )
     rows.sort(key=lambda r: r["modified"], reverse=True)
     return rows
 
 
-def cleanup_runs(root: Path, keep: int) -> list[str]:
-    """Delete all but the `keep` most recently modified runs; returns what was deleted."""
-    doomed = [r["path"] for r in list_runs(root)[keep:]]
-    for path in doomed:
-        shutil.rmtree(Path(root) / path)
-    return doomed
+def cleanup_candidates(rows: list[dict], keep: int) -> list[str]:
+    """The marked runs beyond the `keep` most recently modified of them (unmarked ones are never deleted)."""
+    return [r["path"] for r in rows if r["marked"]][keep:]
+
+
+def cleanup_runs(root: Path, paths: list[str]) -> list[str]:
+    """Delete these runs below `root` where each is still a marked run no process holds; returns what was
+    deleted."""
+    deleted = []
+    for path in paths:
+        run = RunDir(Path(root) / path)
+        if not run.is_marked:
+            continue
+        try:
+            with run.lock():
+                shutil.rmtree(run.root)
+        except RunDirError as exc:
+            logging.getLogger("evolm").warning("kept %s: %s", path, exc)
+            continue
+        deleted.append(path)
+    return deleted
 
 
 def format_age(timestamp: float) -> str:

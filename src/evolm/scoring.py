@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from evolm.tasks import Example, Score, Task
+from evolm.tasks import Example, Score, Task, TaskError
 
 
 def render(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
@@ -21,6 +21,18 @@ def render(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
 
 def render_all(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> list[list[int]]:
     return [render(tokenizer, e) for e in examples]
+
+
+def check_prompts(prompt_ids: Sequence[list[int]], examples: Sequence[Example], context: int | None,
+                  what: str) -> None:
+    """Refuse, naming the record, a prompt that is empty (nothing to continue) or fills the model's whole
+    context (nothing can be generated, and a long one costs minutes a generation for nothing)."""
+    for index, (ids, example) in enumerate(zip(prompt_ids, examples)):
+        if not ids or (isinstance(example.prompt, str) and not example.prompt.strip()):
+            raise TaskError(f"{what}: record {index} has an empty prompt; remove it or give it text")
+        if context is not None and len(ids) >= context:
+            raise TaskError(f"{what}: record {index}'s prompt is {len(ids)} tokens, and the model's context is "
+                            f"{context}; shorten it or remove it (task.train / task.test slices can skip it)")
 
 
 def score_all(task: Task, examples: Sequence[Example], texts: Sequence[str], offset: int = 0) -> list[Score]:

@@ -6,7 +6,7 @@ import json
 import logging
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from evolm.es.strategy import EvolutionStrategy
 from evolm.models import LoadedModel, check_targets, eos_token_ids, load_model, release_memory
 from evolm.runs import (
     RunDir,
+    RunDirError,
     append_jsonl,
     atomic_write_text,
     changed_keys,
@@ -46,10 +47,11 @@ from evolm.runs import (
     log_to_file,
     read_jsonl,
     refuse_busy_dir,
+    refuse_foreign_export_dir,
     refuse_ignored_resume_arguments,
     write_jsonl,
 )
-from evolm.scoring import headline_metric, render_all, score_all, summarize
+from evolm.scoring import check_prompts, headline_metric, render_all, score_all, summarize
 from evolm.tasks import Example, Task, load_task
 from evolm.tasks.splits import EvalSet, load_eval_sets, load_splits
 
@@ -61,6 +63,7 @@ FROZEN_ON_RESUME = ("seed", "model.name_or_path", "space", "es.population", "es.
 # A full-weight run's checkpoint is its fitness log, replayed through tell() on resume and export: everything
 # tell() reads must stay what it was, or the replay would rebuild other weights than the run had.
 FROZEN_FOR_REPLAY = ("es.sigma", "es.learning_rate", "es.fitness", "es.weight_decay", "es.adam_betas")
+FLAT_GENERATIONS = 3  # generations in a row in which every member scored the same before the run warns
 
 
 @dataclass
@@ -131,6 +134,9 @@ class ESRun:
         self.strategy = self.new_strategy()
         self.members = distributed.member_share(config.es.population, self.rank, self.world_size)
         self.tracker: Tracker | None = None
+        self.checkpointed: int | None = None  # the generation of the checkpoint on disk
+        self.flat = 0  # generations in a row in which every member scored the same
+        self.warnings: list[str] = []
 
     def new_strategy(self) -> EvolutionStrategy:
         """The strategy at generation 0 (θ₀ from the space: the base weights, or LoRA's init)."""
@@ -247,6 +253,7 @@ class ESRun:
         if self.is_main:
             state = self.strategy.state_dict(with_params=self.space.params_in_checkpoint)
             self.run.save_checkpoint({"strategy": state, "config": self.config.model_dump()})
+        self.checkpointed = self.strategy.generation
 
     def restore(self) -> int:
         """Load the checkpoint if there is one; trim result files written after it. Returns the generation."""
@@ -257,6 +264,7 @@ class ESRun:
                 write_jsonl(self.run.evaluations_file, [])
             return 0
         self.strategy.load_state_dict(state["strategy"])
+        self.checkpointed = self.strategy.generation
         self.trim_results()
         self.restore_best()
         return self.strategy.generation
@@ -265,7 +273,13 @@ class ESRun:
         """Drop result lines written after the checkpoint (a stop between the two writes)."""
         g = self.strategy.generation
         if self.is_main:
-            write_jsonl(self.run.history_file, [r for r in read_jsonl(self.run.history_file) if r["generation"] < g])
+            history = [r for r in read_jsonl(self.run.history_file) if r["generation"] < g]
+            if [r["generation"] for r in history] != list(range(g)):
+                raise RunDirError(
+                    f"{self.run.history_file} holds {len(history)} of the {g} generations the checkpoint has done "
+                    "(the file is empty or damaged); put the run's own copy back, or start a new run, since "
+                    "continuing would leave the record of this run without them")
+            write_jsonl(self.run.history_file, history)
             write_jsonl(self.run.evaluations_file,
                         [r for r in read_jsonl(self.run.evaluations_file) if r["generation"] <= g])
 
@@ -300,7 +314,11 @@ class ESRun:
             raise
         finally:
             bar.close()
-        return self.finish(status, time.time() - started)
+        try:
+            return self.finish(status, time.time() - started)
+        except Exception as exc:  # the final evaluation or the export: the run is not done
+            self.record_failure(exc, time.time() - started)
+            raise
 
     def one_generation(self, g: int) -> dict:
         fitness, stats = self.population_fitness(g)  # a stop during this abandons the generation
@@ -314,9 +332,7 @@ class ESRun:
         t_update = time.perf_counter() - t0
         bad = [n for n, p in self.strategy.params.items() if not torch.isfinite(p).all()]
         if bad:
-            raise FloatingPointError(
-                f"θ became non-finite in generation {g} (e.g. {bad[0]}): lower es.learning_rate or es.sigma; "
-                f"the checkpoint of generation {g} is kept and --resume continues from it")
+            raise FloatingPointError(f"θ became non-finite in generation {g} (e.g. {bad[0]}): {self.step_advice()}")
         evaluations, t_eval = {}, 0.0
         done = self.strategy.generation
         if every and done % every == 0 and done < es.generations:
@@ -324,6 +340,7 @@ class ESRun:
             evaluations = self.evaluate_all(done, keep_completions=False)
             t_eval = time.perf_counter() - t0
         f = fitness.numpy()
+        self.note_flat_fitness(g, f)
         row = {
             "generation": g,
             "fitness": f.tolist(),
@@ -349,6 +366,26 @@ class ESRun:
         self.checkpoint()
         return row
 
+    def step_advice(self) -> str:
+        """What a user can do about a step that broke θ: a lora run resumes with a smaller step, a full-weight
+        run's step is frozen (its checkpoint is replayed with it), so it starts anew."""
+        smaller = "a smaller es.learning_rate or es.sigma"
+        if self.config.space.kind == "lora" and self.checkpointed:
+            return (f"continue from the checkpoint of generation {self.checkpointed} with {smaller}: "
+                    f"evolm es --resume {self.run.root} es.learning_rate=…")
+        return f"start the run again with {smaller} (evolm es CONFIG --overwrite es.learning_rate=…)"
+
+    def note_flat_fitness(self, g: int, fitness: np.ndarray) -> None:
+        """Warn (once) when every member scores the same for several generations: the update is zero, so
+        nothing is learned (σ far too small or too large, or a reward that does not depend on the text)."""
+        self.flat = self.flat + 1 if np.ptp(fitness) == 0 else 0
+        if self.flat == FLAT_GENERATIONS and not self.warnings:
+            self.warnings.append(
+                f"every member scored {fitness[0]:.4g} in generations {g - FLAT_GENERATIONS + 1} to {g}: the update "
+                "is zero and nothing is learned; change es.sigma (the members' outputs must differ) or check that "
+                "the task's reward depends on the completion")
+            log.warning(self.warnings[-1])
+
     def export(self, path: Path) -> Path:
         """θ as a PEFT adapter folder (lora) or a Hugging Face model folder (full spaces)."""
         exported = self.space.export(self.strategy.params, path, self.config.model.name_or_path)
@@ -360,8 +397,8 @@ class ESRun:
         be the full disk that this write needs too."""
         if not self.is_main:
             return
-        summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "generations": self.strategy.generation,
-                   "resume_from": self.strategy.generation, "wall_time_s_this_session": wall_time}
+        summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "generations": self.checkpointed,
+                   "resume_from": self.checkpointed, "wall_time_s_this_session": wall_time}
         try:
             atomic_write_text(self.run.summary_file, json.dumps(summary, indent=2))
         except OSError:
@@ -399,6 +436,7 @@ class ESRun:
             "world_size": self.world_size,
             "model": self.config.model.name_or_path,
             "task": self.config.task.name,
+            "warnings": self.warnings,
         }
         atomic_write_text(self.run.summary_file, json.dumps(summary, indent=2))
         reports.write_figures(self.run.root)
@@ -449,6 +487,7 @@ def export_run(run_dir: str | Path, out: str | Path, device: str | None = None, 
                model: str | None = None) -> Path:
     """`evolm export RUN DIR [--best]`: rebuild θ (the last, or the best on eval.keep_best's set) from the
     run's small checkpoint by replaying its fitness log, and write it as a model or adapter."""
+    refuse_foreign_export_dir(Path(out), RunDir.open(run_dir))
     generation = None
     if best:
         best_file = RunDir.open(run_dir).best_file
@@ -475,13 +514,19 @@ def run_es(config_source: str | None, overrides: list[str], *, resume: str | Non
     torch.manual_seed(config.seed)
     loaded = load_model(config.model)
     check_targets(loaded.model, config.space.target_modules, "space.target_modules", config.space.layers)
-    if rank == 0:  # the first process creates the folder; the others wait for it
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    for what, examples in [("the training split", train), ("the test split", test),
+                           *((f"evaluation set {s.name}", s.examples) for s in eval_sets)]:
+        check_prompts(render_all(loaded.tokenizer, examples), examples, context, what)
+    lock = ExitStack()
+    if rank == 0:  # the first process creates the folder and holds it; the others wait for it
+        if not resume:
+            run = RunDir.create(run.root, overwrite)
+        lock.enter_context(run.lock())
         if resume:
             append_jsonl(run.resumes_file, {"time": time.time(), "changed": changes})
-        else:
-            run = RunDir.create(run.root, overwrite)
     distributed.barrier()
-    with log_to_file(run.logs / "run.log" if rank == 0 else None):
+    with lock, log_to_file(run.logs / "run.log" if rank == 0 else None):
         log.info("model %s on %s (%s); %d train / %d test examples%s", config.model.name_or_path, loaded.device,
                  loaded.dtype, len(train), len(test),
                  "".join(f", {len(s.examples)} in {s.name}" for s in eval_sets))

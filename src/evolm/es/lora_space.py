@@ -6,6 +6,7 @@ B evolve, so the first-order effect σ·ε_B·A of a perturbation is not zero.
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,7 +19,7 @@ from evolm.adapters import WEIGHTS_FILE, peft_key
 from evolm.engine import LowRankWeights, PopulationEngine
 from evolm.es.noise import gaussian, stream_key
 from evolm.es.space import Space
-from evolm.runs import replace_dir
+from evolm.runs import EXPORT_INFO, fresh_dir_beside, replace_dir
 
 _INIT_STREAM = 0x1A17  # keeps the initial-A draw apart from the ES noise streams
 
@@ -75,8 +76,7 @@ class LoRASpace(Space):
     def export(self, params, path, base_model):
         """A standard PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_dir_beside(path)
         tensors = {}
         for name in self.shapes:
             for which in ("A", "B"):
@@ -88,6 +88,7 @@ class LoRASpace(Space):
             layers_to_transform=self.layers, task_type="CAUSAL_LM", base_model_name_or_path=base_model,
         )
         config.save_pretrained(tmp)
+        (tmp / EXPORT_INFO).write_text(json.dumps({"base_model": base_model, "space": self.kind}, indent=2))
         replace_dir(tmp, path)
         return path
 

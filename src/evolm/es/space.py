@@ -18,9 +18,8 @@ import torch
 
 from evolm.engine import Generation, PopulationEngine, SamplingParams
 from evolm.es.strategy import EvolutionStrategy
-from evolm.runs import replace_dir
-
-EXPORT_INFO = "evolm.json"  # written beside an exported model: what it was evolved from
+from evolm.models import stored_dtype
+from evolm.runs import EXPORT_INFO, fresh_dir_beside, replace_dir
 
 
 class Space(ABC):
@@ -101,14 +100,26 @@ class WeightSpace(Space):
                 lin.weight.data = current[name]
 
     def export(self, params, path, base_model):
-        """An ordinary Hugging Face model folder (weights, config, tokenizer) with θ written in."""
+        """An ordinary Hugging Face model folder (weights, config, tokenizer) with θ written in, in the base's
+        own dtype (a bf16 base run in fp32 on a CPU exports bf16); tied weights (an lm_head that is the
+        embedding) stay one tensor, so transformers' saving writes them once."""
         self.write(params)
         model, path = self.engine.model, Path(path)
+        dtype = stored_dtype(base_model) or self.engine.model.dtype
         wrapped = {f"{name}.base.weight": f"{name}.weight" for name in self.engine.layers}
         wrapped |= {f"{name}.base.bias": f"{name}.bias" for name in self.engine.layers}
-        state = {wrapped.get(k, k): v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
+        copies: dict[tuple, torch.Tensor] = {}  # by storage: a tied tensor is copied once and stays shared
+        state = {}
+        for key, value in model.state_dict().items():
+            where = (value.data_ptr(), tuple(value.shape))
+            if where not in copies:
+                copies[where] = value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype,
+                                                  copy=True)
+            state[wrapped.get(key, key)] = copies[where]
+        tmp = fresh_dir_beside(path)
         model.save_pretrained(tmp, state_dict=state)
+        config = json.loads((tmp / "config.json").read_text())  # it records the dtype the model ran in
+        (tmp / "config.json").write_text(json.dumps(config | {"dtype": str(dtype).removeprefix("torch.")}, indent=2))
         self.engine.tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps({"base_model": base_model, "space": self.kind}, indent=2))
         replace_dir(tmp, path)

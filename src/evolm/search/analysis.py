@@ -11,10 +11,10 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from evolm.config import read_source
 from evolm.runs import atomic_write_text
 from evolm.search.outputs import best_variant
 from evolm.search.store import Store, Variant, open_search_run
@@ -26,7 +26,7 @@ EDGE_STYLE = {"survivor": ("0.5", "-"), "mutation": ("tab:blue", "-"), "crossove
 def analyze(run_dir: Path) -> Path:
     """Write RUN_DIR/analysis/*.png and RUN_DIR/analysis/report.md; returns the report's path."""
     run = open_search_run(run_dir)
-    config = yaml.safe_load(run.config_file.read_text())
+    config = read_source(run.config_file)
     store = Store(run.database)
     try:
         variants = store.variants()

@@ -66,7 +66,7 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
     if resume is None:
         run = RunDir.create(config.output_dir, overwrite)
         atomic_write_text(run.config_file, dump_config(config))
-    with log_to_file(run.logs / "search.log", echo=True):
+    with run.lock(shared=True), log_to_file(run.logs / "search.log", echo=True):  # workers share a run
         store = Store(run.database)
         try:
             Worker(config, run, store, task, train_examples, test_examples).run()

@@ -43,8 +43,12 @@ def load_task(name: str, options: dict[str, Any] | None = None) -> Task:
     cls = task_class(name)
     try:
         return cls(**(options or {}))
+    except TaskError:
+        raise
     except TypeError as exc:
         raise TaskError(f"task '{name}': bad task.options: {exc}") from None
+    except Exception as exc:  # a custom task's own __init__ may raise anything
+        raise TaskError(f"task '{name}': creating it raised {type(exc).__name__}: {exc}") from exc
 
 
 __all__ = ["BUILTIN", "Example", "Score", "Task", "TaskError", "load_records", "load_task", "task_class"]

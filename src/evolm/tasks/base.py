@@ -62,8 +62,12 @@ class Task(ABC):
             result = self.score(completion, example)
         except Exception as exc:  # a user's reward function may raise anything
             raise TaskError(f"task '{self.name}': scoring example {index} raised {exc!r}") from exc
-        if not isinstance(result, Score):
+        if isinstance(result, (int, float)) and not isinstance(result, bool):
             result = Score(float(result))
+        if not isinstance(result, Score) or not isinstance(result.reward, (int, float)):
+            got = result.reward if isinstance(result, Score) else result
+            raise TaskError(f"task '{self.name}': score() must return a Score or a number, but for example {index} "
+                            f"it returned {type(got).__name__} {got!r:.60}")
         if not math.isfinite(result.reward):
             raise TaskError(f"task '{self.name}': reward for example {index} is {result.reward}")
         return result
