@@ -105,6 +105,26 @@ def es_command(
     console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
 
 
+@app.command("grpo", cls=Command)
+def grpo_command(
+    config: Optional[str] = typer.Argument(None, help="YAML config file or preset name (countdown, conciseness: "
+                                           "the es preset's model, task, generation and eval)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted key=value overrides, e.g. grpo.steps=50"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
+) -> None:
+    """GRPO through TRL on the same model, task, prompts and evaluation as `evolm es` (needs evolm[rl])."""
+    from evolm.grpo.loop import run_grpo
+
+    config, rest = split_config_and_overrides(config, overrides)
+    with reported_errors(interrupted=NOT_STARTED):
+        run, summary = run_grpo(config, rest, resume=str(resume) if resume else None, overwrite=overwrite)
+    if summary.get("status") == "interrupted":
+        console.print(f"interrupted after step {summary.get('steps')}; resume with: evolm grpo --resume {run.root}")
+        raise typer.Exit(130)
+    console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
+
+
 @app.command("evaluate", cls=Command)
 def evaluate_command(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder, evolved model folder, "
