@@ -64,7 +64,7 @@ def evolution_figure(run_dir: str | Path) -> Figure | None:
     both = bool(history and evaluations)
     fig = Figure(figsize=(7, 5 if both else 4), layout="constrained")
     panels = fig.subplots(2 if both else 1, 1, sharex=True, squeeze=False, height_ratios=[3, 2] if both else None)[:, 0]
-    fig.suptitle("Evolution")
+    fig.suptitle("Evolution" if key == "generation" else "Training")
     if history:
         ax = panels[0]
         steps = [h[key] for h in history]
