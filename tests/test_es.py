@@ -65,6 +65,11 @@ def test_es_improves_reward_on_tiny_problem(tiny_llama, tmp_path):
     assert summary["status"] == "finished"
     evaluations = read_jsonl(run.evaluations_file)
     assert [e["generation"] for e in evaluations] == [0, 4, 8, 12]
+    # one clock with evolm grpo: training seconds (evaluation excluded) and sampled completions so far
+    assert [e["completions"] for e in evaluations] == [g * 8 * history[0]["prompts"] for g in (0, 4, 8, 12)]
+    assert evaluations[-1]["seconds"] == pytest.approx(sum(h["time"]["generate"] + h["time"]["score"] +
+                                                           h["time"]["update"] for h in history))
+    assert evaluations[0]["seconds"] == 0 < evaluations[1]["seconds"] < evaluations[2]["seconds"]
     for name in ("figures/evolution.png", "figures/time_breakdown.png", "adapter/adapter_config.json",
                  "checkpoints/latest.pt", "config.yaml", "logs/run.log"):
         assert (run.root / name).is_file(), name
@@ -89,6 +94,8 @@ def test_resume_is_bit_identical(tiny_llama, tmp_path):
     assert [h["fitness"] for h in read_jsonl(run_a.history_file)] == [
         h["fitness"] for h in read_jsonl(run_b.history_file)
     ]
+    # the resumed run's clock went on from the checkpoint's
+    assert read_jsonl(run_a.evaluations_file)[-1]["completions"] == read_jsonl(run_b.evaluations_file)[-1]["completions"]
 
 
 def test_resume_refuses_to_change_what_the_checkpoint_means(tiny_llama, tmp_path):

@@ -105,12 +105,35 @@ def es_command(
     console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
 
 
+@app.command("grpo", cls=Command)
+def grpo_command(
+    config: Optional[str] = typer.Argument(None, help="YAML config file or preset name (countdown, conciseness: "
+                                           "the es preset's model, task, generation and eval)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted key=value overrides, e.g. grpo.steps=50"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
+) -> None:
+    """GRPO through TRL on the same model, task, prompts and evaluation as `evolm es` (needs evolm[rl])."""
+    from evolm.grpo.loop import run_grpo
+
+    config, rest = split_config_and_overrides(config, overrides)
+    with reported_errors(interrupted=NOT_STARTED):
+        run, summary = run_grpo(config, rest, resume=str(resume) if resume else None, overwrite=overwrite)
+    if summary.get("status") == "interrupted":
+        console.print(f"interrupted after step {summary.get('steps')}; resume with: evolm grpo --resume {run.root}")
+        raise typer.Exit(130)
+    console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
+
+
 @app.command("evaluate", cls=Command)
 def evaluate_command(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder, evolved model folder, "
                                            "or run folder (its export, with the run's settings); none: --model alone."),
     task: str = typer.Option(..., "--task", help="Task name or module:Class."),
     compare: bool = typer.Option(False, "--compare", help="Also score the base model and compare per example."),
+    against: Optional[Path] = typer.Option(None, "--against", help="Compare per example with this model instead "
+                                           "of the base (adapter, model or run folder, e.g. an ES run against a "
+                                           "GRPO run), with the sign test."),
     data: Optional[list[str]] = typer.Option(None, "--data", help="Data source (path, PATH[a:b], datasets folder "
                                              "or dataset id), or NAME=SOURCE; repeat to score several sets."),
     split: str = typer.Option("test", "--split"),
@@ -128,7 +151,8 @@ def evaluate_command(
     dtype: str = typer.Option("auto", "--dtype"),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the full report (with texts) as JSON."),
 ) -> None:
-    """Score an adapter on a task; with --compare, list improvements, regressions and both-wrong cases."""
+    """Score an adapter on a task; with --compare (or --against B), list improvements, regressions and both-wrong
+    cases against the base (or B)."""
     from evolm.config import apply_overrides
     from evolm.evaluation import EvalOptions, evaluate_adapter, load_data_sets, named_sources, resolve_run_folder
 
@@ -143,8 +167,10 @@ def evaluate_command(
                 options.max_new_tokens, options.stop = max_new_tokens or options.max_new_tokens, stop or options.stop
             console.print(f"scoring {adapter} with the run's settings: max_new_tokens={options.max_new_tokens}, "
                           f"stop={options.stop}")
+        if against is not None and (against / "config.yaml").is_file():
+            against, _ = resolve_run_folder(against, options)
         sets = load_data_sets(options, named_sources(data) if data else {"test": None})
-        report = evaluate_adapter(adapter, options, compare=compare, sets=sets)
+        report = evaluate_adapter(adapter, options, compare=compare, sets=sets, against=against)
     sizes = ", ".join(f"{name} ({result['examples']} examples)" for name, result in report["sets"].items())
     table = Table(title=f"{task}: {sizes}")
     table.add_column("set")
@@ -155,7 +181,9 @@ def evaluate_command(
     if samples > 1:
         table.add_column(f"pass@{samples}", justify="right")
     for set_name, result in report["sets"].items():
-        for name, metrics in (("base", result.get("base_metrics")), (report["kind"], result["adapter_metrics"])):
+        reference = ("base", result.get("base_metrics")) if against is None else (str(against),
+                                                                                  result.get("against_metrics"))
+        for name, metrics in (reference, (report["kind"], result["adapter_metrics"])):
             if metrics:
                 cells = [metrics["accuracy"]] + ([metrics[pass_at]] if samples > 1 else [])
                 table.add_row(set_name, name, f"{metrics['reward']:.4f}",
@@ -211,11 +239,26 @@ def search_command(
 
 
 @app.command("analyze", cls=Command)
-def analyze_command(run_dir: Path = typer.Argument(..., help="A run folder (ES or search), finished or running.")):
-    """Figures of a run; for a search also the family tree, survival, mutation effects and a Markdown report."""
+def analyze_command(
+    run_dirs: list[Path] = typer.Argument(..., help="A run folder (ES, GRPO or search), finished or running; "
+                                          "several ES and GRPO runs with --out: compared on one clock."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write compare_time.png, compare_completions.png and "
+                                       "compare.md of the runs here."),
+):
+    """Figures of a run; for a search also the family tree, survival, mutation effects and a Markdown report;
+    for several runs, their test metric against training seconds and sampled completions."""
     from evolm.runs import RunDir
 
     with reported_errors():
+        if out is not None or len(run_dirs) > 1:
+            from evolm.comparison import compare_runs
+
+            if out is None:
+                raise UserError("several runs are compared into a folder: add --out DIR")
+            for path in compare_runs(run_dirs, out):
+                console.print(f"wrote {path}")
+            return
+        run_dir = run_dirs[0]
         if RunDir(run_dir).database.is_file():
             from evolm.search import analyze
 

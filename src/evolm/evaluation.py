@@ -50,9 +50,10 @@ def adapter_space(adapter_config: dict, shapes: dict[str, tuple[int, int]]) -> L
 
 
 def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool = False,
-                     sets: list[EvalSet] | None = None) -> dict:
+                     sets: list[EvalSet] | None = None, against: Path | None = None) -> dict:
     """Metrics of an adapter folder, a model folder or a run folder (its exported result), or with None the
-    base model alone; with `compare` the base model too, and a per-example comparison.
+    base model alone; with `compare` the base model too, and a per-example comparison; with `against` (an
+    adapter or model folder) that model instead of the base: its metrics are "against_metrics".
 
     `sets`: several named evaluation sets, scored with one model load; None = options.data alone. The report
     has each set's results under "sets"; with one set they are also at the top level, as before sets existed.
@@ -61,14 +62,24 @@ def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool =
         raise ValueError("several samples per example need a temperature above 0 (greedy answers are all alike)")
     if sets is None:
         sets = load_data_sets(options, {set_name(options.data): options.data})
-    kind = "base" if adapter is None else "adapter" if (Path(adapter) / "adapter_config.json").is_file() else "model"
-    base_name, texts = _texts_of_sets(adapter, kind, options, sets, compare)
-    reports = {s.name: _set_report(s, texts[s.name], options.samples) for s in sets}
+    kind = model_kind(adapter)
+    base_name, texts = _texts_of_sets(adapter, kind, options, sets, compare and against is None)
+    if against is not None:  # the reference takes the base's place, first
+        _, reference_texts = _texts_of_sets(against, model_kind(against), options, sets, False)
+        texts = {name: reference_texts[name] + texts[name] for name in texts}
+    reference = "base" if against is None else "against"
+    reports = {s.name: _set_report(s, texts[s.name], options.samples, reference) for s in sets}
     stops = {tuple(_sampling(options, s.task).stop_strings) for s in sets}
     report = {"adapter": None if adapter is None else str(adapter), "kind": kind, "model": base_name,
               "task": options.task, "samples": options.samples, "max_new_tokens": options.max_new_tokens,
-              "stop": list(next(iter(stops))) if len(stops) == 1 else None, "sets": reports}
+              "stop": list(next(iter(stops))) if len(stops) == 1 else None, "sets": reports,
+              "against": None if against is None else str(against)}
     return report | (next(iter(reports.values())) if len(reports) == 1 else {})
+
+
+def model_kind(path: Path | None) -> str:
+    """base (no path), adapter (a PEFT folder) or model (a model folder)."""
+    return "base" if path is None else "adapter" if (Path(path) / "adapter_config.json").is_file() else "model"
 
 
 def set_name(source: str | None) -> str:
@@ -114,9 +125,10 @@ def _sampling(options: EvalOptions, task: Task) -> SamplingParams:
                           stop_strings=task.stop_strings if options.stop is None else options.stop)
 
 
-def _set_report(data: EvalSet, texts: list[list[str]], k: int) -> dict:
+def _set_report(data: EvalSet, texts: list[list[str]], k: int, reference: str = "base") -> dict:
     """One set's metrics per scored model (the last is the adapter), with the per-example comparison when
-    the base was scored too; row j of each model's texts answers example j % n."""
+    a reference (the base, or the model compared against) was scored too, first; row j of each model's
+    texts answers example j % n."""
     examples, task = data.examples, data.task
     scores = [score_all(task, examples * k, member_texts) for member_texts in texts]
     best = [best_of(member_scores, len(examples)) for member_scores in scores]
@@ -127,12 +139,12 @@ def _set_report(data: EvalSet, texts: list[list[str]], k: int) -> dict:
 
     report = {"examples": len(examples), "adapter_metrics": metrics(-1)}
     if len(texts) == 2:
-        report["base_metrics"] = metrics(0)
+        report[f"{reference}_metrics"] = metrics(0)
         report["comparison"] = compare_scores(best[0], best[1])
         report["sign_test_p"] = sign_test(report["comparison"])
         report["examples_detail"] = [
-            {"index": i % len(examples), "sample": i // len(examples), "base": base_text, "adapter": text,
-             "base_reward": b.reward, "adapter_reward": a.reward, "base_correct": b.correct,
+            {"index": i % len(examples), "sample": i // len(examples), reference: base_text, "adapter": text,
+             f"{reference}_reward": b.reward, "adapter_reward": a.reward, f"{reference}_correct": b.correct,
              "adapter_correct": a.correct}
             for i, (base_text, text, b, a) in enumerate(zip(texts[0], texts[1], scores[0], scores[1]))
         ]
@@ -216,7 +228,7 @@ def resolve_run_folder(path: Path, options: EvalOptions) -> tuple[Path, EvalOpti
     """A run folder stands for its exported result, scored with the run's own task and generation settings."""
     run = RunDir.open(path)
     saved = read_source(run.config_file)
-    kind = saved.get("space", {}).get("kind", "lora")
+    kind = (saved.get("space") or saved.get("grpo", {}).get("space", {})).get("kind", "lora")  # es or grpo run
     target = run.export_dir(kind)
     if not target.is_dir():
         raise ValueError(f"{path} has no exported {'adapter' if kind == 'lora' else 'model'} yet: "

@@ -1,4 +1,4 @@
-"""Figures for an ES run folder: how fitness evolved and where the time went.
+"""Figures for an ES or GRPO run folder: how fitness (reward) evolved and where the time went.
 
 Figures are drawn on bare `matplotlib.figure.Figure` objects (Agg rendering, no pyplot), so making
 them never changes the caller's matplotlib backend or global state.
@@ -36,15 +36,21 @@ def _save(fig: Figure, run_dir: Path, name: str) -> Path:
     return path
 
 
-def _integer_generations(ax: Axes) -> None:
-    """Generations are counts: no tick at 0.5 between two of them."""
+def step_key(rows: list[dict[str, Any]]) -> str:
+    """What a run's rows count by: ES generations, or GRPO optimizer steps."""
+    return "step" if rows and "step" in rows[0] else "generation"
+
+
+def _integer_generations(ax: Axes, key: str = "generation") -> None:
+    """Generations (steps) are counts: no tick at 0.5 between two of them."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-    ax.set_xlabel("generation")
+    ax.set_xlabel(key)
 
 
 def evolution_figure(run_dir: str | Path) -> Figure | None:
-    """Training fitness (mean with its 20th-80th percentile band, best member) above the held-out metric of
-    each evaluation set (the test split and eval.sets), a line per set.
+    """Training fitness (ES: mean with its 20th-80th percentile band, best member; GRPO: the mean reward of a
+    step's completions, ± their standard deviation) above the held-out metric of each evaluation set (the test
+    split and eval.sets), a line per set.
 
     The test metric has a panel of its own, sharing the generation axis: on a twin y-axis its line lay
     over the mean fitness and hid it.
@@ -54,17 +60,23 @@ def evolution_figure(run_dir: str | Path) -> Figure | None:
     evaluations = _evaluations(run_dir, history)
     if not history and not evaluations:
         return None
+    key = step_key(history or next(iter(evaluations.values())))
     both = bool(history and evaluations)
     fig = Figure(figsize=(7, 5 if both else 4), layout="constrained")
     panels = fig.subplots(2 if both else 1, 1, sharex=True, squeeze=False, height_ratios=[3, 2] if both else None)[:, 0]
-    fig.suptitle("Evolution")
+    fig.suptitle("Evolution" if key == "generation" else "Training")
     if history:
         ax = panels[0]
-        generations = [h["generation"] for h in history]
-        ax.fill_between(generations, [h["p20"] for h in history], [h["p80"] for h in history],
-                        alpha=0.25, color="C0", label="20th-80th percentile")
-        ax.plot(generations, [h["mean"] for h in history], color="C0", label="mean fitness")
-        ax.plot(generations, [h["max"] for h in history], color="C1", linewidth=0.8, label="best member")
+        steps = [h[key] for h in history]
+        if key == "generation":
+            ax.fill_between(steps, [h["p20"] for h in history], [h["p80"] for h in history],
+                            alpha=0.25, color="C0", label="20th-80th percentile")
+            ax.plot(steps, [h["mean"] for h in history], color="C0", label="mean fitness")
+            ax.plot(steps, [h["max"] for h in history], color="C1", linewidth=0.8, label="best member")
+        else:
+            ax.fill_between(steps, [h["mean"] - h["reward_std"] for h in history],
+                            [h["mean"] + h["reward_std"] for h in history], alpha=0.25, color="C0", label="± std")
+            ax.plot(steps, [h["mean"] for h in history], color="C0", label="mean reward of the step's completions")
         ax.set_ylabel("training fitness\n(mean reward)")
         ax.legend(loc="best", fontsize="small")
     if evaluations:
@@ -72,24 +84,25 @@ def evolution_figure(run_dir: str | Path) -> Figure | None:
         labels = []
         for k, (name, rows) in enumerate(evaluations.items()):  # a line per evaluation set
             metric = "accuracy" if all(e.get("accuracy") is not None for e in rows) else "reward"
-            ax.plot([e["generation"] for e in rows], [e[metric] for e in rows],
+            ax.plot([e[key] for e in rows], [e[metric] for e in rows],
                     color=f"C{2 + k}", marker="o", markersize=4, label=f"{name} {metric}")
             labels.append(f"{name} {metric}")
         ax.set_ylabel(labels[0] if len(labels) == 1 else "held-out metric")
         ax.legend(loc="best", fontsize="small")
     for ax in panels:
         ax.grid(alpha=0.3)
-    _integer_generations(panels[-1])
+    _integer_generations(panels[-1], key)
     return fig
 
 
 def time_breakdown_figure(run_dir: str | Path) -> Figure | None:
-    """Seconds per generation spent generating, scoring, updating, evaluating, stacked."""
+    """Seconds per generation (step) spent generating, scoring, updating, evaluating, stacked."""
     history = read_jsonl(Path(run_dir) / "results" / "history.jsonl")
     if not history:
         return None
     extra = sorted({phase for h in history for phase in h.get("time", {})} - set(PHASES))
-    generations = [h["generation"] for h in history]
+    key = step_key(history)
+    generations = [h[key] for h in history]
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     bottom = [0.0] * len(history)
@@ -100,10 +113,10 @@ def time_breakdown_figure(run_dir: str | Path) -> Figure | None:
                    for h in history]
         ax.bar(generations, seconds, bottom=bottom, width=1.0 if len(history) > 50 else 0.8, label=phase)
         bottom = [b + s for b, s in zip(bottom, seconds)]
-    _integer_generations(ax)
+    _integer_generations(ax, key)
     ax.set_ylabel("seconds")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    ax.set_title("Time per generation")
+    ax.set_title(f"Time per {key}")
     return fig
 
 

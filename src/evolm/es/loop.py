@@ -111,6 +111,8 @@ def prepare_run(
 class ESRun:
     """One ES run in one process (or one of several under torchrun: a share of the members each)."""
 
+    step_key = "generation"  # what an evaluation row calls its step (`evolm grpo` evaluates with an ESRun too)
+
     def __init__(self, config: ESRunConfig, run: RunDir, loaded: LoadedModel, task: Task,
                  train: list[Example], test: list[Example], eval_sets: list[EvalSet] = ()):
         self.config, self.run, self.task = config, run, task
@@ -137,6 +139,8 @@ class ESRun:
         self.checkpointed: int | None = None  # the generation of the checkpoint on disk
         self.flat = 0  # generations in a row in which every member scored the same
         self.warnings: list[str] = []
+        # the one clock of ES and GRPO runs: training seconds (evaluation excluded) and sampled completions so far
+        self.clock = {"seconds": 0.0, "completions": 0}
 
     def new_strategy(self) -> EvolutionStrategy:
         """The strategy at generation 0 (θ₀ from the space: the base weights, or LoRA's init)."""
@@ -213,7 +217,7 @@ class ESRun:
         """One line of results/evaluations.jsonl per set and generation; TensorBoard tags `NAME/metric`."""
         if not self.is_main or not metrics:
             return
-        append_jsonl(self.run.evaluations_file, {"generation": generation, "set": name, **metrics})
+        append_jsonl(self.run.evaluations_file, {self.step_key: generation, "set": name, **self.clock, **metrics})
         if keep_completions:
             prefix = "completions" if name == TEST_SET else f"completions_{name}"
             write_jsonl(self.run.results / f"{prefix}_gen{generation:05d}.jsonl", rows)
@@ -245,7 +249,7 @@ class ESRun:
         for row in rows:  # file order is generation order, so ties keep the earlier generation
             metric, value = headline_metric(row)
             if self.best is None or value > self.best["value"]:
-                self.best = {"set": name, "metric": metric, "value": value, "generation": row["generation"]}
+                self.best = {"set": name, "metric": metric, "value": value, "generation": row[self.step_key]}
         if self.is_main and self.best is not None:  # a best recorded after the checkpoint is forgotten with it
             atomic_write_text(self.run.best_file, json.dumps(self.best, indent=2))
 
@@ -267,6 +271,9 @@ class ESRun:
         self.checkpointed = self.strategy.generation
         self.trim_results()
         self.restore_best()
+        history = read_jsonl(self.run.history_file)
+        self.clock = {"seconds": sum(h["time"]["generate"] + h["time"]["score"] + h["time"]["update"] for h in history),
+                      "completions": sum(len(h["fitness"]) * h["prompts"] for h in history)}
         return self.strategy.generation
 
     def trim_results(self) -> None:
@@ -330,6 +337,8 @@ class ESRun:
         t0 = time.perf_counter()
         update = self.strategy.tell(fitness)
         t_update = time.perf_counter() - t0
+        self.clock["seconds"] += stats["generate"] + stats["score"] + t_update
+        self.clock["completions"] += es.population * stats["prompts"]
         bad = [n for n, p in self.strategy.params.items() if not torch.isfinite(p).all()]
         if bad:
             raise FloatingPointError(f"θ became non-finite in generation {g} (e.g. {bad[0]}): {self.step_advice()}")

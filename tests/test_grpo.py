@@ -1,0 +1,160 @@
+"""`evolm grpo` end to end with TRL on a tiny real model; comparing runs on one clock; one model against another."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import build_tiny_model
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from evolm.cli import app
+from evolm.comparison import comparison_figure, read_curve
+from evolm.config import ConfigError
+from evolm.engine.decoding import cut_at_stop
+from evolm.evaluation import EvalOptions, evaluate_adapter, load_data_sets
+from evolm.grpo.config import load_grpo_config
+from evolm.grpo.loop import run_grpo
+from evolm.runs import read_jsonl
+from evolm.tasks import load_task
+
+TESTS = Path(__file__).parent
+LETTER_TASK = "helpers.letter_task:LetterTask"
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def write_config(path: Path, model: Path, out: Path, **grpo) -> Path:
+    config = {
+        "output_dir": str(out),
+        "model": {"name_or_path": str(model), "device": "cpu"},
+        "task": {"name": LETTER_TASK, "options": {"prompts": 2}},
+        "generation": {"max_new_tokens": 6, "stop": ["!"]},
+        "eval": {"every": 1},
+        "logging": {"progress": False},
+        # log_completions: TRL writes each step's completions and rewards, which the test checks
+        "grpo": {"steps": 2, "group_size": 2, "prompts_per_step": 2, "learning_rate": 0.05, "save_every": 1,
+                 "trl": {"gradient_checkpointing": False, "log_completions": True}} | grpo,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_grpo_writes_an_evolm_run_folder_and_its_rewards_are_the_tasks(tiny_llama, tmp_path):
+    run, summary = run_grpo(str(write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run")), [])
+    assert summary["status"] == "finished" and summary["steps"] == 2
+    for name in ("config.yaml", "results/summary.json", "figures/evolution.png", "figures/time_breakdown.png",
+                 "model/config.json", "model/evolm.json", "logs/run.log", "checkpoints/checkpoint-2/trainer_state.json"):
+        assert (run.root / name).is_file(), name
+    assert any((run.root / "logs" / "tensorboard").iterdir())
+    history = read_jsonl(run.history_file)
+    assert [h["step"] for h in history] == [0, 1]
+    assert [h["completions"] for h in history] == [4, 4]  # 2 prompts × 2 completions
+    assert all(set(h["time"]) == {"generate", "score", "update", "eval"} and h["loss"] is not None for h in history)
+    # the trainer's rewards are the task's scores of its completions (cut at the stop string)
+    task = load_task(LETTER_TASK, {"prompts": 2})
+    for step, h in enumerate(history, 1):
+        logged = pd.read_parquet(run.root / "checkpoints" / "completions" / f"completions_{step:05d}.parquet")
+        texts = [c[-1]["content"] if not isinstance(c, str) else c for c in logged["completion"]]
+        assert all(len(t) <= 6 for t in texts)
+        expected = [task.score(cut_at_stop(t, ["!"])[0], None).reward for t in texts]
+        assert logged["reward"].tolist() == pytest.approx(expected)
+        assert h["mean"] == pytest.approx(sum(expected) / len(expected))
+    # one clock: every evaluation row says how far training had got, evaluation excluded
+    evaluations = read_jsonl(run.evaluations_file)
+    assert [(e["step"], e["completions"]) for e in evaluations] == [(0, 0), (1, 4), (2, 8)]
+    assert evaluations[0]["seconds"] == 0 < evaluations[1]["seconds"] < evaluations[2]["seconds"]
+    assert evaluations[2]["seconds"] == pytest.approx(sum(h["time"]["generate"] + h["time"]["score"] +
+                                                          h["time"]["update"] for h in history))
+    assert summary["base"]["step"] == 0 and summary["final"]["step"] == 2
+    # evaluation is evolm's: the exported model, scored by `evolm evaluate`, gets the run's final metrics
+    report = evaluate_adapter(run.model_dir, EvalOptions(task=LETTER_TASK, max_new_tokens=6, stop=["!"],
+                                                         task_options={"prompts": 2}, device="cpu"))
+    assert report["adapter_metrics"]["reward"] == pytest.approx(summary["final"]["reward"])
+
+
+def test_lora_grpo_resumes_from_its_checkpoint_and_continues_the_step_count(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", steps=1,
+                          space={"kind": "lora", "rank": 2, "target_modules": ["q_proj", "v_proj"]})
+    run, first = run_grpo(str(config), [])
+    assert first["steps"] == 1
+    with pytest.raises(ConfigError, match="grpo.group_size"):
+        run_grpo(None, ["grpo.group_size=4"], resume=str(run.root))
+    run, summary = run_grpo(None, ["grpo.steps=2"], resume=str(run.root))
+    assert summary["steps"] == 2
+    assert [h["step"] for h in read_jsonl(run.history_file)] == [0, 1]
+    evaluations = read_jsonl(run.evaluations_file)
+    assert [(e["step"], e["completions"]) for e in evaluations] == [(0, 0), (1, 4), (2, 8)]
+    assert evaluations[1]["seconds"] < evaluations[2]["seconds"]  # the clock went on from where it stood
+    assert read_jsonl(run.resumes_file)[-1]["changed"] == {"grpo.steps": [1, 2]}
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run.adapter_dir)
+
+
+def test_the_grpo_presets_share_the_es_presets_task_and_bad_fields_are_named():
+    config = load_grpo_config("countdown", [])
+    assert config.task.name == "countdown" and config.output_dir == "runs/countdown-grpo"
+    assert config.generation.max_new_tokens == 1024 and config.grpo.loss_type == "dapo"
+    with pytest.raises(ConfigError, match="grpo.trl"):
+        load_grpo_config("conciseness", ["grpo.trl.no_such_field=1"])
+    with pytest.raises(ConfigError, match="divide"):
+        load_grpo_config("conciseness", ["grpo.prompts_per_step=3", "grpo.group_size=3",
+                                         "grpo.gradient_accumulation_steps=2"])
+
+
+def write_run(root: Path, optimizer: str, rows: list[tuple[int, float, int, float]]) -> Path:
+    """A run folder as `evolm es` or `evolm grpo` leaves it, with the given (step, seconds, completions, accuracy)."""
+    step = "generation" if optimizer == "es" else "step"
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump({optimizer: {}, "task": {"name": "countdown"}}))
+    (root / "results").mkdir()
+    lines = [{step: s, "set": "test", "seconds": t, "completions": c, "reward": a, "accuracy": a}
+             for s, t, c, a in rows]
+    lines.append({step: 0, "set": "other", "seconds": 0.0, "completions": 0, "reward": 9.0, "accuracy": 0.9})
+    (root / "results" / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return root
+
+
+def test_analyze_puts_es_and_grpo_runs_on_one_clock(tmp_path):
+    es = write_run(tmp_path / "es-run", "es", [(0, 0.0, 0, 0.1), (10, 50.0, 2400, 0.3)])
+    grpo = write_run(tmp_path / "grpo-run", "grpo", [(0, 0.0, 0, 0.1), (5, 20.0, 80, 0.2), (10, 45.0, 160, 0.25)])
+    result = CliRunner().invoke(app, ["analyze", str(es), str(grpo), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    for name in ("compare_time.png", "compare_completions.png", "compare.md"):
+        assert (tmp_path / "cmp" / name).is_file()
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| es-run | es | accuracy 0.3 | 50.0 | 2400 | 10 |" in table
+    assert "| grpo-run | grpo | accuracy 0.25 | 45.0 | 160 | 10 |" in table
+    curves = [read_curve(es), read_curve(grpo)]
+    for clock, es_x, grpo_x in (("time", [0, 50], [0, 20, 45]), ("completions", [0, 2400], [0, 80, 160])):
+        ax = comparison_figure(curves, clock).axes[0]
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"es-run (es)", "grpo-run (grpo)"}  # the test split only, a line per run
+        assert lines["es-run (es)"].get_xdata().tolist() == es_x
+        assert lines["grpo-run (grpo)"].get_xdata().tolist() == grpo_x
+        assert lines["grpo-run (grpo)"].get_ydata().tolist() == [0.1, 0.2, 0.25]
+    assert CliRunner().invoke(app, ["analyze", str(es), str(grpo)]).exit_code == 2  # several runs need --out
+
+
+def test_evaluate_against_counts_improvements_and_regressions_of_one_model_over_another(tiny_llama, tmp_path):
+    other = build_tiny_model(tmp_path / "other", seed=3)
+    options = EvalOptions(task="conciseness", max_new_tokens=8, limit=8, device="cpu", model=str(tiny_llama))
+    sets = load_data_sets(options, {"test": None})
+    report = evaluate_adapter(tiny_llama, options, sets=sets, against=other)
+    detail = report["examples_detail"]
+    up = sum(d["adapter_reward"] > d["against_reward"] for d in detail)
+    down = sum(d["adapter_reward"] < d["against_reward"] for d in detail)
+    assert report["comparison"]["improvements"] == up and report["comparison"]["regressions"] == down
+    assert up + down > 0  # the two models write differently
+    # each side is the model it names: its texts are what that model writes alone
+    alone = evaluate_adapter(other, options, sets=sets, against=tiny_llama)
+    assert [d["adapter"] for d in alone["examples_detail"]] == [d["against"] for d in detail]
+    assert alone["comparison"]["improvements"] == down and alone["comparison"]["regressions"] == up
+    assert report["against_metrics"]["reward"] == pytest.approx(alone["adapter_metrics"]["reward"])
