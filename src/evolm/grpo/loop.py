@@ -113,21 +113,6 @@ def completion_text(completion: str | list[dict]) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
-def cut_tokens_at_stop(tokenizer, tokens: list[int], stop_strings: tuple[str, ...]) -> list[int]:
-    """The shortest prefix whose text holds a stop string (the engine checks for them only every few
-    steps, so a row may run a few tokens past one); tokens unchanged when none occurs."""
-    if not stop_strings or not cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings)[1]:
-        return tokens
-    low, high = 1, len(tokens)  # the prefix of `high` tokens holds a stop string; find the least such
-    while low < high:
-        middle = (low + high) // 2
-        if cut_at_stop(tokenizer.decode(tokens[:middle], skip_special_tokens=True), stop_strings)[1]:
-            high = middle
-        else:
-            low = middle + 1
-    return tokens[:high]
-
-
 class GRPORun:
     """One GRPO run in one process: the trainer, its sampler and reward, and the run folder's bookkeeping."""
 
@@ -194,7 +179,7 @@ class GRPORun:
         sampling = replace(self.evaluator.sampling(trainer.state.global_step), temperature=grpo.temperature,
                            top_p=grpo.top_p)
         out = self.evaluator.space.generate_center(self.evaluator.strategy.params, prompt_ids, sampling)
-        completion_ids = [cut_tokens_at_stop(self.tokenizer, tokens, self.stops) for tokens in out.tokens[0]]
+        completion_ids = out.tokens[0]  # the engine cuts each row's tokens at its first stop string
         self.phase["generate"] += time.perf_counter() - start
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
 
