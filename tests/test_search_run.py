@@ -253,7 +253,7 @@ def test_self_targets_train_on_the_models_own_correct_answers_refreshed_from_the
 
     out = tmp_path / "self"
     args = overrides(tiny_llama, data_file, out, "task.name=helpers.even_task:EvenLengthGSM8K",
-                     "training.targets=self", "training.self_samples=2", "training.self_temperature=1.0",
+                     "training.targets=self", "training.self_samples=1", "training.self_temperature=1.0",
                      "training.refresh_targets_every=1")
     run_search("gsm8k", args, mode="pipeline")
     rows = [json.loads(line) for line in (out / TARGETS_FILE).read_text().splitlines()]
@@ -261,7 +261,7 @@ def test_self_targets_train_on_the_models_own_correct_answers_refreshed_from_the
     assert len(train) == 15 and len([r for r in rows if r["split"] == "validation"]) == 15
     answers = [a for kept in train for a in kept]
     assert answers and all(len(a) % 2 == 0 for a in answers)  # only answers the task scores correct
-    assert all(len(set(kept)) == len(kept) <= 2 for kept in train)  # distinct, at most one per sample
+    assert all(len(kept) <= 1 for kept in train)  # at most one per sample
     assert sum(not kept for kept in train) > 0  # some questions got no right answer: they are left out
     # generation 0 learned exactly those answers, each followed by the end-of-sequence token
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)

@@ -1,8 +1,8 @@
 """`evolm analyze RUN_DIR`: figures and a Markdown report from a search run's database.
 
 Works on a finished or a running run (it only reads). The report leads with the test split (base model,
-default-LoRA baseline and best variant, with sign tests) once the run has scored it. Figures: family tree, performance timeline,
-hyperparameter heatmaps, survival, mutation effectiveness; all in RUN_DIR/analysis/.
+default-LoRA baseline and best variant, with sign tests) once the run has scored it. Figures: family tree,
+performance timeline, hyperparameter heatmaps, survival, mutation effectiveness; all in RUN_DIR/analysis/.
 """
 
 from __future__ import annotations
@@ -288,7 +288,8 @@ def render_report(config: dict, variants: list[Variant], figures: dict[str, str]
     if best is None:
         return "\n".join(text + ["No variant has been scored yet."]) + "\n"
     genes = best.genes.to_dict()
-    text += ["## Best variant (validation split)", "", _row(["id", "generation", *genes, "alpha", "fitness", "accuracy", "perplexity"]),
+    text += ["## Best variant (validation split)", "",
+             _row(["id", "generation", *genes, "alpha", "fitness", "accuracy", "perplexity"]),
              _row(["---"] * (len(genes) + 6)),
              _row([best.id, best.generation, *[_label(k, x) for k, x in genes.items()], best.genes.alpha,
                    _num(best.fitness), _num(best.metrics.get("accuracy")), _num(best.metrics.get("perplexity"))]),

@@ -7,6 +7,7 @@ claims pending variants from the database, and whoever finds a generation comple
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
@@ -279,7 +280,7 @@ class Worker:
             return
         try:
             self._load()
-            beat = lambda: self.store.beat_stage("final", self.name)  # noqa: E731
+            beat = functools.partial(self.store.beat_stage, "final", self.name)
             baseline = self._baseline(best, beat) if self.config.baseline != "none" else None
             adapters = {"base": None, "best": Adapter.of_folder(self.run_dir.root / best.adapter)}
             if baseline is not None:
