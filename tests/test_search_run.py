@@ -423,6 +423,24 @@ def test_claims_of_dead_workers_are_requeued(tmp_path):
     assert store.requeue_stale(stale_after_s=0.01) == [second.id]
 
 
+def test_the_end_of_run_stage_goes_to_one_worker_and_to_another_when_that_one_dies(tmp_path):
+    import socket
+
+    store = Store(tmp_path / "run.db")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone, alive, other = f"{socket.gethostname()}:{dead.pid}", f"{socket.gethostname()}:{os.getpid()}", "elsewhere:1"
+    assert store.claim_stage("final", gone, stale_after_s=3600) == "claimed"
+    assert store.claim_stage("final", alive, stale_after_s=3600) == "claimed"  # its process is gone: taken over
+    assert store.claim_stage("final", other, stale_after_s=3600) == "busy"
+    store.end_stage("final", alive, done=False)  # an error or Ctrl-C gives it back
+    assert store.claim_stage("final", other, stale_after_s=3600) == "claimed"
+    store.end_stage("final", alive, done=True)  # not its claim: nothing happens
+    assert store.claim_stage("final", alive, stale_after_s=3600) == "busy"
+    store.end_stage("final", other, done=True)
+    assert store.claim_stage("final", alive, stale_after_s=0) == "done"
+
+
 def test_command_line_functions(tiny_llama, data_file, tmp_path):
     from typer.testing import CliRunner
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -118,7 +119,7 @@ def held_out_sections(run: RunDir, best_id: int) -> dict[str, Any]:
     return sections
 
 
-def _report_of(path, best_id: int) -> dict | None:
+def _report_of(path: Path, best_id: int) -> dict | None:
     report = json.loads(path.read_text()) if path.is_file() else None
     return report if report is not None and report.get("variant") == best_id else None
 
