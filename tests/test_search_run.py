@@ -226,8 +226,12 @@ def test_greedy_answers_on_the_engine_match_peft_generate(tiny_qwen):
     assert answers(model, genes, prompts, 12, ()) == expected
     assert len(set(expected)) > 1
 
-    # the base model and adapters of other ranks and scales, as members of one generation, answer as alone
+    # the base model and adapters of other ranks and scales, as members of one generation, answer as alone;
+    # a saved adapter reads back as the same member
     first = Adapter.of_model(model, genes)
+    save_adapter(model, Path(tiny_qwen).parent / "greedy-adapter")
+    assert answers.of_adapters([Adapter.of_folder(Path(tiny_qwen).parent / "greedy-adapter")], prompts, 12, ()) \
+        == [expected]
     base = model.unload()
     plain = [tokenizer.decode(base.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

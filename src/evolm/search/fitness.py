@@ -49,9 +49,14 @@ def set_members(engine: PopulationEngine, adapters: list[Adapter | None]) -> Non
     """Make each adapter a population member of the engine (None: the base model). Ranks may differ: the
     factors are zero-padded to the largest rank and each scale folded into its B, which leaves every
     member's update B·A·scale unchanged; layers an adapter does not touch get zeros."""
+    shapes = engine.shapes()
+    for adapter in adapters:
+        unknown = sorted(set(adapter.factors) - set(shapes)) if adapter is not None else []
+        if unknown:
+            raise ValueError(f"the adapter has layers the engine does not target, e.g. {unknown[:3]}")
     rank = max((a.shape[0] for adapter in adapters if adapter for a, _ in adapter.factors.values()), default=1)
     weights = {}
-    for name, (fan_in, fan_out) in engine.shapes().items():
+    for name, (fan_in, fan_out) in shapes.items():
         a_rows, b_rows = torch.zeros(len(adapters), rank, fan_in), torch.zeros(len(adapters), fan_out, rank)
         for member, adapter in enumerate(adapters):
             if adapter is not None and name in adapter.factors:
