@@ -338,8 +338,11 @@ def _wait_until_busy(process: subprocess.Popen, db_path: Path, done: int) -> Non
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if db_path.is_file():
-            with sqlite3.connect(db_path) as db:
-                states = [s for (s,) in db.execute("SELECT state FROM variants")]
+            try:
+                with sqlite3.connect(db_path) as db:
+                    states = [s for (s,) in db.execute("SELECT state FROM variants")]
+            except sqlite3.OperationalError:  # the file is there, its tables not yet
+                continue
             if states.count("done") >= done and "running" in states:
                 return
         time.sleep(0.1)
