@@ -342,7 +342,7 @@ def _wait_until_busy(process: subprocess.Popen, db_path: Path, done: int) -> Non
                 with sqlite3.connect(db_path) as db:
                     states = [s for (s,) in db.execute("SELECT state FROM variants")]
             except sqlite3.OperationalError:  # the file is there, its tables not yet
-                continue
+                states = []
             if states.count("done") >= done and "running" in states:
                 return
         time.sleep(0.1)
