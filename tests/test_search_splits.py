@@ -39,7 +39,8 @@ def test_splits_are_disjoint_sized_and_seeded(tmp_path):
     assert questions(plan_splits(task, config(*sizes)).test) == parts[2]  # same seed, same rows
     assert questions(plan_splits(task, config(*sizes, "seed=1")).test) != parts[2]
     # without sizes: a tenth of the rows each for validation and test, the rest to train on
-    default = plan_splits(task, config(f"task.train={data}", "task.train_size=null", "task.test_size=null"))
+    default = plan_splits(task, config(f"task.train={data}", "task.train_size=null", "task.test_size=null",
+                                       "splits.validation_size=null"))
     assert (len(default.train), len(default.validation), len(default.test)) == (80, 10, 10)
 
 
