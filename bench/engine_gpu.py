@@ -1,7 +1,12 @@
 """Population engine vs the paper's way (one plain generate per member), on one GPU; `--device cpu` for a smoke check.
 
     PYTHONPATH=src python bench/engine_gpu.py --model /tmp/models/qwen2.5-coder-1.5b-instruct \
-        --data countdown.json --space lora|full-lowrank [--rank R] [--stop '</answer>'] [--scaling] --out results/
+        --data countdown.json --space lora|full-lowrank|full [--rank R] [--chat] [--stop '</answer>'] \
+        [--max-new-tokens T] [--reference-prompts K] [--scaling] --out results/
+    PYTHONPATH=src python bench/engine_gpu.py --history RUN/results/history.jsonl   # the tail row of a real run
+
+The three regimes of docs/benchmarks.md: reasoning (`--chat --stop '</answer>' --max-new-tokens 1024`), fixed
+length (`--max-new-tokens 256`, no stop) and short answers (`--stop '</answer>'`, the raw prompt).
 
 Times one full ES generation (space.generate_population, score, strategy.tell) with N members on the countdown
 training prompts, the same rows with no adapters, `--reference-members` members each as a plain model through
@@ -87,7 +92,7 @@ def workload(engine: PopulationEngine, prompts, tokens_per_row, steps, populatio
     flops += 4 * layers * heads * head_dim * attn_ctx
     # every decoding step reads the weights and all members' factors once, and the KV cache of its rows
     step_bytes = element * (linear + hidden * vocab + population * adapter)
-    bytes_moved = step_bytes * sum(steps) + kv_bytes_per_token * (attn_ctx + new_tokens)
+    bytes_moved = step_bytes * steps + kv_bytes_per_token * (attn_ctx + new_tokens)
     return {"flops": flops, "bytes": bytes_moved}
 
 
@@ -116,25 +121,27 @@ def es_generation(space: Space, strategy: EvolutionStrategy, task, examples, pro
     synchronize(device)
     t3 = time.perf_counter()
     return {
-        "space": space.kind, "rank": space.engine.rank, "members": strategy.population,
+        "space": space.kind, "members": strategy.population,
         "max_new_tokens": sampling.max_new_tokens,
         "seconds": t3 - t0, "generate_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2,
         "tokens": out.num_tokens, "tokens_per_s": out.num_tokens / (t1 - t0),
         "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-        "waves": out.waves, "steps": out.steps, "mean_fitness": sum(fitness) / len(fitness),
+        "rows_at_once": out.rows_at_once, "steps": out.steps, "refills": out.refills,
+        "noise_s": out.seconds.get("noise", 0.0), "mean_fitness": sum(fitness) / len(fitness),
         "output": out, "rows_tokens": [len(t) for member in out.tokens for t in member],
     }
 
 
 def plain_generation(engine: PopulationEngine, prompt_ids, members: int, sampling: SamplingParams) -> dict:
     """The same rows with no adapters at all (the engine's plain model path)."""
-    engine.clear_adapters()
+    engine.clear_factors()
     synchronize(engine.device)
     t0 = time.perf_counter()
     out = engine.generate(prompt_ids * members, None, sampling)
     synchronize(engine.device)
     t = time.perf_counter() - t0
-    return {"seconds": t, "tokens": out.num_tokens, "tokens_per_s": out.num_tokens / t}
+    return {"seconds": t, "tokens": out.num_tokens, "tokens_per_s": out.num_tokens / t, "steps": out.steps,
+            "rows_at_once": out.rows_at_once}
 
 
 @torch.no_grad()
@@ -150,9 +157,10 @@ def reference_model(base, space: Space, strategy: EvolutionStrategy, member: int
             module.lora_A["default"].weight.copy_(w.A[0])
             module.lora_B["default"].weight.copy_(w.B[0])
         return model.eval()
-    model = copy.deepcopy(base)  # full-lowrank: W + σ·E_i, E_i = B_i A_i / √r, written into the weights
-    for name, (a, b) in noise.items():
-        model.get_submodule(name).weight.copy_(strategy.params[name] + strategy.sigma * (b @ a) / math.sqrt(a.shape[0]))
+    model = copy.deepcopy(base)  # full spaces: W + σ·E_i written into the weights
+    for name, eps in noise.items():  # full-lowrank: E_i = B_i A_i / √r; full: dense E_i
+        delta = eps if space.kind == "full" else (eps[1] @ eps[0]) / math.sqrt(eps[0].shape[0])
+        model.get_submodule(name).weight.copy_(strategy.params[name] + strategy.sigma * delta)
     return model.eval()
 
 
@@ -193,11 +201,15 @@ def setup(args, dtype: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required="--history" not in __import__("sys").argv)
     ap.add_argument("--data", help="the paper's countdown.json (its first --prompts records); default the built-in "
                                    "generator")
     ap.add_argument("--prompts", type=int, default=200, help="training prompts per member (the paper: 200)")
-    ap.add_argument("--space", choices=["lora", "full-lowrank"], default="lora")
+    ap.add_argument("--space", choices=["lora", "full-lowrank", "full"], default="lora")
+    ap.add_argument("--chat", action="store_true", help="countdown through the chat template (the model reasons)")
+    ap.add_argument("--reference-prompts", type=int,
+                    help="time the reference on this many prompts and scale to all (default: all prompts)")
+    ap.add_argument("--history", type=Path, help="print the tail row of a run's history.jsonl and exit")
     ap.add_argument("--rank", type=int, default=1, help="LoRA rank (lora) or each member's noise rank (full-lowrank)")
     ap.add_argument("--members", type=int, default=30)
     ap.add_argument("--max-new-tokens", type=int, default=1024)
@@ -214,6 +226,8 @@ def main() -> None:
     ap.add_argument("--peak-flops", type=float, help="roofline FLOP/s (overrides the device table)")
     ap.add_argument("--peak-bytes", type=float, help="roofline memory bytes/s (overrides the device table)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    if "--history" in __import__("sys").argv:
+        return tail_row(ap.parse_known_args()[0].history)
     args = ap.parse_args()
     if args.reference_members < 1:
         ap.error("--reference-members must be at least 1 (the extrapolated reference row needs one)")
@@ -221,7 +235,7 @@ def main() -> None:
     sigma, learning_rate = STEP_DEFAULTS[args.space]
     sigma = args.sigma or sigma
 
-    task = CountdownTask(train_size=args.prompts)
+    task = CountdownTask(train_size=args.prompts, chat=args.chat)
     examples = task.load_split("train", None if args.data is None else f"{args.data}[:{args.prompts}]")
     if args.agreement:
         return agreement(args, task, examples[:64], sigma, learning_rate)
@@ -230,7 +244,8 @@ def main() -> None:
     prompt_ids = render_all(tokenizer, examples)
     print(f"device {device_name(device)}, {loaded.dtype}, backend {type(engine.backend).__name__}, space {space.kind} "
           f"rank {args.rank}, sigma {sigma}, {len(prompt_ids)} prompts, mean prompt "
-          f"{sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens, stop {args.stop or 'none'}", flush=True)
+          f"{sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens, stop {args.stop or 'none'}, chat {args.chat}",
+          flush=True)
 
     def strategy(n):
         return new_strategy(space, n, sigma, learning_rate)
@@ -241,27 +256,28 @@ def main() -> None:
     peaks = roofline_peaks(device, args.peak_flops, args.peak_bytes)
     es_generation(space, strategy(2), task, examples[:8], prompt_ids[:8], SamplingParams(max_new_tokens=8))  # warm-up
     results: dict = {"device": device_name(device), "dtype": str(loaded.dtype), "space": space.kind, "rank": args.rank,
-                     "sigma": sigma, "members": args.members, "prompts": len(prompt_ids),
+                     "sigma": sigma, "members": args.members, "prompts": len(prompt_ids), "chat": args.chat,
                      "max_new_tokens": args.max_new_tokens, "stop": args.stop, "roofline": peaks}
     main_run = es_generation(space, strategy(args.members), task, examples, prompt_ids, sampling)
     results["engine"] = {k: v for k, v in main_run.items() if k not in ("output", "rows_tokens")}
     results["engine"].update(workload(engine, prompt_ids * args.members, main_run["rows_tokens"], main_run["steps"],
-                                      args.members, main_run["rank"]))
+                                      args.members, 0 if space.kind == "full" else args.rank))
     results["plain"] = plain_generation(engine, prompt_ids, args.members, sampling)
     print(json.dumps({k: results[k] for k in ("engine", "plain")}, indent=1), flush=True)
 
     reference_strategy = strategy(args.members)  # generation 0 again: the members the main run generated
     refs = []
+    k = min(args.reference_prompts or len(prompt_ids), len(prompt_ids))
     for m in range(args.reference_members):
         model = reference_model(base, space, reference_strategy, m)
-        ref = reference_generation(model, tokenizer, prompt_ids, sampling, eos)
+        ref = reference_generation(model, tokenizer, prompt_ids[:k], sampling, eos)
         del model
         release(device)
-        same = sum(a == b for a, b in zip(ref["texts"], main_run["output"].texts[m]))
-        refs.append({"member": m, "seconds": ref["seconds"], "tokens": ref["tokens"], "identical_rows": same,
-                     "rows": len(prompt_ids)})
-        print(f"reference member {m}: {ref['seconds']:.3g} s, {ref['tokens']} tokens, "
-              f"{same}/{len(prompt_ids)} completions identical to the engine's", flush=True)
+        same = sum(a == b for a, b in zip(ref["texts"], main_run["output"].texts[m][:k]))
+        refs.append({"member": m, "seconds": ref["seconds"] * len(prompt_ids) / k, "measured_prompts": k,
+                     "tokens": ref["tokens"], "identical_rows": same, "rows": k})
+        print(f"reference member {m}: {ref['seconds']:.3g} s on {k} prompts, {ref['tokens']} tokens, "
+              f"{same}/{k} completions identical to the engine's", flush=True)
     results["reference"] = refs
     results["reference_per_generation_s"] = sum(r["seconds"] for r in refs) / len(refs) * args.members
 
@@ -275,7 +291,7 @@ def main() -> None:
                 table.append(row)
                 print(json.dumps(row), flush=True)
         results["scaling"] = table
-    name = f"bench-{space.kind}{'-stop' if args.stop else ''}.json"
+    name = f"bench-{space.kind}-r{args.rank}{'-chat' if args.chat else ''}{'-stop' if args.stop else ''}-{args.max_new_tokens}.json"
     (args.out / name).write_text(json.dumps(results, indent=1))
     report(results)
 
@@ -306,32 +322,36 @@ def agreement(args, task, examples, sigma: float, learning_rate: float) -> None:
 
 
 def profile(space: Space, strategy: EvolutionStrategy, prompt_ids) -> None:
+    """A short generation of the whole population under the profiler: where a decoding step's time goes."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    engine, device = space.engine, space.engine.device
-    # a one-token generation loads the members' factors (and θ) into the engine as a real generation does
-    space.generate_population(strategy, range(strategy.population), prompt_ids[:1], SamplingParams(max_new_tokens=1))
-    rows = [p for _ in range(strategy.population) for p in prompt_ids]
-    members = torch.arange(strategy.population, device=device).repeat_interleave(len(prompt_ids))
+    device = space.engine.device
     on_gpu = device.type == "cuda"
-    backend = engine.backend
-    with torch.inference_mode():
-        token = backend.prefill(rows, members, 64).argmax(-1)
-        for _ in range(4):
-            token = backend.step(token).argmax(-1)
+    sampling = SamplingParams(max_new_tokens=64)
+    space.generate_population(strategy, range(strategy.population), prompt_ids, sampling)  # graphs captured
+    synchronize(device)
+    t0 = time.perf_counter()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with torch_profile(activities=activities) as prof:
+        out = space.generate_population(strategy, range(strategy.population), prompt_ids, sampling)
         synchronize(device)
-        t0 = time.perf_counter()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-        with torch_profile(activities=activities) as prof:
-            for _ in range(8):
-                token = backend.step(token).argmax(-1)
-            synchronize(device)
-    print(f"8 steps of {len(rows)} rows ({space.kind}, rank {engine.rank}): {time.perf_counter() - t0:.3f} s "
+    print(f"{out.steps} steps, {out.rows_at_once} rows at once ({space.kind}): {time.perf_counter() - t0:.3f} s "
           "(under the profiler)")
     print(prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=25,
                                     max_name_column_width=60))
-    backend.close()
+
+
+def tail_row(history: Path) -> None:
+    """Median and p95 seconds of `generate` per ES generation of a real run (the tail row)."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    times = sorted(r["time"]["generate"] for r in rows if "time" in r)
+    if not times:
+        raise SystemExit(f"{history}: no generation times")
+    median = times[len(times) // 2] if len(times) % 2 else (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2
+    p95 = times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)]
+    print(f"| tail row: {len(times)} generations of {history.parent.parent.name} | median {median:.3g} s | "
+          f"p95 {p95:.3g} s ({p95 / median:.2f} x median) | max {times[-1]:.3g} s |")
 
 
 def report(r: dict) -> None:
@@ -344,7 +364,7 @@ def report(r: dict) -> None:
     print(f"| evolm engine, {r['space']} rank {r['rank']}, N={r['members']} | {e['seconds']:.3g} "
           f"| {e['generate_s']:.3g} | {e['tokens']} | {e['tokens_per_s']:.0f} | {peak} | "
           f"{r['reference_per_generation_s'] / e['seconds']:.3g}x |")
-    print(f"| same rows, no adapters | | {p['seconds']:.3g} | {p['tokens']} | {p['tokens_per_s']:.0f} | | |")
+    print(f"| same rows, no perturbation | | {p['seconds']:.3g} | {p['tokens']} | {p['tokens_per_s']:.0f} | | |")
     print(f"| {reference} per member (x{r['members']}, extrapolated) | {r['reference_per_generation_s']:.3g} | | | | "
           "| 1x |")
     agree = ", ".join(f"{x['identical_rows']}/{x['rows']}" for x in r["reference"])
@@ -355,14 +375,15 @@ def report(r: dict) -> None:
         print(f"roofline ({r['roofline']['source']}, {r['roofline']['device']}): {e['flops'] / 1e15:.3g} PFLOP, "
               f"{e['bytes'] / 1e12:.3g} TB -> bound {bound:.3g} s ({'compute' if t_compute > t_memory else 'memory'}); "
               f"generate reached {bound / e['generate_s']:.0%}")
-    print(f"adapters cost: {e['tokens_per_s'] / p['tokens_per_s']:.0%} of the no-adapter tokens/s")
+    print(f"perturbed rows reach {e['tokens_per_s'] / p['tokens_per_s']:.0%} of the unperturbed tokens/s"
+          + (f"; noise (drawing and writing θ + σε) {e['noise_s']:.3g} s of generate" if e["noise_s"] else ""))
     if "scaling" in r:
-        print("\n| members | max_new_tokens | s / ES generation | generate s | tokens | tokens/s | waves | peak GB |")
+        print("\n| members | max_new_tokens | s / ES generation | generate s | tokens | tokens/s | rows at once | peak GB |")
         print("|---|---|---|---|---|---|---|---|")
         for s in r["scaling"]:
             peak = "" if s["peak_gb"] is None else f"{s['peak_gb']:.1f}"
             print(f"| {s['members']} | {s['max_new_tokens']} | {s['seconds']:.3g} | {s['generate_s']:.3g} "
-                  f"| {s['tokens']} | {s['tokens_per_s']:.0f} | {len(s['waves'])} | {peak} |")
+                  f"| {s['tokens']} | {s['tokens_per_s']:.0f} | {s['rows_at_once']} | {peak} |")
 
 
 if __name__ == "__main__":

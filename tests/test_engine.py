@@ -78,7 +78,7 @@ def test_engine_matches_peft_generate_per_member(request, fixture, rank, alpha, 
                               backend=backend)
     space = LoRASpace(engine.shapes(), rank, alpha)
     members = _members(space, 4, seed=rank)
-    engine.set_adapters(space.unflatten(members), space.scale)
+    engine.set_factors(space.unflatten(members), space.scale)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     params = SamplingParams(max_new_tokens=24)
     free = engine.generate(prompts, members=[0, 1, 2, 3], params=params)
@@ -89,7 +89,10 @@ def test_engine_matches_peft_generate_per_member(request, fixture, rank, alpha, 
     out = engine.generate(prompts, members=[0, 1, 2, 3], params=params)
     lengths = {len(t) for row in out.tokens for t in row}
     assert len(lengths) > 2 and max(lengths) == 24, "rows should stop at different steps"
-    assert out.waves == [7, 7, 6]  # 20 rows in waves of at most 7
+    if backend == "fused":  # 4 member groups of one slot each: the other rows waited for a finished row's slot
+        assert out.rows_at_once == 4 and out.refills >= 4
+    else:
+        assert out.rows_at_once == 7  # 20 rows in waves of at most 7
     distinct = set()
     for m in range(4):
         expected = _peft_generate(base, _member(members, m), space, targets, tokenizer, prompts, 24, eos)
@@ -113,7 +116,7 @@ def test_subset_of_members_and_eos_stop(tiny_llama, backend):
                               backend=backend)
     space = LoRASpace(engine.shapes(), 2, 2.0)
     members = _members(space, 6, seed=3)
-    engine.set_adapters(space.unflatten(members), space.scale)
+    engine.set_factors(space.unflatten(members), space.scale)
     prompts = [tokenizer(p).input_ids for p in PROMPTS[:3]]
     params = SamplingParams(max_new_tokens=40)
     full = engine.generate(prompts, members=list(range(6)), params=params)
@@ -123,6 +126,37 @@ def test_subset_of_members_and_eos_stop(tiny_llama, backend):
         for toks in row:
             assert len(toks) <= 40
             assert tokenizer.eos_token_id not in toks[:-1]  # nothing is generated after EOS
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen3"])
+def test_refill_gives_every_row_what_it_gets_alone(request, fixture):
+    """Rows that take over finished rows' slots, in any order and bucket, decode exactly as without refill."""
+    path = request.getfixturevalue(fixture)
+    tokenizer = load_tokenizer(str(path))
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    prompts = [tokenizer(p).input_ids for p in PROMPTS * 2]
+    results = {}
+    for name, backend, rows in [("waves", "transformers", None), ("all at once", "fused", None),
+                                ("refill", "fused", 6), ("one slot each", "fused", 1)]:
+        engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id],
+                                  max_batch_rows=rows, backend=backend)
+        space = LoRASpace(engine.shapes(), 2, 4.0)
+        engine.set_factors(space.unflatten(_members(space, 3, seed=9)), space.scale)
+        if name == "waves":
+            free = engine.generate(prompts, [0, 1, 2], SamplingParams(max_new_tokens=20))
+            eos = _mid_text_token(free.tokens)
+            stop = tokenizer.decode([_mid_text_token([[t[1:] for t in row] for row in free.tokens])])
+        engine.eos_token_ids = [eos]
+        params = SamplingParams(max_new_tokens=20, stop_strings=[stop])
+        results[name] = engine.generate(prompts, [2, 0, 1], params)
+    lengths = {len(t) for row in results["waves"].tokens for t in row}
+    assert len(lengths) > 3, "rows should end at many different steps"
+    assert results["all at once"].refills == 0 and results["refill"].refills > 0
+    assert results["one slot each"].rows_at_once == 3
+    for name, out in results.items():
+        assert out.tokens == results["waves"].tokens, f"{name}: tokens differ from the wave-by-wave reference"
+        assert out.texts == results["waves"].texts, name
 
 
 def test_sampling_is_reproducible_with_seed(tiny_llama):
@@ -164,7 +198,7 @@ def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_llama, tmp_path)
     theta = _members(space, 1, seed=5)
     space.export({name: t[0] for name, t in theta.items()}, tmp_path / "adapter", str(tiny_llama))
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
-    engine.set_adapters(space.unflatten(theta), space.scale)
+    engine.set_factors(space.unflatten(theta), space.scale)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     ours = engine.generate(prompts, [0], SamplingParams(max_new_tokens=16)).tokens[0]
     for ids, mine in zip(prompts, ours):

@@ -95,8 +95,8 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] | None = Field(None, description="Stop strings; None = the task's own (countdown: "
                                    "</answer>), [] = none.")
-    max_batch_rows: int | None = Field(None, ge=1, description="Cap on rows per wave; None = from the memory budget.")
-    memory_fraction: float = Field(0.85, gt=0, le=1, description="Share of free accelerator memory a wave may use.")
+    max_batch_rows: int | None = Field(None, ge=1, description="Cap on rows decoded at once (KV slots); None = from the memory budget.")
+    memory_fraction: float = Field(0.85, gt=0, le=1, description="Share of free accelerator memory a generation may use.")
 
 
 TEST_SET = "test"  # the name of a run's own test split among its evaluation sets

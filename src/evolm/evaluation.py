@@ -172,7 +172,7 @@ def _adapter_texts(adapter: Path, options: EvalOptions, sets: list[EvalSet], com
     space = adapter_space(adapter_config, engine.shapes())
     theta = space.params_of(weights)
     members = {n: torch.stack([torch.zeros_like(t), t]) if compare else t[None] for n, t in theta.items()}
-    engine.set_adapters(space.unflatten(members), space.scale)
+    engine.set_factors(space.unflatten(members), space.scale)
     texts = _generate_sets(engine, loaded.tokenizer, sets, options, list(range(2 if compare else 1)),
                            "base and adapter" if compare else "adapter")
     del engine, loaded
@@ -197,7 +197,7 @@ def _generate_sets(engine: PopulationEngine, tokenizer, sets: list[EvalSet], opt
     prompts = {s.name: render_all(tokenizer, s.examples) * options.samples for s in sets}
     slots = len(members) if members else 1
     with rows_progress(slots * sum(map(len, prompts.values())), what) as bar:
-        return {s.name: engine.generate(prompts[s.name], members, _sampling(options, s.task), on_wave=bar.update).texts
+        return {s.name: engine.generate(prompts[s.name], members, _sampling(options, s.task), on_rows=bar.update).texts
                 for s in sets}
 
 

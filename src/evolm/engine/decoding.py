@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 STOP_CHECK_INTERVAL = 8  # decoding steps between stop-string checks (they need detokenising)
+STOP_WINDOW = STOP_CHECK_INTERVAL + 24  # trailing tokens detokenised per check: a stop string is shorter
 
 
 @dataclass
@@ -22,12 +23,7 @@ class SamplingParams:
 
 
 class Backend(Protocol):
-    """Runs the model for a batch of rows whose KV cache it owns; everything it needs comes as arguments."""
-
-    preallocates: bool  # whether the KV cache is allocated once at its final size (else it grows and is copied)
-
-    def set_adapters(self, population: int, rank: int) -> None:
-        """The wrapped layers now hold `population` members' factors of rank `rank` (0, 0: none)."""
+    """Runs the model for a wave of rows whose KV cache it owns; the routing object says each row's member."""
 
     def prefill(self, prompts: list[Sequence[int]], row_members: torch.Tensor | None,
                 max_new_tokens: int) -> torch.Tensor:
@@ -87,7 +83,8 @@ def decode(
                 break
             if (step + 1) % sync_every == 0:
                 if params.stop_strings and (step + 1) % STOP_CHECK_INTERVAL == 0:
-                    finished |= _hit_stop(tokenizer, out[live, : step + 1], params.stop_strings)
+                    tails = out[live, max(0, step + 1 - STOP_WINDOW) : step + 1].tolist()
+                    finished |= torch.tensor(stopped(tokenizer, tails, params.stop_strings), device=device)
                 if finished.any():
                     keep = (~finished).nonzero().squeeze(1)
                     if keep.numel() == 0:
@@ -112,9 +109,28 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _hit_stop(tokenizer: PreTrainedTokenizerBase, tokens: torch.Tensor, stop_strings: Sequence[str]) -> torch.Tensor:
-    texts = tokenizer.batch_decode(tokens.clamp(min=0).tolist(), skip_special_tokens=True)
-    return torch.tensor([cut_at_stop(t, stop_strings)[1] for t in texts], device=tokens.device)
+def stopped(tokenizer: PreTrainedTokenizerBase, tails: list[list[int]], stop_strings: Sequence[str]) -> list[bool]:
+    """Whether each row's trailing tokens hold a stop string."""
+    texts = tokenizer.batch_decode([[t for t in row if t >= 0] for row in tails], skip_special_tokens=True)
+    return [cut_at_stop(t, stop_strings)[1] for t in texts]
+
+
+def trim_at_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stop_strings: Sequence[str]) -> list[int]:
+    """The shortest prefix of tokens whose text holds a stop string (all of them when none does).
+
+    Rows run on for a few steps after their stop string until the host looks; cutting the tokens here
+    makes them independent of when it looked (of the wave, the refill order, the check interval).
+    """
+    if not stop_strings or not cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings)[1]:
+        return tokens
+    low, high = 1, len(tokens)  # the prefix of length `high` holds a stop string
+    while low < high:
+        mid = (low + high) // 2
+        if cut_at_stop(tokenizer.decode(tokens[:mid], skip_special_tokens=True), stop_strings)[1]:
+            high = mid
+        else:
+            low = mid + 1
+    return tokens[:high]
 
 
 def trim_at_eos(row: list[int], eos_ids: Sequence[int]) -> list[int]:

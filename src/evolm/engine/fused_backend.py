@@ -1,15 +1,23 @@
-"""A fast decoding backend for Llama-family models (Llama, Qwen2/2.5, Qwen3, SmolLM, Mistral without a window).
+"""A fast backend for Llama-family models (Llama, Qwen2/2.5, Qwen3, SmolLM, Mistral without a window).
 
-It runs the model's own modules and weights but not its forward: per decoder layer four matmul
-groups (qkv, o, gate+up, down) with the base weights of a group concatenated (the model's
-parameters become views of them, so nothing is duplicated) and the population's adapters of a
-group in one stacked A and one block-diagonal B, so a group costs
+It runs the model's own modules and weights but not its forward: per decoder layer four matmul groups
+(qkv, o, gate+up, down), the base weights of a group concatenated (the model's parameters become views
+of them, so nothing is duplicated).
 
-    y = x W_catᵀ + b;   y += ((x A_stackᵀ) ⊙ selector) B_blocks
+Rows live in slots of a preallocated KV cache ([slots, kv_heads, capacity, head_dim] per layer), and
+every slot belongs to one member group for the whole call (engine/scheduler.py hands a finished row's
+slot to the next waiting row of the same member). The state of a slot — its last token, how many keys
+it holds, its generated tokens, whether it finished — lives on the device, so a decoding step needs
+nothing from the host: on a GPU it is a CUDA graph, captured once per batch-size bucket and replayed.
 
-The KV cache is preallocated once per wave; with left padding every row writes the same column
-at each step, and finished rows are dropped by compacting the cache in place. Decode attention
-folds the query heads that share a KV head into the query axis, so GQA needs no copy of K/V.
+A decoding batch is laid out group-major, `per_group` rows for every member group, so a member's
+perturbation is a batched matmul over groups,
+
+    y = x W_catᵀ + b + bmm(bmm(x[G, C, in], A[G, in, P·r]), B[G, P·r, out])
+
+at a cost of r·(in + out) per row, not N·r (unused rows of a group point at a scratch slot). Prefill
+packs the newly admitted rows of any groups into right-padded chunks, a group's rows next to each other,
+so that a group's perturbation is two plain matmuls on a slice of the chunk.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from evolm.engine.decoding import left_pad
-from evolm.engine.layer import PopulationLinear, member_selector
+from evolm.engine.attention import decode_attention
+from evolm.engine.decoding import SamplingParams, pick_token
+from evolm.engine.layer import PopulationLinear, Routing
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 GROUPS = {
@@ -32,10 +41,9 @@ GROUPS = {
     "gate_up": ("mlp", ("gate_proj", "up_proj")),
     "down": ("mlp", ("down_proj",)),
 }
-PREFILL_TOKENS = 65536  # prompt tokens per prefill chunk: bounds activation memory
-# cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200),
-# which a decoding step meets in every layer; the memory-efficient kernel has no such cost.
-ATTENTION_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+PREFILL_TOKENS = 32768  # padded prompt tokens per prefill chunk: bounds activation memory
+# cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200)
+PREFILL_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def supports(model: nn.Module) -> bool:
@@ -57,50 +65,76 @@ def supports(model: nn.Module) -> bool:
 
 @dataclass
 class Group:
-    """One matmul group of a decoder layer: concatenated base weights and the stacked adapters."""
+    """One matmul group of a decoder layer: concatenated base weights and, per call, the members' factors."""
 
     weight: torch.Tensor  # [sum out, in]
     bias: torch.Tensor | None
     splits: list[int]
-    adapted: list[nn.Module]  # the population layers of this group (a subset of its projections)
-    lora_A: torch.Tensor | None = None  # [P·N·r, in]
-    lora_B: torch.Tensor | None = None  # [P·N·r, sum out], block diagonal, scale folded in
-    projections: int = 0  # P: how many of the group's projections carry adapters
+    names: list[str | None]  # the targeted layer name of each projection (None: not targeted)
+    down: torch.Tensor | None = None  # [G, in, P·r]: the groups' A factors of the adapted projections
+    up: torch.Tensor | None = None  # [G, P·r, sum out]: block diagonal B factors, scale folded in
 
-    def __call__(self, x: torch.Tensor, selectors: dict[int, torch.Tensor]) -> torch.Tensor:
+    def load(self, routing: Routing, members: Sequence[int]) -> None:
+        """This call's member groups' factors, from the routing object (nothing when no member is perturbed)."""
+        parts = [(i, name) for i, name in enumerate(self.names) if name in routing.factors]
+        if not parts or not members:
+            self.down = self.up = None
+            return
+        index = torch.as_tensor(list(members), device=self.weight.device)
+        offsets = [0, *torch.tensor(self.splits).cumsum(0).tolist()]
+        rank = routing.rank
+        up = self.weight.new_zeros((len(members), len(parts) * rank, offsets[-1]))
+        for j, (i, name) in enumerate(parts):
+            b = routing.factors[name].B[index].transpose(1, 2)  # [G, r, out]
+            up[:, j * rank : (j + 1) * rank, offsets[i] : offsets[i + 1]] = b * routing.scale
+        down = torch.cat([routing.factors[name].A[index].transpose(1, 2) for _, name in parts], dim=2)
+        if self.down is not None and self.down.shape == down.shape and self.up.shape == up.shape:
+            self.down.copy_(down)  # in place: captured CUDA graphs read these very tensors
+            self.up.copy_(up)
+        else:
+            self.down, self.up = down, up
+
+    def decode(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """x [G·C, 1, in], rows group-major."""
         y = F.linear(x, self.weight, self.bias)
-        selector = selectors.get(self.projections)
-        if self.lora_A is None or selector is None:
-            return y
-        hidden = F.linear(x, self.lora_A) * selector
-        y.view(-1, y.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), self.lora_B)
+        if self.down is not None:
+            rows = x.view(groups, -1, x.shape[-1])
+            y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, self.down), self.up)
+        return y
+
+    def prefill(self, x: torch.Tensor, segments: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """x [rows, T, in] with rows sorted by group; segments (group, first row, end row) of each group present.
+
+        A group's rows are contiguous, so its delta is two plain matmuls on views: no padding, no atomics.
+        """
+        y = F.linear(x, self.weight, self.bias)
+        if self.down is not None:
+            for group, start, end in segments:
+                rows = x[start:end].reshape(-1, x.shape[-1])
+                y[start:end].view(-1, y.shape[-1]).addmm_(rows @ self.down[group], self.up[group])
         return y
 
 
 class FusedBackend:
-    """Decoding backend of the population engine for supported architectures."""
+    """Slot-based prefill and decoding for supported architectures (see the module docstring)."""
 
-    preallocates = True  # the KV cache is allocated once per wave at its final size
-
-    def __init__(self, model: nn.Module, layers: dict[str, PopulationLinear], pad_token_id: int):
+    def __init__(self, model: nn.Module, layers: dict[str, PopulationLinear]):
         self.model = model
         self.config = model.config
         self.inner = model.model
-        self.pad_token_id = pad_token_id
-        self.population = self.rank = 0
-        wrapped = {layer.base: layer for layer in layers.values()}
+        names = {layer.base: name for name, layer in layers.items()}
         self.groups: list[dict[str, Group]] = []
         for layer in self.inner.layers:
             groups = {}
-            for key, (parent_name, names) in GROUPS.items():
+            for key, (parent_name, projections) in GROUPS.items():
                 parent = getattr(layer, parent_name)
-                modules = [getattr(parent, n) for n in names]
-                linears = [m.base if hasattr(m, "base") else m for m in modules]
+                modules = [getattr(parent, n) for n in projections]
+                linears = [m.base if isinstance(m, PopulationLinear) else m for m in modules]
                 groups[key] = Group(
                     weight=_concatenate_in_place(linears),
                     bias=_concatenated_bias(linears),
                     splits=[lin.out_features for lin in linears],
-                    adapted=[wrapped.get(lin) for lin in linears],
+                    names=[names.get(lin) for lin in linears],
                 )
             self.groups.append(groups)
         attn = self.inner.layers[0].self_attn
@@ -109,162 +143,237 @@ class FusedBackend:
         self.kv_heads = self.config.num_key_value_heads
         self.scaling = attn.scaling
         self.has_qk_norm = hasattr(attn, "q_norm")
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.layout: tuple | None = None  # what the buffers below were allocated for
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
 
-    # -- adapters -------------------------------------------------------------------------------
+    def slot_bytes(self, capacity: int) -> int:
+        """KV cache bytes of one slot of `capacity` tokens."""
+        param = next(self.model.parameters())
+        per_token = 2 * len(self.groups) * self.kv_heads * self.head_dim * param.element_size()
+        return per_token * capacity
 
-    def set_adapters(self, population: int, rank: int) -> None:
-        """Stack the wrapped layers' current factors per group (once per change of the population)."""
-        self.population, self.rank = population, rank
-        for groups in self.groups:
-            for group in groups.values():
-                parts = [(i, m) for i, m in enumerate(group.adapted) if m is not None and m.lora_A is not None]
-                group.projections = len(parts)
-                if not parts:
-                    group.lora_A = group.lora_B = None
-                    continue
-                group.lora_A = torch.cat([m.lora_A for _, m in parts])
-                rows = sum(m.lora_A.shape[0] for _, m in parts)
-                group.lora_B = group.weight.new_zeros((rows, sum(group.splits)))
-                offsets = [0, *torch.tensor(group.splits).cumsum(0).tolist()]
-                r0 = 0
-                for i, m in parts:
-                    nr = m.lora_A.shape[0]
-                    group.lora_B[r0 : r0 + nr, offsets[i] : offsets[i + 1]] = m.lora_B * m.scale
-                    r0 += nr
-
-    def _selectors(self, rows: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """Each row's one-hot member block, tiled for groups with P adapted projections: [rows, 1, P·N·r]."""
-        if rows is None:
-            return {}
-        counts = {g.projections for groups in self.groups for g in groups.values()}
-        return {p: rows.repeat(1, p).unsqueeze(1) for p in counts if p}
-
-    # -- backend protocol -----------------------------------------------------------------------
+    # -- a call: open, then admit / set_batch / decode / finished / generated as the scheduler says --
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], row_members: torch.Tensor | None,
-                max_new_tokens: int) -> torch.Tensor:
+    def open(self, routing: Routing, members: Sequence[int] | None, per_group: int, capacity: int,
+             params: SamplingParams, eos_token_ids: Sequence[int]) -> None:
+        """Allocate slots for len(members) groups of `per_group` rows (members None: one unperturbed group)."""
         param = next(self.model.parameters())
         device, dtype = param.device, param.dtype
-        ids, mask = left_pad(list(prompts), self.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device).bool()
-        n, width = ids.shape
-        capacity = width + max_new_tokens
-        self.k_cache = [torch.empty((n, self.kv_heads, capacity, self.head_dim), device=device, dtype=dtype)
+        self.members = list(members or [])
+        self.num_groups = max(len(self.members), 1)
+        shapes = []
+        for groups in self.groups:
+            for group in groups.values():
+                group.load(routing, self.members)
+                shapes.append(None if group.down is None else (group.down.shape, group.up.shape))
+        layout = (self.num_groups, per_group, capacity, params.max_new_tokens, tuple(eos_token_ids), tuple(shapes))
+        self.params = params
+        if layout == self.layout:  # the same buffers and CUDA graphs serve again (e.g. the dense space's members)
+            self.last.zero_(), self.length.zero_(), self.count.zero_(), self.done.fill_(True)
+            return
+        self.release()
+        self.layout = layout
+        self.per_group, self.capacity = per_group, capacity
+        slots = self.num_groups * per_group + 1  # the last slot is scratch: padding rows of a batch write there
+        self.scratch = slots - 1
+        # zeros, not empty: masked keys still meet the values in the reference attention, and 0 · NaN is NaN
+        self.k_cache = [torch.zeros((slots, self.kv_heads, capacity, self.head_dim), device=device, dtype=dtype)
                         for _ in self.groups]
-        self.v_cache = [torch.empty_like(k) for k in self.k_cache]
-        self.valid = torch.zeros((n, capacity), dtype=torch.bool, device=device)
-        self.valid[:, :width] = mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        self.length = width
-        self.rows = n
-        self.selector = None
-        if row_members is not None and self.population:
-            self.selector = member_selector(row_members, self.population, self.rank, dtype)
-        self.selectors = self._selectors(self.selector)
-        logits = []
-        chunk = max(1, PREFILL_TOKENS // width)
-        for start in range(0, n, chunk):
-            rows = slice(start, min(start + chunk, n))
-            logits.append(self._prefill_rows(ids[rows], mask[rows], positions[rows], rows))
-        self.next_position = positions[:, -1] + 1
-        return torch.cat(logits)
+        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        self.width = params.max_new_tokens + 1  # generated tokens kept per slot (+1: writes past the end land there)
+        self.last = torch.zeros(slots, dtype=torch.long, device=device)
+        self.length = torch.zeros(slots, dtype=torch.long, device=device)
+        self.count = torch.zeros(slots, dtype=torch.long, device=device)
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)
+        self.out = torch.zeros((slots, self.width), dtype=torch.long, device=device)
+        self.eos = torch.as_tensor(list(eos_token_ids), device=device)
+        self.batch_slots: torch.Tensor | None = None
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+
+    def group_of(self, slot: int) -> int:
+        return slot // self.per_group
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, col = self.rows, self.length
-        selectors = self.selectors
-        x = self.inner.embed_tokens(tokens[:, None])
-        position_ids = self.next_position[:, None]
-        cos, sin = self.inner.rotary_emb(x, position_ids)
-        self.valid[:b, col] = True
-        valid = self.valid[:b, None, None, : col + 1]
-        group_size = self.heads // self.kv_heads
-        for i, (layer, groups) in enumerate(zip(self.inner.layers, self.groups)):
-            q, k, v = self._qkv(layer, groups, x, cos, sin, selectors)
-            self.k_cache[i][:b, :, col] = k[:, :, 0]
-            self.v_cache[i][:b, :, col] = v[:, :, 0]
-            q = q.reshape(b, self.kv_heads, group_size, self.head_dim)  # heads sharing a KV head as queries
-            with sdpa_kernel(ATTENTION_BACKENDS):
-                attn = F.scaled_dot_product_attention(
-                    q, self.k_cache[i][:b, :, : col + 1], self.v_cache[i][:b, :, : col + 1],
-                    attn_mask=valid, scale=self.scaling,
-                )
-            x = self._finish_layer(layer, groups, x, attn.reshape(b, 1, -1), selectors)
-        self.length += 1
-        self.next_position = self.next_position + 1
-        return self._logits(x)
+    def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], generator: torch.Generator) -> None:
+        """Prefill these prompts into these (free) slots and pick each one's first token."""
+        order = sorted(range(len(slots)), key=lambda i: len(prompts[i]))  # similar lengths share a chunk
+        start = 0
+        while start < len(order):
+            width = len(prompts[order[start]])
+            end = start
+            while end < len(order) and max(width, len(prompts[order[end]])) * (end - start + 1) <= PREFILL_TOKENS:
+                width = max(width, len(prompts[order[end]]))
+                end += 1
+            end = max(end, start + 1)
+            chunk = sorted(order[start:end], key=lambda i: slots[i])  # a group's rows together
+            self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk], generator)
+            start = end
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Compact the live rows to the front of every buffer, in place."""
-        n, col = index.numel(), self.length
-        for cache in (*self.k_cache, *self.v_cache):
-            cache[:n, :, :col] = cache[index, :, :col]
-        self.valid[:n, : col + 1] = self.valid[index, : col + 1]
-        self.next_position = self.next_position[index]
-        if self.selector is not None:
-            self.selector = self.selector[index]
-            self.selectors = self._selectors(self.selector)
-        self.rows = n
+    @torch.inference_mode()
+    def set_batch(self, slots_by_group: Sequence[Sequence[int]], per_group: int) -> None:
+        """Decode these slots from now on: group g's live slots, padded to `per_group` rows with the scratch slot."""
+        device = self.last.device
+        rows = []
+        for g in range(self.num_groups):
+            live = list(slots_by_group[g])
+            rows += live + [self.scratch] * (per_group - len(live))
+        self.batch_rows = per_group
+        self.batch_slots = torch.as_tensor(rows, dtype=torch.long, device=device)
+        if self.pool is not None:
+            graph, slots = self._graph(per_group)
+            slots.copy_(self.batch_slots)
 
-    def close(self) -> None:
-        self.k_cache = self.v_cache = []
-        self.valid = self.selector = None
-        self.selectors = {}
+    @torch.inference_mode()
+    def decode(self, steps: int, generator: torch.Generator) -> None:
+        """Run `steps` decoding steps of the current batch (finished rows run on idly until the next batch)."""
+        greedy = self.params.temperature == 0
+        for _ in range(steps):
+            if self.pool is not None and greedy:
+                self.graphs[self.batch_rows][0].replay()
+                continue
+            slots = self.batch_slots
+            logits = self._forward(slots)
+            self._advance(slots, pick_token(logits, self.params, generator))
+
+    def finished(self, slots: Sequence[int]) -> list[bool]:
+        return self.done[torch.as_tensor(list(slots), device=self.done.device)].tolist()
+
+    def generated(self, slots: Sequence[int]) -> list[list[int]]:
+        """Tokens generated in these slots so far."""
+        index = torch.as_tensor(list(slots), device=self.out.device)
+        counts = self.count[index].clamp(max=self.params.max_new_tokens).tolist()
+        return [row[:c] for row, c in zip(self.out[index].tolist(), counts)]
+
+    def tails(self, slots: Sequence[int], last: int) -> list[list[int]]:
+        """The last `last` tokens generated in each of these slots (gathered on the device: rows are long)."""
+        index = torch.as_tensor(list(slots), device=self.out.device)
+        count = self.count[index].clamp(max=self.params.max_new_tokens)
+        columns = count[:, None] - last + torch.arange(last, device=index.device)[None, :]
+        tokens = self.out[index[:, None], columns.clamp(min=0)].masked_fill(columns < 0, -1)
+        return [[t for t in row if t >= 0] for row in tokens.tolist()]
+
+    def held_bytes(self) -> int:
+        """Accelerator memory the slot buffers hold between calls (a next call of another layout frees it)."""
+        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
+
+    def release(self) -> None:
+        """Free the slot buffers and graphs."""
+        self.k_cache, self.v_cache, self.graphs, self.layout, self.batch_slots = [], [], {}, None, None
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def _prefill_rows(self, ids, mask, positions, rows: slice) -> torch.Tensor:
-        n, width = ids.shape
-        selectors = self._selectors(None if self.selector is None else self.selector[rows])
-        x = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(x, positions)
-        causal = torch.ones((width, width), dtype=torch.bool, device=ids.device).tril()
-        # a padding query sees itself only, so no row of the mask is empty
-        allowed = (causal & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=ids.device)
-        allowed = allowed[:, None]
-        for i, (layer, groups) in enumerate(zip(self.inner.layers, self.groups)):
-            q, k, v = self._qkv(layer, groups, x, cos, sin, selectors)
-            self.k_cache[i][rows, :, :width] = k
-            self.v_cache[i][rows, :, :width] = v
-            with sdpa_kernel(ATTENTION_BACKENDS):
-                attn = F.scaled_dot_product_attention(q, _repeat_kv(k, self.heads), _repeat_kv(v, self.heads),
-                                                      attn_mask=allowed, scale=self.scaling)
-            x = self._finish_layer(layer, groups, x, attn.transpose(1, 2).reshape(n, width, -1), selectors)
-        return self._logits(x[:, -1:])
+    def _graph(self, per_group: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The decoding step of a batch of `per_group` rows a group, captured once (greedy decoding)."""
+        if per_group not in self.graphs:
+            slots = torch.full((self.num_groups * per_group,), self.scratch, dtype=torch.long,
+                               device=self.last.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS picks kernels) on the scratch slot
+                for _ in range(2):
+                    self._greedy_step(slots)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._greedy_step(slots)
+            self.graphs[per_group] = (graph, slots)
+        return self.graphs[per_group]
 
-    def _qkv(self, layer, groups, x, cos, sin, selectors):
-        b, t, _ = x.shape
-        h = layer.input_layernorm(x)
-        group = groups["qkv"]
-        q, k, v = group(h, selectors).split(group.splits, dim=-1)
+    def _greedy_step(self, slots: torch.Tensor) -> None:
+        self._advance(slots, self._forward(slots).argmax(dim=-1))
+
+    def _advance(self, slots: torch.Tensor, token: torch.Tensor) -> None:
+        """Per-slot state after one step: the new token stored and counted, finished rows marked."""
+        count = self.count[slots]
+        self.out[slots, count.clamp(max=self.width - 1)] = token
+        self.count[slots] = count + 1
+        self.last[slots] = token
+        hit_eos = (token[:, None] == self.eos[None, :]).any(dim=1)
+        self.done[slots] = self.done[slots] | hit_eos | (count + 1 >= self.params.max_new_tokens)
+
+    def _forward(self, slots: torch.Tensor) -> torch.Tensor:
+        """One decoding step of these slots: their last tokens in, next-token logits out; keys appended."""
+        b = slots.shape[0]
+        position = self.length[slots].clamp(max=self.capacity - 1)  # the scratch slot never runs past its end
+        x = self.inner.embed_tokens(self.last[slots])[:, None]
+        cos, sin = self.inner.rotary_emb(x, position[:, None])
+        for i, (layer, groups) in enumerate(zip(self.inner.layers, self.groups)):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer, groups["qkv"], groups["qkv"].decode(h, self.num_groups), cos, sin)
+            self.k_cache[i][slots, :, position] = k[:, :, 0]
+            self.v_cache[i][slots, :, position] = v[:, :, 0]
+            attn = decode_attention(q[:, :, 0], self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling)
+            x = x + groups["o"].decode(attn.reshape(b, 1, -1), self.num_groups)
+            h = layer.post_attention_layernorm(x)
+            gate, up = groups["gate_up"].decode(h, self.num_groups).split(groups["gate_up"].splits, dim=-1)
+            x = x + groups["down"].decode(F.silu(gate) * up, self.num_groups)
+        self.length[slots] = position + 1
+        return self.model.lm_head(self.inner.norm(x[:, 0]))
+
+    def _prefill(self, slots: list[int], prompts: list[Sequence[int]], generator: torch.Generator) -> None:
+        """Right-padded prefill of a chunk of rows; their keys go to positions [0, len) of their slots."""
+        device = self.last.device
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        ids = ids.to(device)
+        lengths = torch.as_tensor([len(p) for p in prompts], device=device)
+        index = torch.as_tensor(slots, device=device)
+        x = self.inner.embed_tokens(ids)
+        positions = torch.arange(width, device=device)[None].expand(n, -1)
+        cos, sin = self.inner.rotary_emb(x, positions)
+        keys = torch.arange(width, device=device)
+        # causal, and no key past a row's prompt; a padding query still sees the row's first key
+        allowed = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
+        segments = []  # (group, first row, end row): the rows come sorted by slot, so by group
+        for row, slot in enumerate(slots):
+            group = slot // self.per_group
+            if segments and segments[-1][0] == group:
+                segments[-1][2] = row + 1
+            else:
+                segments.append([group, row, row + 1])
+        for i, (layer, groups) in enumerate(zip(self.inner.layers, self.groups)):
+            h = layer.input_layernorm(x)
+            qkv = groups["qkv"]
+            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, segments), cos, sin)
+            self.k_cache[i][index, :, :width] = k
+            self.v_cache[i][index, :, :width] = v
+            with sdpa_kernel(PREFILL_ATTENTION):
+                attn = F.scaled_dot_product_attention(q, _repeat_kv(k, self.heads), _repeat_kv(v, self.heads),
+                                                      attn_mask=allowed[:, None], scale=self.scaling)
+            attn = attn.transpose(1, 2).reshape(n, width, -1)
+            x = x + groups["o"].prefill(attn, segments)
+            h = layer.post_attention_layernorm(x)
+            gate_up = groups["gate_up"]
+            gate, up = gate_up.prefill(h, segments).split(gate_up.splits, dim=-1)
+            x = x + groups["down"].prefill(F.silu(gate) * up, segments)
+        last = x[torch.arange(n, device=device), lengths - 1]
+        token = pick_token(self.model.lm_head(self.inner.norm(last)), self.params, generator)
+        self.length[index] = lengths
+        self.count[index] = 0
+        self.done[index] = False
+        self._advance(index, token)
+
+    def _qkv(self, layer, group: Group, qkv: torch.Tensor, cos, sin):
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split(group.splits, dim=-1)
         q = q.view(b, t, self.heads, self.head_dim)
         k = k.view(b, t, self.kv_heads, self.head_dim)
         v = v.view(b, t, self.kv_heads, self.head_dim)
         if self.has_qk_norm:
             q, k = layer.self_attn.q_norm(q), layer.self_attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = _rotate(q, k, cos, sin)
-        return q, k, v
-
-    def _finish_layer(self, layer, groups, x, attn, selectors):
-        x = x + groups["o"](attn, selectors)
-        h = layer.post_attention_layernorm(x)
-        gate, up = groups["gate_up"](h, selectors).split(groups["gate_up"].splits, dim=-1)
-        return x + groups["down"](F.silu(gate) * up, selectors)
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.inner.norm(x[:, -1])).float()
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
 
 def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[b, kv_heads, t, d] -> [b, heads, t, d] (prefill only: the efficient kernel has no GQA)."""
+    """[b, kv_heads, t, d] -> [b, heads, t, d] (prefill only)."""
     return x.repeat_interleave(heads // x.shape[1], dim=1)
-
-
-def _rotate(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x):

@@ -15,8 +15,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evolm.engine import fused_backend
-from evolm.engine.decoding import SamplingParams, cut_at_stop, decode
-from evolm.engine.layer import LowRankWeights, PopulationLinear, RowState, find_target_linears
+from evolm.engine.decoding import SamplingParams, cut_at_stop, decode, trim_at_stop
+from evolm.engine.layer import LowRankWeights, PopulationLinear, Routing, find_target_linears
+from evolm.engine.scheduler import stream
 from evolm.engine.transformers_backend import TransformersBackend
 
 SYNC_EVERY_ON_GPU = 8  # decoding steps between host checks for finished rows on an accelerator
@@ -29,12 +30,14 @@ class Generation:
     tokens: list[list[list[int]]]
     texts: list[list[str]]
     num_tokens: int = 0
-    waves: list[int] = field(default_factory=list)  # rows per wave
-    steps: list[int] = field(default_factory=list)  # decoding steps per wave
+    rows_at_once: int = 0  # the most rows decoded together
+    steps: int = 0  # decoding steps
+    refills: int = 0  # times finished rows' slots went to waiting rows (0 for the wave-by-wave backend)
+    seconds: dict[str, float] = field(default_factory=dict)  # time spent around the engine, by part
 
 
 class PopulationEngine:
-    """Batched generation for a population of LoRA adapters on one transformers causal LM."""
+    """Batched generation for a population of low-rank perturbations of one transformers causal LM."""
 
     def __init__(
         self,
@@ -50,7 +53,7 @@ class PopulationEngine:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.rows = RowState()
+        self.routing = Routing()
         self.eos_token_ids = list(eos_token_ids) or [tokenizer.eos_token_id]
         self.max_batch_rows = max_batch_rows
         self.memory_fraction = memory_fraction
@@ -61,11 +64,10 @@ class PopulationEngine:
             parent = model.get_submodule(parent_name) if parent_name else model
             wrapped = getattr(parent, child)
             if not isinstance(wrapped, PopulationLinear):
-                wrapped = PopulationLinear(linear, self.rows)
+                wrapped = PopulationLinear(linear, name, self.routing)
                 setattr(parent, child, wrapped)
+            wrapped.routing = self.routing
             self.layers[name] = wrapped
-        self.population = 0
-        self.rank = 0
         self.backend = self._choose_backend(backend)
         self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY_ON_GPU
 
@@ -75,8 +77,8 @@ class PopulationEngine:
         if name == "fused" or (name == "auto" and on_gpu and supported):
             if not supported:
                 raise ValueError(f"the fused backend does not support {self.model.config.model_type} models")
-            return fused_backend.FusedBackend(self.model, self.layers, self.pad_token_id)
-        return TransformersBackend(self.model, self.rows, self.pad_token_id)
+            return fused_backend.FusedBackend(self.model, self.layers)
+        return TransformersBackend(self.model, self.routing, self.pad_token_id)
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +87,10 @@ class PopulationEngine:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def population(self) -> int:
+        return self.routing.population
 
     @property
     def pad_token_id(self) -> int:
@@ -96,48 +102,65 @@ class PopulationEngine:
         """(in_features, out_features) of every targeted layer, in a fixed order."""
         return {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
 
-    def set_adapters(self, weights: dict[str, LowRankWeights], scale: float) -> None:
-        """Load the population's adapters (N members, rank r) into the wrapped layers."""
-        if set(weights) != set(self.layers):
-            missing = sorted(set(self.layers) - set(weights))[:3]
-            raise ValueError(f"adapters must cover every targeted layer (missing e.g. {missing})")
-        first = next(iter(weights.values()))
-        self.population, self.rank = first.A.shape[0], first.A.shape[1]
-        for name, w in weights.items():
-            layer = self.layers[name]
-            layer.lora_A = w.A.reshape(-1, w.A.shape[-1]).to(self.device, self.dtype)
-            layer.lora_B = w.B.transpose(1, 2).reshape(-1, w.B.shape[1]).to(self.device, self.dtype)
-            layer.scale = scale
-        self.backend.set_adapters(self.population, self.rank)
+    def set_factors(self, factors: dict[str, LowRankWeights], scale: float) -> None:
+        """The population's low-rank factors (N members, rank r) for every targeted layer; delta = scale · B A."""
+        if set(factors) != set(self.layers):
+            missing = sorted(set(self.layers) - set(factors))[:3]
+            raise ValueError(f"factors must cover every targeted layer (missing e.g. {missing})")
+        self.routing.load(factors, scale, self.device, self.dtype)
 
-    def clear_adapters(self) -> None:
-        for layer in self.layers.values():
-            layer.lora_A = layer.lora_B = None
-        self.population = self.rank = 0
-        self.backend.set_adapters(0, 0)
+    def clear_factors(self) -> None:
+        self.routing.clear()
 
     @torch.inference_mode()
     def generate(
         self, prompts: Sequence[Sequence[int]], members: Sequence[int] | None, params: SamplingParams,
-        on_wave: Callable[[int], object] | None = None,
+        on_rows: Callable[[int], object] | None = None,
     ) -> Generation:
-        """Every (member, prompt) row, member-major, in waves that fit the memory budget.
+        """Every (member, prompt) row, member-major, within the memory budget.
 
         `members` lists population indices to run (a share of the population, for one process
-        of several); None runs the model without adapters as a single slot. `on_wave` gets the
-        number of rows of each finished wave (a progress bar's update).
+        of several); None runs the model without perturbation as a single slot. `on_rows` gets
+        the number of rows that finished each time some did (a progress bar's update).
         """
         slots = list(members) if members is not None else [None]
         if members is not None and any(not 0 <= m < self.population for m in slots):
             raise ValueError(f"members must lie in [0, {self.population})")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if isinstance(self.backend, fused_backend.FusedBackend):
+            tokens, rows_at_once, steps, refills = self._stream(prompts, members, params, generator, on_rows)
+        else:
+            tokens, rows_at_once, steps = self._waves(prompts, members, slots, params, generator, on_rows)
+            refills = 0
+        if params.stop_strings:
+            tokens = [[trim_at_stop(self.tokenizer, t, params.stop_strings) for t in row] for row in tokens]
+        texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
+        return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills)
+
+    def _stream(self, prompts, members, params, generator, on_rows):
+        """The fused backend: every row through a fixed set of KV slots, finished rows refilled."""
+        groups = len(members) if members is not None else 1
+        capacity = max(len(p) for p in prompts) + params.max_new_tokens
+        budget = self.max_batch_rows or self._slots_in_memory(capacity, max(len(p) for p in prompts))
+        per_group = min(len(prompts), max(1, budget // groups))
+        self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids)
+        try:
+            result = stream(self.backend, groups, per_group, prompts, params, self.eos_token_ids, self.tokenizer,
+                            generator, self.sync_every, on_rows)
+        except BaseException:
+            self.backend.release()
+            raise
+        return result.tokens, groups * per_group, result.steps, result.refills
+
+    def _waves(self, prompts, members, slots, params, generator, on_rows):
+        """The transformers backend: waves of rows that fit the memory budget, one after another."""
         rows = [(slot, p) for slot in range(len(slots)) for p in range(len(prompts))]
         tokens: list[list[list[int]]] = [[[] for _ in prompts] for _ in slots]
-        generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        waves: list[int] = []
-        steps: list[int] = []
-        start = 0
         wave_rows = self._wave_rows(max(len(p) for p in prompts), params.max_new_tokens)
-        while start < len(rows):
+        steps = 0
+        for start in range(0, len(rows), wave_rows):
             wave = rows[start : start + wave_rows]
             member_ids = None if members is None else [slots[s] for s, _ in wave]
             members_tensor = None if member_ids is None else torch.as_tensor(member_ids, device=self.device)
@@ -145,13 +168,10 @@ class PopulationEngine:
                                          self.eos_token_ids, self.tokenizer, generator, self.sync_every)
             for (slot, p), out in zip(wave, outputs):
                 tokens[slot][p] = out
-            waves.append(len(wave))
-            steps.append(wave_steps)
-            start += len(wave)
-            if on_wave is not None:
-                on_wave(len(wave))
-        texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
-        return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), waves, steps)
+            steps += wave_steps
+            if on_rows is not None:
+                on_rows(len(wave))
+        return tokens, min(wave_rows, len(rows)), steps
 
     def member(self, member: int) -> AbstractContextManager:
         """Within this context a plain forward of the model runs as population member `member`."""
@@ -163,7 +183,7 @@ class PopulationEngine:
         """KL(policy ‖ reference) along the completions, summed over tokens per sequence.
 
         `policy` and `reference` make contexts in which a plain forward of the model is that model (a
-        member's adapter, or other weights swapped in). For each completion token position t:
+        member's perturbation, or other weights swapped in). For each completion token position t:
         Σ_v p(v) (log p(v) − log q(v)), with p the policy's next-token distribution.
         """
         totals, tokens = [], 0
@@ -186,6 +206,25 @@ class PopulationEngine:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return cut_at_stop(text, stop_strings)[0]
 
+    def _budget_bytes(self) -> float:
+        """Accelerator memory a generation may take (on a CPU a fixed 4 GiB)."""
+        if self.device.type != "cuda":
+            return 4 * 2**30
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        held = self.backend.held_bytes()  # the fused backend keeps its slots from the last call
+        return (free + cached + held) * self.memory_fraction  # blocks the allocator holds but no tensor uses
+
+    def _slots_in_memory(self, capacity: int, prompt_width: int) -> int:
+        """KV slots (rows decoded at once) that fit beside the prefill's and the decoding step's activations."""
+        config = self.model.config.get_text_config()
+        bytes_per = torch.finfo(self.dtype).bits // 8
+        prefill = fused_backend.PREFILL_TOKENS * (config.intermediate_size * 4 + config.hidden_size * 16
+                                                   + prompt_width) * bytes_per
+        per_row = self.backend.slot_bytes(capacity) + (config.vocab_size + config.intermediate_size * 4
+                                                       + config.hidden_size * 16) * bytes_per
+        return max(1, int((self._budget_bytes() - prefill) // per_row))
+
     def _wave_rows(self, prompt_len: int, max_new_tokens: int) -> int:
         """Rows per wave: the configured cap, else what the KV cache and logits of a row allow."""
         if self.max_batch_rows:
@@ -194,18 +233,10 @@ class PopulationEngine:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         bytes_per = torch.finfo(self.dtype).bits // 8
-        seq = prompt_len + max_new_tokens
-        kv = 2 * config.num_hidden_layers * kv_heads * head_dim * seq * bytes_per
-        # a dynamic cache is copied when it grows and when rows are dropped; the fused one is allocated once
-        copies = 1 if self.backend.preallocates else 3
-        row_bytes = copies * kv + prompt_len * config.intermediate_size * 4 * bytes_per + config.vocab_size * 8
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            budget = (free + cached) * self.memory_fraction  # blocks the allocator holds but no tensor uses
-        else:
-            budget = 4 * 2**30
-        return max(1, int(budget // row_bytes))
+        kv = 2 * config.num_hidden_layers * kv_heads * head_dim * (prompt_len + max_new_tokens) * bytes_per
+        # a dynamic cache grows and is copied when rows are dropped: about three copies at the peak
+        row_bytes = 3 * kv + prompt_len * config.intermediate_size * 4 * bytes_per + config.vocab_size * 8
+        return max(1, int(self._budget_bytes() // row_bytes))
 
 
 class _RowsAs:
@@ -217,8 +248,7 @@ class _RowsAs:
     def __enter__(self):
         engine = self.engine
         if self.member is not None:
-            engine.rows.set(torch.tensor([self.member], device=engine.device), engine.population, engine.rank,
-                            engine.dtype)
+            engine.routing.route(torch.tensor([self.member], device=engine.device), engine.dtype)
 
     def __exit__(self, *exc):
-        self.engine.rows.set(None, 0, 0, self.engine.dtype)
+        self.engine.routing.route(None, self.engine.dtype)

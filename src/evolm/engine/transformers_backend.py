@@ -1,32 +1,34 @@
-"""The reference decoding backend: any causal LM through its own forward and a DynamicCache."""
+"""The reference decoding backend: any causal LM through its own forward and a DynamicCache, in waves."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from evolm.engine.decoding import left_pad
-from evolm.engine.layer import RowState
+from evolm.engine.layer import Routing
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The forward's name for the KV cache: `cache` in newer transformers, `past_key_values` before (5.40 drops it)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class TransformersBackend:
-    """Runs the model's forward; the wrapped layers read each row's member from the shared RowState."""
+    """Runs the model's forward; the wrapped layers read each row's member from the routing object."""
 
-    preallocates = False  # the cache grows, and is copied when rows are dropped
-
-    def __init__(self, model: PreTrainedModel, rows: RowState, pad_token_id: int):
-        self.model, self.rows, self.pad_token_id = model, rows, pad_token_id
-        self.population = self.rank = 0
-
-    def set_adapters(self, population: int, rank: int) -> None:
-        self.population, self.rank = population, rank
+    def __init__(self, model: PreTrainedModel, routing: Routing, pad_token_id: int):
+        self.model, self.routing, self.pad_token_id = model, routing, pad_token_id
+        self.cache_name = cache_argument(model)
 
     def prefill(self, prompts, row_members, max_new_tokens):
         param = next(self.model.parameters())
         ids, attention = left_pad(prompts, self.pad_token_id)
         self.attention = attention.to(param.device)
         positions = (self.attention.cumsum(-1) - 1).clamp(min=0)
-        self.rows.set(row_members if self.population else None, self.population, self.rank, param.dtype)
+        self.routing.route(row_members, param.dtype)
         self.cache = DynamicCache(config=self.model.config)
         self.next_position = positions[:, -1:] + 1
         return self._forward(ids.to(param.device), positions)
@@ -40,15 +42,18 @@ class TransformersBackend:
     def keep(self, index):
         self.attention, self.next_position = self.attention[index], self.next_position[index]
         self.cache.reorder_cache(index)
-        self.rows.keep(index)
+        self.routing.keep(index)
+
+    def held_bytes(self) -> int:
+        return 0  # nothing outlives a wave
 
     def close(self):
-        self.rows.set(None, 0, 0, torch.float32)
+        self.routing.route(None, torch.float32)
         self.cache = None
 
     def _forward(self, input_ids, positions):
         output = self.model(
             input_ids=input_ids, attention_mask=self.attention, position_ids=positions,
-            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1, **{self.cache_name: self.cache},
         )
         return output.logits[:, -1, :].float()

@@ -29,5 +29,5 @@ class FullLowRankSpace(WeightSpace):
         factors = {name: LowRankWeights(A=torch.stack([n[name][0] for n in noise]),
                                         B=torch.stack([n[name][1] for n in noise]))
                    for name in self.linears}
-        self.engine.set_adapters(factors, strategy.sigma / math.sqrt(self.noise_rank))
+        self.engine.set_factors(factors, strategy.sigma / math.sqrt(self.noise_rank))
         return self.engine.generate(prompts, members, sampling)

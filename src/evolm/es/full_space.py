@@ -18,7 +18,7 @@ class FullSpace(WeightSpace):
     kind = "full"
 
     def generate_population(self, strategy, members, prompts, sampling):
-        self.engine.clear_adapters()
+        self.engine.clear_factors()
         parts, perturb_seconds = [], 0.0
         try:
             for member in members:
@@ -30,8 +30,9 @@ class FullSpace(WeightSpace):
                 parts.append(self.engine.generate(prompts, None, sampling))
         finally:
             self.write(strategy.params)
-        self.overhead = {"noise": perturb_seconds}  # drawing ε and writing θ + σε, a share of "generate"
-        return merge_generations(parts)
+        merged = merge_generations(parts)
+        merged.seconds = {"noise": perturb_seconds}  # drawing ε and writing θ + σε, a share of "generate"
+        return merged
 
     @torch.no_grad()
     def perturb(self, strategy, member: int) -> None:

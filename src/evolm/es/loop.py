@@ -172,7 +172,7 @@ class ESRun:
         fitness = distributed.gather_fitness(local, self.config.es.population, self.loaded.device)
         t2 = time.perf_counter()
         return fitness, {"generate": t1 - t0, "score": t2 - t1, "tokens": out.num_tokens, "prompts": len(indices),
-                         "overhead": self.space.overhead}
+                         "overhead": out.seconds}
 
     def evaluate_theta(self, generation: int, name: str = TEST_SET) -> tuple[dict, list[dict]]:
         """Metrics of the unperturbed θ (greedy by default) on one evaluation set, with its completions."""

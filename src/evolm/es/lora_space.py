@@ -59,11 +59,11 @@ class LoRASpace(Space):
         return params
 
     def generate_population(self, strategy, members, prompts, sampling):
-        self.engine.set_adapters(self.unflatten(strategy.ask()), self.scale)
+        self.engine.set_factors(self.unflatten(strategy.ask()), self.scale)
         return self.engine.generate(prompts, members, sampling)
 
     def generate_center(self, params, prompts, sampling):
-        self.engine.set_adapters(self.unflatten({n: p[None] for n, p in params.items()}), self.scale)
+        self.engine.set_factors(self.unflatten({n: p[None] for n, p in params.items()}), self.scale)
         return self.engine.generate(prompts, [0], sampling)
 
     def policy(self):

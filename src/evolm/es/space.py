@@ -32,8 +32,6 @@ class Space(ABC):
 
     def __init__(self, engine: PopulationEngine):
         self.engine = engine
-        # seconds of the last generate_population spent outside the engine (e.g. writing noisy weights), by part
-        self.overhead: dict[str, float] = {}
 
     @abstractmethod
     def initial_params(self, seed: int) -> dict[str, torch.Tensor]: ...
@@ -41,7 +39,8 @@ class Space(ABC):
     @abstractmethod
     def generate_population(self, strategy: EvolutionStrategy, members: Sequence[int], prompts: list[list[int]],
                             sampling: SamplingParams) -> Generation:
-        """Completions of the given members (slots in `members` order) on the prompts."""
+        """Completions of the given members (slots in `members` order) on the prompts; `seconds` holds the
+        time spent outside the engine by part (e.g. writing noisy weights), a share of the generation's time."""
 
     @abstractmethod
     def generate_center(self, params: dict[str, torch.Tensor], prompts: list[list[int]],
@@ -82,7 +81,7 @@ class WeightSpace(Space):
 
     def generate_center(self, params, prompts, sampling):
         self.write(params)
-        self.engine.clear_adapters()
+        self.engine.clear_factors()
         return self.engine.generate(prompts, None, sampling)
 
     def policy(self):
@@ -120,6 +119,6 @@ def merge_generations(parts: list[Generation]) -> Generation:
     """One Generation whose slots are the parts' single slots, in order."""
     return Generation(
         tokens=[p.tokens[0] for p in parts], texts=[p.texts[0] for p in parts],
-        num_tokens=sum(p.num_tokens for p in parts),
-        waves=[w for p in parts for w in p.waves], steps=[s for p in parts for s in p.steps],
+        num_tokens=sum(p.num_tokens for p in parts), rows_at_once=max(p.rows_at_once for p in parts),
+        steps=sum(p.steps for p in parts), refills=sum(p.refills for p in parts),
     )

@@ -64,7 +64,7 @@ def set_members(engine: PopulationEngine, adapters: list[Adapter | None]) -> Non
                 a_rows[member, : a.shape[0]] = a
                 b_rows[member, :, : b.shape[1]] = b * adapter.scale
         weights[name] = LowRankWeights(a_rows, b_rows)
-    engine.set_adapters(weights, 1.0)
+    engine.set_factors(weights, 1.0)
 
 
 class GreedyAnswers:

@@ -38,7 +38,7 @@ def correct_samples(engine: PopulationEngine, adapter: Adapter | None, task: Tas
     """For each example, its distinct sampled answers (of the base model, or with `adapter`) that the task
     scores correct, in sampling order; all samples of all examples run as one batched generation."""
     if adapter is None:
-        engine.clear_adapters()
+        engine.clear_factors()
     else:
         set_members(engine, [adapter])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,

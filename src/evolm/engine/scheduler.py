@@ -1,0 +1,99 @@
+"""Continuous refill: a whole population × prompts grid decoded as one stream through a fixed set of slots.
+
+Every member group owns `per_group` slots of the backend's KV cache. When rows finish (EOS, stop string,
+length) their slots go to the group's next waiting prompts, so a grid larger than memory never waits for
+the longest row of a wave, and uneven lengths cost the steps they need. The host looks at the rows only
+every `sync_every` steps, and rebuilds the batch (finished rows out, new rows prefilled in, the batch
+shrunk to a smaller graph bucket once nothing waits) only when enough rows finished to be worth it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from evolm.engine.decoding import STOP_CHECK_INTERVAL, STOP_WINDOW, SamplingParams, stopped, trim_at_eos
+
+REBUILD_SHARE = 1 / 32  # rebuild the batch once this share of its rows finished (or nothing is left waiting)
+
+
+@dataclass
+class StreamResult:
+    tokens: list[list[list[int]]]  # [group][prompt]
+    steps: int  # decoding steps
+    refills: int  # admissions of waiting rows after the first
+
+
+def bucket(rows: int, per_group: int) -> int:
+    """Rows a group runs in the batch: the next power of two (one CUDA graph each), at most per_group."""
+    size = 1
+    while size < rows:
+        size *= 2
+    return min(size, per_group)
+
+
+def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]], params: SamplingParams,
+           eos_token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, generator: torch.Generator,
+           sync_every: int, on_rows: Callable[[int], object] | None = None) -> StreamResult:
+    """Every (group, prompt) row through the backend's slots; tokens up to and including EOS."""
+    waiting = [deque(range(len(prompts))) for _ in range(groups)]
+    free = [list(range(g * per_group, (g + 1) * per_group))[::-1] for g in range(groups)]
+    live: list[dict[int, int]] = [{} for _ in range(groups)]  # slot -> prompt, per group
+    stopped_slots: set[int] = set()
+    tokens: list[list[list[int]]] = [[[] for _ in prompts] for _ in range(groups)]
+    refills = -1
+
+    def refill() -> None:
+        nonlocal refills
+        slots, chosen = [], []
+        for g in range(groups):
+            while free[g] and waiting[g]:
+                slot, prompt = free[g].pop(), waiting[g].popleft()
+                live[g][slot] = prompt
+                slots.append(slot)
+                chosen.append(prompts[prompt])
+        if slots:
+            backend.admit(slots, chosen, generator)
+            refills += 1
+
+    def rebuild() -> int:
+        rows = bucket(max(len(g) for g in live), per_group)
+        backend.set_batch([sorted(g) for g in live], rows)
+        return rows
+
+    refill()
+    rows = rebuild()
+    steps = 0
+    while any(live):
+        backend.decode(sync_every, generator)
+        steps += sync_every
+        slots = [s for g in live for s in g]
+        done = backend.finished(slots)
+        if params.stop_strings and steps % STOP_CHECK_INTERVAL == 0:
+            running = [s for s, d in zip(slots, done) if not d and s not in stopped_slots]
+            if running:
+                hits = stopped(tokenizer, backend.tails(running, STOP_WINDOW), params.stop_strings)
+                stopped_slots.update(s for s, hit in zip(running, hits) if hit)
+        finished = [s for s, d in zip(slots, done) if d or s in stopped_slots]
+        if not finished:
+            continue
+        still = [len(g) - sum(backend.group_of(s) == i for s in finished) for i, g in enumerate(live)]
+        nothing_waits = not any(waiting)
+        if (len(finished) < max(1, groups * rows * REBUILD_SHARE) and len(finished) < len(slots)
+                and not (nothing_waits and bucket(max(still), per_group) < rows)):
+            continue
+        for slot, row in zip(finished, backend.generated(finished)):
+            group = backend.group_of(slot)
+            tokens[group][live[group].pop(slot)] = trim_at_eos(row, eos_token_ids)
+            free[group].append(slot)
+            stopped_slots.discard(slot)
+        if on_rows is not None:
+            on_rows(len(finished))
+        refill()
+        if any(live):
+            rows = rebuild()
+    return StreamResult(tokens, steps, max(refills, 0))
