@@ -48,7 +48,7 @@ class SlowGSM8K(GSM8KTask):
 def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("search-data") / "sums.jsonl"
     rows = [{"problem": f"Tom has {a} apples and buys {b} more. How many now?", "answer": str(a + b)}
-            for a in range(8) for b in range(5)]
+            for a in range(12) for b in range(5)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -69,7 +69,7 @@ def variants(run_dir: Path):
 @pytest.fixture(scope="module")
 def pipeline_run(tiny_llama, data_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("search-runs") / "pipeline"
-    return run_search("gsm8k", overrides(tiny_llama, data_file, out), mode="pipeline")
+    return run_search("gsm8k", overrides(tiny_llama, data_file, out, "baseline=default-lora"), mode="pipeline")
 
 
 def test_pipeline_run_fills_the_run_folder(pipeline_run, tiny_llama):
@@ -89,6 +89,52 @@ def test_pipeline_run_fills_the_run_folder(pipeline_run, tiny_llama):
     assert {"mean", "std", "min", "max", "p20", "p80"} <= history[0].keys()
     summary = json.loads((pipeline_run / "results" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["best"]["fitness"] == max(v.fitness for v in rows)
+    assert summary["validation"]["fitness"] == summary["best"]["fitness"]
+
+
+def test_three_recorded_splits_share_no_row(pipeline_run, data_file):
+    records = [json.loads(line) for line in (pipeline_run / "splits.jsonl").read_text().splitlines()]
+    assert [(r["split"], len(r["rows"]), r["source"]) for r in records] == \
+        [("train", 15, str(data_file)), ("validation", 15, str(data_file)), ("test", 15, str(data_file))]
+    rows = [i for r in records for i in r["rows"]]
+    assert len(set(rows)) == 45 and sorted(rows) != list(range(45))  # disjoint, and a shuffle, not the head
+    # every variant was scored on the validation rows
+    assert all(len((pipeline_run / "variants" / str(v.id) / "completions.jsonl").read_text().splitlines()) == 15
+               for v in variants(pipeline_run))
+
+
+def test_the_test_split_scores_base_baseline_and_best_once_at_the_end(pipeline_run, tiny_llama):
+    rows = variants(pipeline_run)
+    summary = json.loads((pipeline_run / "results" / "summary.json").read_text())
+    test = json.loads((pipeline_run / "results" / "test.json").read_text())
+    assert test["variant"] == summary["best"]["id"] and test["examples"] == 15
+    assert set(test["metrics"]) == {"base", "best", "default_lora"}
+    assert summary["base"] == test["metrics"]["base"] and summary["final"] == test["metrics"]["best"]
+    assert summary["test"]["default_lora"] == test["metrics"]["default_lora"]
+    for key in ("best_vs_base", "default_lora_vs_base", "best_vs_default_lora"):
+        counts = test["comparisons"][key]
+        assert sum(v for k, v in counts.items() if k != "sign_test_p") == 15 and "sign_test_p" in counts
+    detail = test["examples_detail"]
+    assert len(detail) == 15 and {"base", "best", "default_lora", "best_correct"} <= detail[0].keys()
+
+    # the baseline: peft's default LoRA recipe, trained for the steps behind the best variant's weights
+    baseline = json.loads((pipeline_run / "results" / "baseline.json").read_text())
+    by_id = {v.id: v for v in rows}
+    best, steps = by_id[summary["best"]["id"]], 0
+    while True:
+        steps += best.metrics["steps"]
+        if best.init_from is None or not best.metrics["inherited_tensors"]:
+            break
+        best = by_id[best.init_from]
+    assert baseline["lineage_steps"] == steps == baseline["validation"]["steps"] > rows[0].metrics["steps"]
+    adapter = json.loads((pipeline_run / baseline["adapter"] / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], sorted(adapter["target_modules"])) == (16, 32, ["q_proj", "v_proj"])
+    assert baseline["genes"]["learning_rate"] == 2e-4
+
+    # a resumed finished run scores nothing again
+    stamp = (pipeline_run / "results" / "test.json").stat().st_mtime_ns
+    run_search(None, [], resume=str(pipeline_run))
+    assert (pipeline_run / "results" / "test.json").stat().st_mtime_ns == stamp
 
 
 def test_best_adapter_is_a_peft_folder(pipeline_run, tiny_llama):
@@ -108,8 +154,14 @@ def test_analyze_writes_figures_and_report(pipeline_run):
                "mutation_effectiveness.png"}
     assert figures <= {p.name for p in (pipeline_run / "analysis").iterdir()}
     text = report.read_text()
-    for heading in ("## Best variant", "## Generations", "## Mutation effectiveness", "## Survival", "![Family tree]"):
+    for heading in ("## Test split", "## Best variant", "## Generations", "## Mutation effectiveness", "## Survival",
+                    "![Family tree]"):
         assert heading in text
+    assert text.index("## Test split") < text.index("## Best variant")  # the test numbers are the headline
+    assert "Splits (`splits.jsonl`): train 15 rows, validation 15 rows, test 15 rows." in text
+    for line in ("| base model |", "| default LoRA |", "| best variant (", "| best variant ("):
+        assert line in text
+    assert "vs default LoRA |" in text and "default LoRA vs base model |" in text
     with pytest.raises(ConfigError, match="not an evolm search run folder"):
         analyze(pipeline_run / "variants")
 
@@ -151,7 +203,7 @@ def test_greedy_answers_on_the_engine_match_peft_generate(tiny_qwen):
 
     from evolm.config import ModelConfig
     from evolm.models import load_tokenizer
-    from evolm.search.fitness import GreedyAnswers
+    from evolm.search.fitness import Adapter, GreedyAnswers
 
     space = SearchSpace()
     genes = Genes(4, 2.0, 1e-3, 0.0, "qv", 1)
@@ -174,36 +226,72 @@ def test_greedy_answers_on_the_engine_match_peft_generate(tiny_qwen):
     assert answers(model, genes, prompts, 12, ()) == expected
     assert len(set(expected)) > 1
 
+    # the base model and adapters of other ranks and scales, as members of one generation, answer as alone;
+    # a saved adapter reads back as the same member
+    first = Adapter.of_model(model, genes)
+    save_adapter(model, Path(tiny_qwen).parent / "greedy-adapter")
+    assert answers.of_adapters([Adapter.of_folder(Path(tiny_qwen).parent / "greedy-adapter")], prompts, 12, ()) \
+        == [expected]
+    base = model.unload()
+    plain = [tokenizer.decode(base.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                              [0, len(prompt):], skip_special_tokens=True) for prompt in prompts]
+    other_genes = Genes(2, 0.5, 1e-3, 0.0, "attention", 1)
+    other = attach(base, other_genes, space)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    alone = answers(other, other_genes, prompts, 12, ())
+    second = Adapter.of_model(other, other_genes)
+    other.unload()
+    assert answers.of_adapters([None, first, second], prompts, 12, ()) == [plain, expected, alone]
+    assert len({tuple(plain), tuple(expected), tuple(alone)}) == 3
 
-def test_self_targets_train_on_the_base_models_own_correct_answers(tiny_llama, data_file, tmp_path):
+
+def test_self_targets_train_on_the_models_own_correct_answers_refreshed_from_the_best(tiny_llama, data_file,
+                                                                                        tmp_path):
+    from transformers import AutoTokenizer
+
     from evolm.search.targets import TARGETS_FILE
 
     out = tmp_path / "self"
     args = overrides(tiny_llama, data_file, out, "task.name=helpers.even_task:EvenLengthGSM8K",
-                     "training.targets=self", "training.self_samples=2", "training.self_temperature=1.0",
-                     "evolution.generations=1")
+                     "training.targets=self", "training.self_samples=1", "training.self_temperature=1.0",
+                     "training.refresh_targets_every=1")
     run_search("gsm8k", args, mode="pipeline")
     rows = [json.loads(line) for line in (out / TARGETS_FILE).read_text().splitlines()]
     train = [r["answers"] for r in rows if r["split"] == "train"]
-    assert len(train) == 15 and len([r for r in rows if r["split"] == "test"]) == 15
+    assert len(train) == 15 and len([r for r in rows if r["split"] == "validation"]) == 15
     answers = [a for kept in train for a in kept]
     assert answers and all(len(a) % 2 == 0 for a in answers)  # only answers the task scores correct
-    assert all(len(set(kept)) == len(kept) <= 2 for kept in train)  # distinct, at most one per sample
+    assert all(len(kept) <= 1 for kept in train)  # at most one per sample
     assert sum(not kept for kept in train) > 0  # some questions got no right answer: they are left out
-    # variants learned exactly those answers, each followed by the end-of-sequence token
-    from transformers import AutoTokenizer
+    # generation 0 learned exactly those answers, each followed by the end-of-sequence token
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    expected = sum(len(tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers)
+
+    def tokens(targets: list[list[str]]) -> int:
+        return sum(len(tokenizer(a, add_special_tokens=False).input_ids) + 1 for kept in targets for a in kept)
+
     trained = variants(out)
-    assert all(v.metrics["train_tokens"] == expected for v in trained)
+    assert all(v.metrics["train_tokens"] == tokens(train) for v in trained if v.generation == 0)
+
+    # generation 1 learned targets resampled from generation 0's best variant: right answers only, and a
+    # question it answered wrong keeps its earlier targets
+    refreshed = [json.loads(line)["answers"] for line in (out / "self_targets_gen1.jsonl").read_text().splitlines()]
+    assert len(refreshed) == 15 and refreshed != train
+    assert all(len(a) % 2 == 0 for kept in refreshed for a in kept)
+    assert all(new for new, old in zip(refreshed, train) if old)  # no question loses its targets
+    assert all(v.metrics["train_tokens"] == tokens(refreshed) for v in trained if v.generation == 1)
 
     answered = sum(bool(kept) for kept in train)
-    assert f"train split: {answered} of 15 questions have a correct sampled answer ({len(answers)} answers)" \
-        in analyze(out).read_text()
-    # resuming (here: one more generation) reads the targets instead of sampling new ones
-    stamp = (out / TARGETS_FILE).stat().st_mtime_ns
+    report = analyze(out).read_text()
+    assert f"train split: {answered} of 15 questions have a correct sampled answer ({len(answers)} answers)" in report
+    assert "refreshed from the best variant for generations 1" in report
+    # resuming reads the targets instead of sampling new ones
+    stamps = [(out / name).stat().st_mtime_ns for name in (TARGETS_FILE, "self_targets_gen1.jsonl")]
     run_search(None, [], resume=str(out))
-    assert (out / TARGETS_FILE).stat().st_mtime_ns == stamp
+    assert [(out / name).stat().st_mtime_ns for name in (TARGETS_FILE, "self_targets_gen1.jsonl")] == stamps
 
 
 def test_self_targets_with_no_right_answer_stop_with_advice(tiny_llama, data_file, tmp_path):
@@ -342,6 +430,24 @@ def test_claims_of_dead_workers_are_requeued(tmp_path):
     store.beat(second.id, "someone else")
     time.sleep(0.05)
     assert store.requeue_stale(stale_after_s=0.01) == [second.id]
+
+
+def test_the_end_of_run_stage_goes_to_one_worker_and_to_another_when_that_one_dies(tmp_path):
+    import socket
+
+    store = Store(tmp_path / "run.db")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone, alive, other = f"{socket.gethostname()}:{dead.pid}", f"{socket.gethostname()}:{os.getpid()}", "elsewhere:1"
+    assert store.claim_stage("final", gone, stale_after_s=3600) == "claimed"
+    assert store.claim_stage("final", alive, stale_after_s=3600) == "claimed"  # its process is gone: taken over
+    assert store.claim_stage("final", other, stale_after_s=3600) == "busy"
+    store.end_stage("final", alive, done=False)  # an error or Ctrl-C gives it back
+    assert store.claim_stage("final", other, stale_after_s=3600) == "claimed"
+    store.end_stage("final", alive, done=True)  # not its claim: nothing happens
+    assert store.claim_stage("final", alive, stale_after_s=3600) == "busy"
+    store.end_stage("final", other, done=True)
+    assert store.claim_stage("final", alive, stale_after_s=0) == "done"
 
 
 def test_command_line_functions(tiny_llama, data_file, tmp_path):

@@ -156,7 +156,7 @@ def test_config_validation_and_test_modes():
     assert (config.evolution.mutation_rate, config.evolution.crossover_rate) == (0.3, 0.2)
     pipeline = apply_mode(config, "pipeline")
     assert (pipeline.evolution.population, pipeline.evolution.generations, pipeline.task.train_size,
-            pipeline.task.test_size) == (3, 2, 15, 15)
+            pipeline.splits.validation_size, pipeline.task.test_size) == (3, 2, 15, 15, 15)
     quick = apply_mode(config, "quick")
     assert (quick.evolution.population, quick.evolution.keep_top, quick.task.train_size) == (2, 1, 120)
     with pytest.raises(ConfigError, match="keep_top"):
@@ -165,3 +165,11 @@ def test_config_validation_and_test_modes():
         load_config("gsm8k", base + ["evolution.popsize=6"], SearchRunConfig, presets="evolm.presets.search")
     with pytest.raises(ConfigError, match="learning_rate_bounds"):
         load_config("gsm8k", base + ["space.learning_rates=[0.5]"], SearchRunConfig, presets="evolm.presets.search")
+    with pytest.raises(ConfigError, match="refresh_targets_every resamples self-sampled targets: it needs "
+                                          "training.targets=self"):
+        load_config("gsm8k", base + ["training.refresh_targets_every=2"], SearchRunConfig,
+                    presets="evolm.presets.search")
+    with pytest.raises(ConfigError, match="splits.validation_size: Input should be greater than or equal to 1"):
+        load_config("gsm8k", base + ["splits.validation_size=0"], SearchRunConfig, presets="evolm.presets.search")
+    with pytest.raises(ConfigError, match="baseline: Input should be 'none' or 'default-lora'"):
+        load_config("gsm8k", base + ["baseline=lora"], SearchRunConfig, presets="evolm.presets.search")

@@ -1,11 +1,13 @@
 """`evolm analyze RUN_DIR`: figures and a Markdown report from a search run's database.
 
-Works on a finished or a running run (it only reads). Figures: family tree, performance timeline,
-hyperparameter heatmaps, survival, mutation effectiveness; all in RUN_DIR/analysis/.
+Works on a finished or a running run (it only reads). The report leads with the test split (base model,
+default-LoRA baseline and best variant, with sign tests) once the run has scored it. Figures: family tree,
+performance timeline, hyperparameter heatmaps, survival, mutation effectiveness; all in RUN_DIR/analysis/.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,7 +20,9 @@ from evolm.config import read_source
 from evolm.runs import atomic_write_text
 from evolm.search.outputs import best_variant
 from evolm.search.store import Store, Variant, open_search_run
-from evolm.search.targets import TARGETS_FILE, describe, read_targets
+from evolm.search.holdout import TEST_FILE
+from evolm.search.splits import SPLITS_FILE, read_records
+from evolm.search.targets import REFRESHED_FILE, TARGETS_FILE, describe, read_targets
 
 EDGE_STYLE = {"survivor": ("0.5", "-"), "mutation": ("tab:blue", "-"), "crossover": ("tab:red", "--")}
 
@@ -46,8 +50,14 @@ def analyze(run_dir: Path) -> Path:
         }
     targets_file = run.root / TARGETS_FILE
     targets = describe(read_targets(targets_file)) if targets_file.is_file() else None
+    refreshed = sorted(int(p.stem.rpartition("gen")[2]) for p in run.root.glob(REFRESHED_FILE.format(generation="*")))
+    if targets and refreshed:
+        targets.append("refreshed from the best variant for generations " + ", ".join(map(str, refreshed)))
+    test_file = run.results / TEST_FILE
+    test = json.loads(test_file.read_text()) if test_file.is_file() else None
+    splits = read_records(run.root) if (run.root / SPLITS_FILE).is_file() else None
     report = out / "report.md"
-    atomic_write_text(report, render_report(config, variants, figures, targets))
+    atomic_write_text(report, render_report(config, variants, figures, targets, test, splits))
     return report
 
 
@@ -235,15 +245,42 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
+def test_section(test: dict) -> list[str]:
+    """The headline: base model, default LoRA and best variant on the test split, and their sign tests."""
+    names = {"base": "base model", "default_lora": "default LoRA", "best": f"best variant ({test['variant']})"}
+    metrics = test["metrics"]
+    text = ["## Test split", "", f"{test['examples']} rows that took no part in training or selection, scored once "
+            "at the end (greedy).", "", _row(["model", "accuracy", "mean reward", "training"]), _row(["---"] * 4)]
+    baseline = test.get("baseline")
+    training = {"base": "-", "best": "searched",
+                "default_lora": baseline and f"r 16, alpha 32, lr 2e-4, q_proj/v_proj, {baseline['lineage_steps']} "
+                                             "steps (the best variant's lineage)"}
+    text += [_row([names[name], _num(metrics[name].get("accuracy")), _num(metrics[name]["reward"]), training[name]])
+             for name in names if name in metrics]
+    text += ["", _row(["comparison", "improvements", "regressions", "sign test p"]), _row(["---"] * 4)]
+    for key, c in test["comparisons"].items():
+        challenger, _, reference = key.partition("_vs_")
+        text.append(_row([f"{names[challenger]} vs {names[reference]}", c["improvements"], c["regressions"],
+                          _num(c["sign_test_p"], 3)]))
+    return text + [""]
+
+
 def render_report(config: dict, variants: list[Variant], figures: dict[str, str],
-                  targets: list[str] | None = None) -> str:
-    """The Markdown report; `targets` describes self-sampled training targets where the run used them."""
+                  targets: list[str] | None = None, test: dict | None = None,
+                  splits: list[dict] | None = None) -> str:
+    """The Markdown report; `targets` describes self-sampled training targets where the run used them, `test`
+    is results/test.json once the run has scored its test split, `splits` the rows of each split."""
     scored = [v for v in variants if v.state == "done"]
     evolution = config.get("evolution", {})
     total = evolution.get("population", 0) * evolution.get("generations", 0)
     text = [f"# evolm search report: {config['task']['name']} on {config['model']['name_or_path']}", "",
             f"{len(scored)} of {total} variants scored; fitness = {config['fitness']['accuracy_weight']} x accuracy "
-            f"- {config['fitness']['perplexity_weight']} x answer perplexity.", ""]
+            f"- {config['fitness']['perplexity_weight']} x answer perplexity, on the validation split.", ""]
+    if splits:
+        text += ["Splits (`splits.jsonl`): " + ", ".join(f"{r['split']} {len(r['rows'])} rows" for r in splits)
+                 + ".", ""]
+    if test:
+        text += test_section(test)
     if targets:
         text += ["Training targets: the base model's own correct answers (`training.targets=self`): "
                  + "; ".join(targets) + ".", ""]
@@ -251,7 +288,8 @@ def render_report(config: dict, variants: list[Variant], figures: dict[str, str]
     if best is None:
         return "\n".join(text + ["No variant has been scored yet."]) + "\n"
     genes = best.genes.to_dict()
-    text += ["## Best variant", "", _row(["id", "generation", *genes, "alpha", "fitness", "accuracy", "perplexity"]),
+    text += ["## Best variant (validation split)", "",
+             _row(["id", "generation", *genes, "alpha", "fitness", "accuracy", "perplexity"]),
              _row(["---"] * (len(genes) + 6)),
              _row([best.id, best.generation, *[_label(k, x) for k, x in genes.items()], best.genes.alpha,
                    _num(best.fitness), _num(best.metrics.get("accuracy")), _num(best.metrics.get("perplexity"))]),

@@ -75,6 +75,9 @@ class TrainingConfig(Section):
                                  "without the reasoning the model needs, e.g. gsm8k rows with the final number only)")
     self_samples: int = Field(4, ge=1, description="targets=self: answers sampled per question")
     self_temperature: float = Field(0.7, gt=0, description="targets=self: sampling temperature")
+    refresh_targets_every: int | None = Field(
+        None, ge=1, description="targets=self: every k generations resample the training targets from the best "
+                                "variant so far (iterated rejection sampling); None = the base model's, once")
 
 
 class FitnessConfig(Section):
@@ -85,6 +88,22 @@ class FitnessConfig(Section):
     perplexity_weight: float = Field(0.01, description="0.01 = the LoRALab formula accuracy - perplexity/100")
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1, description="prompts per batched greedy generate call")
+
+
+class SplitsConfig(Section):
+    """Train, validation and test rows. The validation split (fitness, selection) is held out of task.train;
+    so is the test split (task.test_size rows) unless task.test gives one. The test split is scored once, at
+    the end, for the best variant, the base model and the baseline. Rows are assigned by a seeded shuffle
+    and recorded in the run folder (splits.jsonl); a resumed run reuses them."""
+
+    validation_size: int | None = Field(None, ge=1, description="rows for fitness and selection; None = a tenth "
+                                        "of task.train's rows, at most 200")
+
+
+# The baseline `baseline: default-lora` trains: the common LoRA recipe (r 16, alpha 32, lr 2e-4, dropout 0.05,
+# the attention's query and value projections), for as many optimizer steps as the best variant's lineage took.
+DEFAULT_LORA = {"rank": 16, "alpha_multiplier": 2.0, "learning_rate": 2e-4, "dropout": 0.05}
+DEFAULT_LORA_MODULES = ["q_proj", "v_proj"]
 
 
 class WorkerConfig(Section):
@@ -98,14 +117,26 @@ class SearchRunConfig(RunConfig):
     evolution: EvolutionConfig = Field(default_factory=EvolutionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     fitness: FitnessConfig = Field(default_factory=FitnessConfig)
+    splits: SplitsConfig = Field(default_factory=SplitsConfig)
+    baseline: Literal["none", "default-lora"] = Field(
+        "none", description="default-lora: also train one LoRA of r=16, alpha=32, lr=2e-4, dropout 0.05 on "
+                            "q_proj/v_proj for as many steps as the best variant's lineage took, and score it "
+                            "on the test split beside the best variant and the base model")
     workers: WorkerConfig = Field(default_factory=WorkerConfig)
     eval: EvalSetsSection = Field(default_factory=EvalSetsSection,
                                   description="Sets the best variant and the base model are scored on at the end.")
 
+    @model_validator(mode="after")
+    def _refresh_needs_self_targets(self) -> "SearchRunConfig":
+        if self.training.refresh_targets_every is not None and self.training.targets != "self":
+            raise ValueError("training.refresh_targets_every resamples self-sampled targets: it needs "
+                             "training.targets=self")
+        return self
 
-MODES = {  # test modes: (population, generations, training examples, evaluation examples)
-    "quick": (2, 2, 120, 40),
-    "pipeline": (3, 2, 15, 15),
+
+MODES = {  # test modes: (population, generations, training, validation and test examples)
+    "quick": (2, 2, 120, 40, 40),
+    "pipeline": (3, 2, 15, 15, 15),
 }
 # A pipeline test checks the machinery, so it writes small adapters and takes several optimizer
 # steps (15 examples in batches of 8 x 2 would be one step, whose loss is the base model's).
@@ -117,11 +148,12 @@ def apply_mode(config: SearchRunConfig, mode: Literal["full", "quick", "pipeline
     """Shrink a run for --quick-test / --pipeline-test (the result is what config.yaml records)."""
     if mode == "full":
         return config
-    population, generations, train_size, test_size = MODES[mode]
+    population, generations, train_size, validation_size, test_size = MODES[mode]
     data = config.model_dump()
     data["evolution"].update(population=population, generations=generations,
                              keep_top=min(config.evolution.keep_top, population - 1))
     data["task"].update(train_size=train_size, test_size=test_size)
+    data["splits"]["validation_size"] = validation_size
     if mode == "pipeline":
         data["fitness"]["max_new_tokens"] = min(config.fitness.max_new_tokens, 128)
         data["space"]["ranks"] = sorted({min(rank, PIPELINE_MAX_RANK) for rank in config.space.ranks})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from evolm.adapters import lora_factors
+from evolm.adapters import lora_factors, read_peft_adapter
 from evolm.config import ModelConfig
 from evolm.engine import LowRankWeights, PopulationEngine
 from evolm.engine.decoding import SamplingParams
@@ -25,10 +27,50 @@ def fitness_value(accuracy: float, perplexity: float, config: FitnessConfig) -> 
     return config.accuracy_weight * accuracy - config.perplexity_weight * perplexity
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A trained LoRA as the engine reads it: {layer name: (A [r, in], B [out, r])} and its scale alpha / r."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scale: float
+
+    @classmethod
+    def of_model(cls, model: PeftModel, genes: Genes) -> "Adapter":
+        found = lora_factors(get_peft_model_state_dict(model))
+        return cls({name: (f["A"], f["B"]) for name, f in found.items()}, genes.alpha / genes.rank)
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> "Adapter":
+        config, factors = read_peft_adapter(folder)
+        return cls(factors, float(config["lora_alpha"]) / int(config["r"]))
+
+
+def set_members(engine: PopulationEngine, adapters: list[Adapter | None]) -> None:
+    """Make each adapter a population member of the engine (None: the base model). Ranks may differ: the
+    factors are zero-padded to the largest rank and each scale folded into its B, which leaves every
+    member's update B·A·scale unchanged; layers an adapter does not touch get zeros."""
+    shapes = engine.shapes()
+    for adapter in adapters:
+        unknown = sorted(set(adapter.factors) - set(shapes)) if adapter is not None else []
+        if unknown:
+            raise ValueError(f"the adapter has layers the engine does not target, e.g. {unknown[:3]}")
+    rank = max((a.shape[0] for adapter in adapters if adapter for a, _ in adapter.factors.values()), default=1)
+    weights = {}
+    for name, (fan_in, fan_out) in shapes.items():
+        a_rows, b_rows = torch.zeros(len(adapters), rank, fan_in), torch.zeros(len(adapters), fan_out, rank)
+        for member, adapter in enumerate(adapters):
+            if adapter is not None and name in adapter.factors:
+                a, b = adapter.factors[name]
+                a_rows[member, : a.shape[0]] = a
+                b_rows[member, :, : b.shape[1]] = b * adapter.scale
+        weights[name] = LowRankWeights(a_rows, b_rows)
+    engine.set_factors(weights, 1.0)
+
+
 class GreedyAnswers:
-    """Greedy answers of one trained variant at a time, on evolm's population engine (batched rows,
-    preallocated KV cache, finished rows dropped): a second copy of the base model whose target
-    linears read the variant's adapter, so nothing is merged into weights or written to disk."""
+    """Greedy answers of trained variants on evolm's population engine (batched rows, preallocated KV
+    cache, finished rows dropped): a second copy of the base model whose target linears read the
+    variants' adapters, so nothing is merged into weights or written to disk."""
 
     def __init__(self, config: ModelConfig, tokenizer: PreTrainedTokenizerBase, modules: list[str],
                  eos_ids: list[int], batch_rows: int):
@@ -37,16 +79,14 @@ class GreedyAnswers:
 
     def __call__(self, model: PeftModel, genes: Genes, prompts: list[list[int]], max_new_tokens: int,
                  stop: tuple[str, ...]) -> list[str]:
-        adapter = lora_factors(get_peft_model_state_dict(model))
-        weights = {}
-        for name, (fan_in, fan_out) in self.engine.shapes().items():  # layers outside the variant get zeros
-            factors = adapter.get(name, {})
-            a = factors.get("A", torch.zeros(genes.rank, fan_in))
-            b = factors.get("B", torch.zeros(fan_out, genes.rank))
-            weights[name] = LowRankWeights(a[None], b[None])
-        self.engine.set_factors(weights, genes.alpha / genes.rank)
+        return self.of_adapters([Adapter.of_model(model, genes)], prompts, max_new_tokens, stop)[0]
+
+    def of_adapters(self, adapters: list[Adapter | None], prompts: list[list[int]], max_new_tokens: int,
+                    stop: tuple[str, ...]) -> list[list[str]]:
+        """Each adapter's (None: the base model's) answers to every prompt, all in one batched generation."""
+        set_members(self.engine, adapters)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=stop)
-        return self.engine.generate(prompts, [0], params).texts[0]
+        return self.engine.generate(prompts, list(range(len(adapters))), params).texts
 
 
 @torch.inference_mode()

@@ -1,11 +1,13 @@
 """Run-folder views of the database: results/history.jsonl, results/summary.json, best_adapter/, and the
-best variant's scores on eval.sets (results/eval_sets.json)."""
+best variant's scores on eval.sets (results/eval_sets.json); summary.json also carries the end-of-run test
+split scores (results/test.json)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +16,11 @@ from evolm.evaluation import EvalOptions, evaluate_adapter
 from evolm.runs import RunDir, atomic_write_text, replace_dir
 from evolm.search.config import SearchRunConfig
 from evolm.search.evolution import Member, rank
+from evolm.search.holdout import TEST_FILE
 from evolm.search.store import Store, Variant
 from evolm.tasks.splits import EvalSet
+
+SETS_FILE = "eval_sets.json"  # under results/
 
 
 def best_variant(variants: list[Variant]) -> Variant | None:
@@ -83,22 +88,54 @@ def export_best(store: Store, run: RunDir, generations: int) -> Variant | None:
         replace_dir(temporary, target)
     summary = {
         "status": "finished" if store.finished(generations) else "running or stopped",
-        "final": {"fitness": best.fitness, "accuracy": best.metrics.get("accuracy"),
-                  "perplexity": best.metrics.get("perplexity")},
+        "validation": {"fitness": best.fitness, "accuracy": best.metrics.get("accuracy"),
+                       "perplexity": best.metrics.get("perplexity")},
         "generations_completed": len(complete_generations(store)),
         "variants_scored": sum(v.state == "done" for v in variants),
         "best": {**member_record(best), "generation": best.generation, "alpha": best.genes.alpha,
                  "adapter": str(best.adapter), "exported_to": target.name},
     }
-    atomic_write_text(run.summary_file, json.dumps(summary, indent=2, default=float) + "\n")
+    atomic_write_text(run.summary_file, json.dumps(summary | held_out_sections(run, best.id), indent=2,
+                                                   default=float) + "\n")
     return best
+
+
+def held_out_sections(run: RunDir, best_id: int) -> dict[str, Any]:
+    """The summary's parts from the end-of-run scoring of this best variant: "base" and "final" (the base
+    model's and the best variant's test-split metrics), "test" (with the baseline and the sign tests) and
+    "sets" (eval.sets); none before that scoring ran."""
+    sections: dict[str, Any] = {}
+    test = _report_of(run.results / TEST_FILE, best_id)
+    if test is not None:
+        metrics = test["metrics"]
+        sections.update(base=metrics["base"], final=metrics["best"],
+                        test={"examples": test["examples"], **metrics, "comparisons": test["comparisons"],
+                              "baseline": test.get("baseline")})
+    sets = _report_of(run.results / SETS_FILE, best_id)
+    if sets is not None:
+        sections["sets"] = {name: {"examples": r["examples"], "base": r["base_metrics"], "best": r["adapter_metrics"],
+                                   "comparison": r["comparison"], "sign_test_p": r["sign_test_p"]}
+                            for name, r in sets["sets"].items()}
+    return sections
+
+
+def _report_of(path: Path, best_id: int) -> dict | None:
+    report = json.loads(path.read_text()) if path.is_file() else None
+    return report if report is not None and report.get("variant") == best_id else None
+
+
+def update_summary(run: RunDir, best_id: int) -> None:
+    """Add the held-out sections of this best variant to results/summary.json."""
+    summary = json.loads(run.summary_file.read_text())
+    atomic_write_text(run.summary_file, json.dumps(summary | held_out_sections(run, best_id), indent=2,
+                                                   default=float) + "\n")
 
 
 def score_best_on_sets(run: RunDir, config: SearchRunConfig, best: Variant, sets: list[EvalSet]) -> dict:
     """Score the best variant's adapter and the base model (one batched generation per set, greedy, as the
     fitness evaluation generates) on eval.sets: the full report in results/eval_sets.json, the metrics in
     summary.json under "sets". Skipped when that variant was already scored on these sets (a resumed run)."""
-    report_file = run.results / "eval_sets.json"
+    report_file = run.results / SETS_FILE
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     if report.get("variant") != best.id or set(report["sets"]) != {s.name for s in sets}:
         options = EvalOptions(task=config.task.name, model=config.model.name_or_path,
@@ -106,9 +143,5 @@ def score_best_on_sets(run: RunDir, config: SearchRunConfig, best: Variant, sets
                               dtype=config.model.dtype, task_options=config.task.options or None)
         report = {"variant": best.id, **evaluate_adapter(run.best_adapter_dir, options, compare=True, sets=sets)}
         atomic_write_text(report_file, json.dumps(report, indent=2, default=float) + "\n")
-    summary = json.loads(run.summary_file.read_text())
-    summary["sets"] = {name: {"examples": r["examples"], "base": r["base_metrics"], "best": r["adapter_metrics"],
-                              "comparison": r["comparison"], "sign_test_p": r["sign_test_p"]}
-                       for name, r in report["sets"].items()}
-    atomic_write_text(run.summary_file, json.dumps(summary, indent=2, default=float) + "\n")
+    update_summary(run, best.id)
     return report

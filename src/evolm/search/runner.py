@@ -7,11 +7,12 @@ claims pending variants from the database, and whoever finds a generation comple
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -26,17 +27,27 @@ from evolm.runs import (
     refuse_busy_dir,
     refuse_ignored_resume_arguments,
 )
-from evolm.scoring import render
-from evolm.search.config import SearchRunConfig, apply_mode
-from evolm.search.data import encode
+from evolm.scoring import headline_metric, render
+from evolm.search.config import DEFAULT_LORA_MODULES, SearchRunConfig, TrainingConfig, apply_mode
+from evolm.search.data import Encoded, encode
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
-from evolm.search.fitness import GreedyAnswers, score_variant
-from evolm.search.outputs import best_variant, export_best, score_best_on_sets, write_history
+from evolm.search.fitness import Adapter, GreedyAnswers, score_variant
+from evolm.search.genes import Genes
+from evolm.search.holdout import (
+    BASELINE_FILE,
+    TEST_FILE,
+    baseline_plan,
+    lineage_steps,
+    test_report,
+    with_baseline_set,
+)
+from evolm.search.outputs import best_variant, export_best, score_best_on_sets, update_summary, write_history
+from evolm.search.splits import Splits, plan_splits, record_splits, recorded_splits
 from evolm.search.store import Store, Variant, open_search_run, worker_name
-from evolm.search.targets import self_targets
+from evolm.search.targets import refreshed_targets, self_targets
 from evolm.search.training import attach, check_target_modules, inherit, save_adapter, train
 from evolm.tasks import Example, Task, load_task
-from evolm.tasks.splits import load_eval_sets, load_splits
+from evolm.tasks.splits import load_eval_sets
 
 PRESETS = "evolm.presets.search"
 # what a resumed run may change; new eval.sets on a finished run score its best variant on them
@@ -59,22 +70,26 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
         config = apply_mode(load_config(config_source, overrides, SearchRunConfig, presets=PRESETS), mode)
         refuse_busy_dir(Path(config.output_dir), overwrite)
     task = load_task(config.task.name, config.task.options)
-    train_examples, test_examples = load_splits(task, config.task, hold_out=True,
-                                                needs_references=config.training.targets == "reference")
+    splits = recorded_splits(task, run.root) if resume is not None else plan_splits(task, config)
     eval_sets = load_eval_sets(task, config.task, config.eval.sets)
     check_model(config.model)
     if resume is None:
         run = RunDir.create(config.output_dir, overwrite)
         atomic_write_text(run.config_file, dump_config(config))
+        record_splits(run.root, splits)
     with run.lock(shared=True), log_to_file(run.logs / "search.log", echo=True):  # workers share a run
+        log.info("splits: %s", ", ".join(f"{r['split']} {len(r['rows'])} rows" for r in splits.records))
         store = Store(run.database)
         try:
-            Worker(config, run, store, task, train_examples, test_examples).run()
+            worker = Worker(config, run, store, task, splits)
+            worker.run()
             write_history(store, run)
             best = export_best(store, run, config.evolution.generations)
             if best is not None and store.finished(config.evolution.generations):
                 log.info("run complete: best variant %d (fitness %.4f) exported to %s", best.id, best.fitness,
                          run.best_adapter_dir)
+                worker.finish(best)
+                del worker
                 if eval_sets:
                     release_memory()  # the worker's models are gone; the scoring loads the base model once
                     score_best_on_sets(run, config, best, eval_sets)
@@ -99,12 +114,13 @@ def _resumed_config(run: RunDir, overrides: list[str], mode: str) -> SearchRunCo
 class Worker:
     """One process's share of a run: claim a variant, train it, score it, record it; repeat."""
 
-    def __init__(self, config: SearchRunConfig, run: RunDir, store: Store, task: Task,
-                 train_examples: list[Example], test_examples: list[Example]):
-        self.config, self.run_dir, self.store, self.task = config, run, store, task
-        self.train_examples, self.test_examples = train_examples, test_examples
+    def __init__(self, config: SearchRunConfig, run: RunDir, store: Store, task: Task, splits: Splits):
+        self.config, self.run_dir, self.store, self.task, self.splits = config, run, store, task, splits
+        self.space = with_baseline_set(config.space) if config.baseline != "none" else config.space
         self.name = worker_name()
         self.loaded: LoadedModel | None = None
+        self.targets: dict[int, list[list[str]]] = {}  # training targets by the generation they start at
+        self.train_rows: dict[int, list[Encoded]] = {}
         self.started = time.time()
 
     def run(self) -> None:
@@ -135,40 +151,74 @@ class Worker:
         return next_generation(previous, evolution, space, rng, seen)
 
     def _load(self) -> LoadedModel:
-        """The base model, tokenizer and encoded data, on first use (a finished run needs none)."""
+        """The base model, tokenizer and validation data, on first use (a finished run needs none)."""
         if self.loaded is None:
             self.loaded = load_model(self.config.model)
-            check_target_modules(self.loaded.model, self.config.space)
-            tokenizer, max_length = self.loaded.tokenizer, self.config.training.max_length
-            self.test_prompts = [render(tokenizer, ex)[-max_length:] for ex in self.test_examples]
-            modules = sorted({m for names in self.config.space.target_modules.values() for m in names})
+            check_target_modules(self.loaded.model, self.space)
+            tokenizer = self.loaded.tokenizer
+            self.validation_prompts = self._prompts(self.splits.validation)
+            modules = sorted({m for names in self.space.target_modules.values() for m in names})
             self.answer = GreedyAnswers(self.config.model, tokenizer, modules,
                                         eos_token_ids(self.loaded.model, tokenizer), self.config.fitness.batch_size)
-            train_pairs, test_pairs = self._targets()
-            self.train_rows = encode(tokenizer, train_pairs, max_length, tokenizer.eos_token_id)
-            self.test_rows = encode(tokenizer, test_pairs, max_length, None)
+            train_pairs, validation_pairs = self._base_targets()
+            self.train_rows[0] = self._encode(train_pairs, tokenizer.eos_token_id)
+            self.validation_rows = self._encode(validation_pairs, None)
         return self.loaded
 
-    def _targets(self) -> tuple[list[tuple[Example, str]], list[tuple[Example, str]]]:
+    def _prompts(self, examples: list[Example]) -> list[list[int]]:
+        return [render(self.loaded.tokenizer, ex)[-self.config.training.max_length:] for ex in examples]
+
+    def _encode(self, pairs: list[tuple[Example, str]], eos: int | None) -> list[Encoded]:
+        return encode(self.loaded.tokenizer, pairs, self.config.training.max_length, eos)
+
+    def _base_targets(self) -> tuple[list[tuple[Example, str]], list[tuple[Example, str]]]:
         """(example, answer) pairs to train on and to measure answer perplexity on: the task's reference
         answers, or with targets=self every distinct correct sampled answer for training and the first
-        one for perplexity (evaluation questions without one count for accuracy only)."""
+        one for perplexity (validation questions without one count for accuracy only)."""
+        train, validation = self.splits.train, self.splits.validation
         if self.config.training.targets == "reference":
-            return ([(ex, self.task.answer_text(ex)) for ex in self.train_examples],
-                    [(ex, self.task.answer_text(ex)) for ex in self.test_examples])
-        tokenizer, max_length = self.loaded.tokenizer, self.config.training.max_length
-        splits = {"train": self.train_examples, "test": self.test_examples}
-        prompts = {"train": [render(tokenizer, ex)[-max_length:] for ex in self.train_examples],
-                   "test": self.test_prompts}
-        found = self_targets(self.run_dir.root, self.answer.engine, self.task, splits, prompts, self.config.training,
-                             self.config.fitness.max_new_tokens, self.config.seed)
-        return ([(ex, answer) for ex, answers in zip(self.train_examples, found["train"]) for answer in answers],
-                [(ex, answers[0]) for ex, answers in zip(self.test_examples, found["test"]) if answers])
+            return ([(ex, self.task.answer_text(ex)) for ex in train],
+                    [(ex, self.task.answer_text(ex)) for ex in validation])
+        found = self_targets(self.run_dir.root, self.answer.engine, self.task,
+                             {"train": train, "validation": validation},
+                             {"train": self._prompts(train), "validation": self.validation_prompts},
+                             self.config.training, self.config.fitness.max_new_tokens, self.config.seed)
+        self.targets[0] = found["train"]
+        return (_pairs(train, found["train"]),
+                [(ex, answers[0]) for ex, answers in zip(validation, found["validation"]) if answers])
+
+    def _rows_for(self, generation: int) -> list[Encoded]:
+        """The encoded training rows of a generation: the base targets, or with
+        training.refresh_targets_every = k those last refreshed at a multiple of k."""
+        every = self.config.training.refresh_targets_every
+        start = generation // every * every if every else 0
+        if start not in self.train_rows:
+            self.train_rows[start] = self._encode(_pairs(self.splits.train, self._refreshed(start)),
+                                                  self.loaded.tokenizer.eos_token_id)
+        return self.train_rows[start]
+
+    def _refreshed(self, start: int) -> list[list[str]]:
+        """Training targets from generation `start` (a multiple of k) on, sampled from the best variant of
+        the generations before it; every variant of those is scored, since generation `start` exists."""
+        if start not in self.targets:
+            previous = self._refreshed(start - self.config.training.refresh_targets_every)
+            best = best_variant([v for v in self.store.variants() if v.generation < start])
+            log.info("generation %d: training targets resampled from variant %d", start, best.id)
+            self.targets[start] = refreshed_targets(
+                self.run_dir.root, start, self.answer.engine, Adapter.of_folder(self.run_dir.root / best.adapter),
+                self.task, self.splits.train, self._prompts(self.splits.train), previous, self.config.training,
+                self.config.fitness.max_new_tokens, self.config.seed)
+        return self.targets[start]
 
     def process(self, variant: Variant) -> None:
         """Train and score a claimed variant; on any error or Ctrl-C the claim goes back to the queue."""
         try:
-            metrics, folder = self._train_and_score(variant)
+            self._load()
+            seed = (self.config.seed * 1_000_003 + variant.id) % 2**31  # its own stream: a retry retrains it alike
+            donor = self.store.get(variant.init_from) if variant.init_from is not None else None
+            metrics, folder = self._train_and_score(
+                variant.genes, seed, donor, Path("variants") / str(variant.id), self._rows_for(variant.generation),
+                self.config.training, lambda: self.store.beat(variant.id, self.name))
         except BaseException as exc:
             self.store.release(variant.id, self.name)
             if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -184,40 +234,88 @@ class Worker:
             return
         self._report(self.store.get(variant.id))
 
-    def _train_and_score(self, variant: Variant) -> tuple[dict, Path]:
-        loaded = self._load()
-        config = self.config
-        seed = (config.seed * 1_000_003 + variant.id) % 2**31  # its own stream: a retry retrains it identically
+    def _train_and_score(self, genes: Genes, seed: int, donor: Variant | None, where: Path, rows: list[Encoded],
+                         training: TrainingConfig, beat: Callable[[], None]) -> tuple[dict, Path]:
+        """Train an adapter of `genes` (from the donor's weights where shapes allow) on `rows`, save it to
+        where/adapter, score it on the validation split and write where/completions.jsonl."""
+        loaded, config = self.loaded, self.config
         torch.manual_seed(seed)
-        model = attach(loaded.model, variant.genes, config.space)
+        model = attach(loaded.model, genes, self.space)
         last_beat = [time.time()]
 
         def heartbeat() -> None:
             if time.time() - last_beat[0] > 10:
-                self.store.beat(variant.id, self.name)
+                beat()
                 last_beat[0] = time.time()
 
         try:
             inherited = 0
-            if variant.init_from is not None:
-                donor = self.store.get(variant.init_from)
-                inherited = inherit(model, self.run_dir.root / donor.adapter, donor.genes, variant.genes)
+            if donor is not None:
+                inherited = inherit(model, self.run_dir.root / donor.adapter, donor.genes, genes)
             start = time.time()
-            stats = train(model, self.train_rows, variant.genes, config.training, seed=seed,
-                          pad_id=loaded.tokenizer.pad_token_id, device=loaded.device, heartbeat=heartbeat)
-            folder = Path("variants") / str(variant.id) / "adapter"
+            stats = train(model, rows, genes, training, seed=seed, pad_id=loaded.tokenizer.pad_token_id,
+                          device=loaded.device, heartbeat=heartbeat)
+            folder = where / "adapter"
             save_adapter(model, self.run_dir.root / folder)
             trained = time.time()
             heartbeat()
-            metrics, samples = score_variant(model, variant.genes, self.answer, self.task, self.test_examples,
-                                             self.test_prompts, self.test_rows, config.fitness, config.training,
-                                             loaded.tokenizer.pad_token_id)
+            metrics, samples = score_variant(model, genes, self.answer, self.task, self.splits.validation,
+                                             self.validation_prompts, self.validation_rows, config.fitness,
+                                             config.training, loaded.tokenizer.pad_token_id)
         finally:
             loaded.model = model.unload()
-        atomic_write_text(self.run_dir.root / folder.parent / "completions.jsonl",
+        atomic_write_text(self.run_dir.root / where / "completions.jsonl",
                           "".join(json.dumps(s) + "\n" for s in samples))
         metrics.update(stats, inherited_tensors=inherited, train_s=trained - start, eval_s=time.time() - trained)
         return metrics, folder
+
+    def finish(self, best: Variant) -> None:
+        """Once per run, by whichever worker claims it: train the baseline (baseline: default-lora) and score
+        the test split for the base model, the best variant and the baseline together (results/test.json)."""
+        if _report_names(self.run_dir.results / TEST_FILE, best.id):
+            return
+        claim = self.store.claim_stage("final", self.name, self.config.workers.stale_after_s)
+        if claim != "claimed":
+            log.info("the test split is %s", "scored" if claim == "done" else "being scored by another worker")
+            return
+        try:
+            self._load()
+            beat = functools.partial(self.store.beat_stage, "final", self.name)
+            baseline = self._baseline(best, beat) if self.config.baseline != "none" else None
+            adapters = {"base": None, "best": Adapter.of_folder(self.run_dir.root / best.adapter)}
+            if baseline is not None:
+                adapters["default_lora"] = Adapter.of_folder(self.run_dir.root / baseline["adapter"])
+            texts = self.answer.of_adapters(list(adapters.values()), self._prompts(self.splits.test),
+                                            self.config.fitness.max_new_tokens, self.task.stop_strings)
+            report = test_report(self.task, self.splits.test, dict(zip(adapters, texts, strict=True)))
+            atomic_write_text(self.run_dir.results / TEST_FILE, json.dumps(
+                {"variant": best.id, "baseline": baseline, **report}, indent=2, default=float) + "\n")
+        except BaseException:
+            self.store.end_stage("final", self.name, done=False)
+            raise
+        self.store.end_stage("final", self.name, done=True)
+        update_summary(self.run_dir, best.id)
+        metrics = report["metrics"]
+        log.info("test split (%d rows): %s", report["examples"], "; ".join(
+            f"{name} {'%s %.4f' % headline_metric(m)}" for name, m in metrics.items()))
+
+    def _baseline(self, best: Variant, beat: Callable[[], None]) -> dict:
+        """Train the default LoRA for the steps of the best variant's lineage (on the base targets) and score
+        it on the validation split; results/baseline.json records it, so a retried stage does not retrain."""
+        record_file = self.run_dir.results / BASELINE_FILE
+        if _report_names(record_file, best.id):
+            return json.loads(record_file.read_text())
+        steps = lineage_steps(self.store.variants(), best)
+        genes, training = baseline_plan(steps, len(self.train_rows[0]), self.config.training)
+        log.info("baseline: default LoRA (rank 16, alpha 32, lr 2e-4, q_proj/v_proj) for %d steps, as the best "
+                 "variant's lineage took", steps)
+        seed = (self.config.seed * 1_000_003 - 1) % 2**31  # a stream no variant uses
+        metrics, folder = self._train_and_score(genes, seed, None, Path("baseline"), self.train_rows[0], training,
+                                                beat)
+        record = {"variant": best.id, "lineage_steps": steps, "genes": genes.to_dict(),
+                  "modules": DEFAULT_LORA_MODULES, "adapter": str(folder), "validation": metrics}
+        atomic_write_text(record_file, json.dumps(record, indent=2, default=float) + "\n")
+        return record
 
     def _report(self, v: Variant) -> None:
         lineage = "" if v.origin == "initial" else f" ({v.origin} of {'+'.join(map(str, v.parents))}" + (
@@ -234,3 +332,12 @@ class Worker:
                  "n/a" if accuracy is None else f"{accuracy:.3f}", v.metrics["reward"], v.metrics["perplexity"],
                  v.metrics["train_loss"], v.metrics["train_s"], v.metrics["eval_s"], best.id, best.fitness,
                  len(done), total, elapsed * (total - len(done)) / 60)
+
+
+def _pairs(examples: list[Example], targets: list[list[str]]) -> list[tuple[Example, str]]:
+    return [(ex, answer) for ex, answers in zip(examples, targets, strict=True) for answer in answers]
+
+
+def _report_names(path: Path, best_id: int) -> bool:
+    """True when the results file at `path` exists and was written for this best variant."""
+    return path.is_file() and json.loads(path.read_text()).get("variant") == best_id

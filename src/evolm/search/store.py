@@ -45,6 +45,15 @@ CREATE TABLE IF NOT EXISTS variants (
     UNIQUE (generation, slot)
 )
 """
+# work done once per run after the last generation (the baseline, the test split), claimed like a variant
+STAGES = """
+CREATE TABLE IF NOT EXISTS stages (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('running', 'done')),
+    worker TEXT,
+    heartbeat REAL
+)
+"""
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute(SCHEMA)
+        self.db.execute(STAGES)
 
     def close(self) -> None:
         self.db.close()
@@ -191,10 +201,37 @@ class Store:
         """Claims of dead workers back to pending; returns their variant ids."""
         with self.transaction() as db:
             rows = db.execute("SELECT id, worker, heartbeat FROM variants WHERE state = 'running'").fetchall()
-            stale = [r["id"] for r in rows
-                     if _process_gone(r["worker"] or "") or time.time() - (r["heartbeat"] or 0) > stale_after_s]
+            stale = [r["id"] for r in rows if _stale(r, stale_after_s)]
             db.executemany("UPDATE variants SET state = 'pending', worker = NULL WHERE id = ?", [(i,) for i in stale])
         return stale
+
+    # --- stages: once-per-run work after the last generation
+
+    def claim_stage(self, name: str, worker: str, stale_after_s: float) -> str:
+        """'claimed' (it is `worker`'s to do), 'done', or 'busy' (a live worker holds it). A claim of a dead
+        or silent worker is taken over."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM stages WHERE name = ?", (name,)).fetchone()
+            if row is not None and (row["state"] == "done" or not _stale(row, stale_after_s)):
+                return row["state"] if row["state"] == "done" else "busy"
+            db.execute("INSERT OR REPLACE INTO stages (name, state, worker, heartbeat) VALUES (?, 'running', ?, ?)",
+                       (name, worker, time.time()))
+        return "claimed"
+
+    def beat_stage(self, name: str, worker: str) -> None:
+        self.db.execute("UPDATE stages SET heartbeat = ? WHERE name = ? AND worker = ?", (time.time(), name, worker))
+
+    def end_stage(self, name: str, worker: str, done: bool) -> None:
+        """Mark a claimed stage done, or (done=False: an error, Ctrl-C) give it back."""
+        if done:
+            self.db.execute("UPDATE stages SET state = 'done' WHERE name = ? AND worker = ?", (name, worker))
+        else:
+            self.db.execute("DELETE FROM stages WHERE name = ? AND worker = ? AND state = 'running'", (name, worker))
+
+
+def _stale(row: sqlite3.Row, stale_after_s: float) -> bool:
+    """A running claim whose worker process is gone or has sent no heartbeat for stale_after_s."""
+    return _process_gone(row["worker"] or "") or time.time() - (row["heartbeat"] or 0) > stale_after_s
 
 
 def _variant(row: sqlite3.Row) -> Variant:

@@ -29,9 +29,8 @@ def load_splits(task: Task, config: TaskConfig, *, hold_out: bool,
     base or final metric at all.
     `needs_references`: the run learns the task's reference answers, so the task must provide them.
     """
-    if needs_references and not callable(getattr(task, "answer_text", None)):
-        raise TaskError(f"task '{config.name}' has no reference answers (an answer_text(example) method), "
-                        "which supervised fine-tuning on references needs; training.targets=self needs none")
+    if needs_references:
+        check_references(task, config)
     train = task.load_split("train", config.train)
     if hold_out and config.test is None and config.train is not None:
         held_out = config.test_size or max(1, min(200, len(train) // 10))
@@ -48,6 +47,13 @@ def load_splits(task: Task, config: TaskConfig, *, hold_out: bool,
         raise TaskError(f"task '{config.name}': the test split is empty ({config.test or 'built-in'}); give "
                         "task.test a source with examples")
     return train, test
+
+
+def check_references(task: Task, config: TaskConfig) -> None:
+    """A run that learns the task's reference answers needs a task that gives them."""
+    if not callable(getattr(task, "answer_text", None)):
+        raise TaskError(f"task '{config.name}' has no reference answers (an answer_text(example) method), "
+                        "which supervised fine-tuning on references needs; training.targets=self needs none")
 
 
 def load_eval_sets(task: Task, config: TaskConfig, sets: dict[str, EvalSetConfig]) -> list[EvalSet]:
