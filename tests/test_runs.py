@@ -271,14 +271,14 @@ def test_runs_list_names_paths_relative_to_the_root_and_refuses_a_missing_root(t
         list_runs(tmp_path / "missing")
 
 
-def test_load_splits_without_hold_out_reads_each_split_from_its_source():
+def test_load_splits_reads_each_split_from_its_source():
     task = NumberedTask()
     config = TaskConfig(name="numbered", train="a.jsonl", train_size=3, test_size=2)
-    train, test = load_splits(task, config, hold_out=False)
+    train, test = load_splits(task, config)
     assert prompts(train) == ["a.jsonl 0", "a.jsonl 1", "a.jsonl 2"] and prompts(test) == ["test 0", "test 1"]
-    assert load_splits(NumberedTask(), TaskConfig(name="numbered"), hold_out=False)[1]  # built-in test split
+    assert load_splits(NumberedTask(), TaskConfig(name="numbered"))[1]  # built-in test split
     with pytest.raises(TaskError, match="task 'numbered': the training split is empty"):
-        load_splits(NumberedTask(records=0), TaskConfig(name="numbered"), hold_out=False)
+        load_splits(NumberedTask(records=0), TaskConfig(name="numbered"))
 
 
 def test_an_empty_test_split_is_an_error_not_a_run_without_metrics(tmp_path):
@@ -287,19 +287,4 @@ def test_an_empty_test_split_is_an_error_not_a_run_without_metrics(tmp_path):
     task = NumberedTask()
     task.load_split = lambda split, source: [] if source == str(empty) else [Example("x")]
     with pytest.raises(TaskError, match=f"the test split is empty \\({empty}\\); give task.test"):
-        load_splits(task, TaskConfig(name="numbered", test=str(empty)), hold_out=False)
-
-
-def test_load_splits_with_hold_out_keeps_the_last_records_of_a_local_file_for_evaluation():
-    config = TaskConfig(name="numbered", train="a.jsonl", test_size=3)
-    train, test = load_splits(NumberedTask(), config, hold_out=True)
-    assert prompts(train) == [f"a.jsonl {i}" for i in range(7)]
-    assert prompts(test) == ["a.jsonl 7", "a.jsonl 8", "a.jsonl 9"]
-    default = load_splits(NumberedTask(records=40), TaskConfig(name="numbered", train="a.jsonl"), hold_out=True)
-    assert [len(split) for split in default] == [36, 4]  # a tenth held out
-    given = TaskConfig(name="numbered", train="a.jsonl", test="b.jsonl", test_size=2)
-    assert prompts(load_splits(NumberedTask(), given, hold_out=True)[1]) == ["b.jsonl 0", "b.jsonl 1"]
-    with pytest.raises(TaskError, match="leave nothing to train on"):
-        load_splits(NumberedTask(records=3), config, hold_out=True)
-    with pytest.raises(TaskError, match="has no reference answers"):
-        load_splits(NumberedTask(), config, hold_out=True, needs_references=True)
+        load_splits(task, TaskConfig(name="numbered", test=str(empty)))

@@ -401,7 +401,7 @@ def run_grpo(config_source: str | None, overrides: list[str], *, resume: str | N
     """Validate, load data and the model; only then create (or continue) the run folder; train; summarise."""
     config, run, changes = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
     task = load_task(config.task.name, config.task.options)
-    train, test = load_splits(task, config.task, hold_out=False)
+    train, test = load_splits(task, config.task)
     eval_sets = load_eval_sets(task, config.task, config.eval.sets)
     if config.eval.keep_best == TEST_SET and not test:
         raise ConfigError("eval.keep_best=test, but the run has no test examples (task.test)")

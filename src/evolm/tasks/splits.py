@@ -18,28 +18,14 @@ class EvalSet:
     examples: list[Example]
 
 
-def load_splits(task: Task, config: TaskConfig, *, hold_out: bool,
-                needs_references: bool = False) -> tuple[list[Example], list[Example]]:
-    """Training and evaluation examples, cut to task.train_size / task.test_size.
+def load_splits(task: Task, config: TaskConfig) -> tuple[list[Example], list[Example]]:
+    """Training and evaluation examples, each from its own source, cut to task.train_size / task.test_size.
 
-    `hold_out`: the run cannot do without an evaluation split (search scores every variant on it),
-    so with a local training source and no test source the last test_size records (default: a
-    tenth, at most 200) are held out of training for it. Without `hold_out` each split comes from
-    its own source. Either split empty is a TaskError: a run without test examples would report no
-    base or final metric at all.
-    `needs_references`: the run learns the task's reference answers, so the task must provide them.
+    Either split empty is a TaskError: a run without test examples would report no base or final metric
+    at all. (`evolm search` holds its validation and test rows out of one source: search/splits.py.)
     """
-    if needs_references:
-        check_references(task, config)
     train = task.load_split("train", config.train)
-    if hold_out and config.test is None and config.train is not None:
-        held_out = config.test_size or max(1, min(200, len(train) // 10))
-        if held_out >= len(train):
-            raise TaskError(f"{config.train}: {len(train)} records leave nothing to train on after holding out "
-                            f"{held_out} for evaluation; set task.test or a smaller task.test_size")
-        train, test = train[:-held_out], train[-held_out:]
-    else:
-        test = task.load_split("test", config.test)
+    test = task.load_split("test", config.test)
     train, test = train[: config.train_size], test[: config.test_size]
     if not train:
         raise TaskError(f"task '{config.name}': the training split is empty ({config.train or 'built-in'})")
