@@ -223,7 +223,7 @@ class FusedBackend:
         self.batch_rows = per_group
         self.batch_slots = torch.as_tensor(rows, dtype=torch.long, device=device)
         if self.pool is not None:
-            graph, slots = self._graph(per_group)
+            _, slots = self._graph(per_group)
             slots.copy_(self.batch_slots)
 
     @torch.inference_mode()
