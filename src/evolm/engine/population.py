@@ -115,13 +115,15 @@ class PopulationEngine:
     @torch.inference_mode()
     def generate(
         self, prompts: Sequence[Sequence[int]], members: Sequence[int] | None, params: SamplingParams,
-        on_rows: Callable[[int], object] | None = None,
+        on_rows: Callable[[int], object] | None = None, keep_slots: bool = False,
     ) -> Generation:
         """Every (member, prompt) row, member-major, within the memory budget.
 
         `members` lists population indices to run (a share of the population, for one process
         of several); None runs the model without perturbation as a single slot. `on_rows` gets
-        the number of rows that finished each time some did (a progress bar's update).
+        the number of rows that finished each time some did (a progress bar's update). The fused
+        backend's KV slots (most of the free accelerator memory) are freed afterwards unless
+        `keep_slots`: a caller about to generate the same layout again keeps them and their CUDA graphs.
         """
         slots = list(members) if members is not None else [None]
         if members is not None and any(not 0 <= m < self.population for m in slots):
@@ -130,7 +132,8 @@ class PopulationEngine:
             raise ValueError("every prompt needs at least one token")
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if isinstance(self.backend, fused_backend.FusedBackend):
-            tokens, rows_at_once, steps, refills = self._stream(prompts, members, params, generator, on_rows)
+            tokens, rows_at_once, steps, refills = self._stream(prompts, members, params, generator, on_rows,
+                                                                keep_slots)
         else:
             tokens, rows_at_once, steps = self._waves(prompts, members, slots, params, generator, on_rows)
             refills = 0
@@ -139,7 +142,7 @@ class PopulationEngine:
         texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
         return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills)
 
-    def _stream(self, prompts, members, params, generator, on_rows):
+    def _stream(self, prompts, members, params, generator, on_rows, keep_slots):
         """The fused backend: every row through a fixed set of KV slots, finished rows refilled."""
         groups = len(members) if members is not None else 1
         capacity = max(len(p) for p in prompts) + params.max_new_tokens
@@ -152,6 +155,8 @@ class PopulationEngine:
         except BaseException:
             self.backend.release()
             raise
+        if not keep_slots:
+            self.backend.release()
         return result.tokens, groups * per_group, result.steps, result.refills
 
     def _waves(self, prompts, members, slots, params, generator, on_rows):

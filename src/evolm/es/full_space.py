@@ -21,13 +21,14 @@ class FullSpace(WeightSpace):
         self.engine.clear_factors()
         parts, perturb_seconds = [], 0.0
         try:
-            for member in members:
+            for i, member in enumerate(members):
                 start = time.perf_counter()
                 self.perturb(strategy, member)
                 if self.engine.device.type == "cuda":
                     torch.cuda.synchronize(self.engine.device)
                 perturb_seconds += time.perf_counter() - start
-                parts.append(self.engine.generate(prompts, None, sampling))
+                # members one after another share one slot layout: keep it (and its CUDA graphs) until the last
+                parts.append(self.engine.generate(prompts, None, sampling, keep_slots=i + 1 < len(members)))
         finally:
             self.write(strategy.params)
         merged = merge_generations(parts)
