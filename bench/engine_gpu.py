@@ -201,7 +201,7 @@ def setup(args, dtype: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required="--history" not in __import__("sys").argv)
+    ap.add_argument("--model", help="model folder (needed for everything but --history)")
     ap.add_argument("--data", help="the paper's countdown.json (its first --prompts records); default the built-in "
                                    "generator")
     ap.add_argument("--prompts", type=int, default=200, help="training prompts per member (the paper: 200)")
@@ -226,9 +226,11 @@ def main() -> None:
     ap.add_argument("--peak-flops", type=float, help="roofline FLOP/s (overrides the device table)")
     ap.add_argument("--peak-bytes", type=float, help="roofline memory bytes/s (overrides the device table)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
-    if "--history" in __import__("sys").argv:
-        return tail_row(ap.parse_known_args()[0].history)
     args = ap.parse_args()
+    if args.history:
+        return tail_row(args.history)
+    if not args.model:
+        ap.error("--model is required (except with --history)")
     if args.reference_members < 1:
         ap.error("--reference-members must be at least 1 (the extrapolated reference row needs one)")
     args.out.mkdir(parents=True, exist_ok=True)
