@@ -150,6 +150,9 @@ def test_refill_gives_every_row_what_it_gets_alone(request, fixture):
         engine.eos_token_ids = [eos]
         params = SamplingParams(max_new_tokens=20, stop_strings=[stop])
         results[name] = engine.generate(prompts, [2, 0, 1], params)
+        if name == "refill":  # seen prompts come back longest first: another admission order, the same rows
+            assert engine._longest_first(prompts) != list(range(len(prompts))), "a new admission order"
+            results["refill, longest first"] = engine.generate(prompts, [2, 0, 1], params)
     lengths = {len(t) for row in results["waves"].tokens for t in row}
     assert len(lengths) > 3, "rows should end at many different steps"
     assert results["all at once"].refills == 0 and results["refill"].refills > 0
@@ -230,3 +233,15 @@ def test_fused_backend_declines_a_sliding_window(tiny_mistral):
     assert fused_backend.supports(model)
     model.config.sliding_window = 16
     assert not fused_backend.supports(model)
+
+
+def test_batch_buckets_pad_little_and_never_exceed_the_slots():
+    from evolm.engine.scheduler import BUCKET_STEP, bucket
+
+    for per_group in (1, 5, 8, 107, 300):
+        sizes = {bucket(rows, per_group) for rows in range(1, per_group + 1)}
+        for rows in range(1, per_group + 1):
+            size = bucket(rows, per_group)
+            assert rows <= size <= per_group
+            assert size - rows < max(BUCKET_STEP, rows)  # powers of two below the step, its multiples above
+        assert len(sizes) <= 4 + per_group // BUCKET_STEP  # one CUDA graph per bucket: a bounded number

@@ -17,10 +17,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from evolm.engine import fused_backend
 from evolm.engine.decoding import SamplingParams, cut_at_stop, decode, trim_at_stop
 from evolm.engine.layer import LowRankWeights, PopulationLinear, Routing, find_target_linears
-from evolm.engine.scheduler import stream
+from evolm.engine.scheduler import PhaseClock, stream
 from evolm.engine.transformers_backend import TransformersBackend
 
 SYNC_EVERY_ON_GPU = 8  # decoding steps between host checks for finished rows on an accelerator
+REMEMBERED_PROMPTS = 1 << 16  # completion lengths kept for ordering the next generations' rows
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Generation:
     rows_at_once: int = 0  # the most rows decoded together
     steps: int = 0  # decoding steps
     refills: int = 0  # times finished rows' slots went to waiting rows (0 for the wave-by-wave backend)
-    seconds: dict[str, float] = field(default_factory=dict)  # time spent around the engine, by part
+    seconds: dict[str, float] = field(default_factory=dict)  # time by part: the engine's prefill and decode, ...
 
 
 class PopulationEngine:
@@ -69,6 +70,7 @@ class PopulationEngine:
             wrapped.routing = self.routing
             self.layers[name] = wrapped
         self.backend = self._choose_backend(backend)
+        self.last_lengths: dict[tuple[int, ...], float] = {}  # prompt -> mean completion length, last time
         self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY_ON_GPU
 
     def _choose_backend(self, name: str):
@@ -131,19 +133,25 @@ class PopulationEngine:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seconds: dict[str, float] = {}
         if isinstance(self.backend, fused_backend.FusedBackend):
-            tokens, rows_at_once, steps, refills = self._stream(prompts, members, params, generator, on_rows,
-                                                                keep_slots)
+            tokens, rows_at_once, steps, refills, seconds = self._stream(prompts, members, params, generator,
+                                                                         on_rows, keep_slots)
         else:
             tokens, rows_at_once, steps = self._waves(prompts, members, slots, params, generator, on_rows)
             refills = 0
         if params.stop_strings:
             tokens = [[trim_at_stop(self.tokenizer, t, params.stop_strings) for t in row] for row in tokens]
         texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
-        return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills)
+        return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills,
+                          seconds)
 
     def _stream(self, prompts, members, params, generator, on_rows, keep_slots):
-        """The fused backend: every row through a fixed set of KV slots, finished rows refilled."""
+        """The fused backend: every row through a fixed set of KV slots, finished rows refilled.
+
+        Prompts seen before are admitted longest first by their last completion length (ES asks the
+        same prompts every generation), unseen ones before them: a late row is then a short row.
+        """
         groups = len(members) if members is not None else 1
         capacity = max(len(p) for p in prompts) + params.max_new_tokens
         budget = self.max_batch_rows or self._slots_in_memory(capacity, max(len(p) for p in prompts))
@@ -151,13 +159,25 @@ class PopulationEngine:
         self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids)
         try:
             result = stream(self.backend, groups, per_group, prompts, params, self.eos_token_ids, self.tokenizer,
-                            generator, self.sync_every, on_rows)
+                            generator, self.sync_every, on_rows, order=self._longest_first(prompts),
+                            clock=PhaseClock(self.device))
         except BaseException:
             self.backend.release()
             raise
         if not keep_slots:
             self.backend.release()
-        return result.tokens, groups * per_group, result.steps, result.refills
+        self._remember_lengths(prompts, result.tokens)
+        return result.tokens, groups * per_group, result.steps, result.refills, result.seconds
+
+    def _longest_first(self, prompts) -> list[int]:
+        expected = [self.last_lengths.get(tuple(p), float("inf")) for p in prompts]
+        return sorted(range(len(prompts)), key=lambda i: -expected[i])  # stable: unseen prompts keep their order
+
+    def _remember_lengths(self, prompts, tokens) -> None:
+        if len(self.last_lengths) > REMEMBERED_PROMPTS:
+            self.last_lengths.clear()
+        for i, prompt in enumerate(prompts):
+            self.last_lengths[tuple(prompt)] = sum(len(group[i]) for group in tokens) / len(tokens)
 
     def _waves(self, prompts, members, slots, params, generator, on_rows):
         """The transformers backend: waves of rows that fit the memory budget, one after another."""

@@ -5,13 +5,18 @@ length) their slots go to the group's next waiting prompts, so a grid larger tha
 the longest row of a wave, and uneven lengths cost the steps they need. The host looks at the rows only
 every `sync_every` steps, and rebuilds the batch (finished rows out, new rows prefilled in, the batch
 shrunk to a smaller graph bucket once nothing waits) only when enough rows finished to be worth it.
+
+Waiting rows are admitted longest-expected first (`order`, e.g. the lengths the same prompts reached last
+time), so the rows that start late are short ones and the stream does not end on a tail of long rows.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -19,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from evolm.engine.decoding import STOP_CHECK_INTERVAL, STOP_WINDOW, SamplingParams, stopped, trim_at_eos
 
 REBUILD_SHARE = 1 / 32  # rebuild the batch once this share of its rows finished (or nothing is left waiting)
+BUCKET_STEP = 8  # batch buckets above this many rows a group are its multiples (one CUDA graph each)
 
 
 @dataclass
@@ -26,21 +32,62 @@ class StreamResult:
     tokens: list[list[list[int]]]  # [group][prompt]
     steps: int  # decoding steps
     refills: int  # admissions of waiting rows after the first
+    seconds: dict[str, float] = field(default_factory=dict)  # device time of "prefill" and "decode"
+
+
+class PhaseClock:
+    """Device seconds spent in each phase, from CUDA events (no host sync until `seconds`); host time on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.on_gpu = device.type == "cuda"
+        self.spans: dict[str, list] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.spans.setdefault(name, []).append((start, end))
+        else:
+            start = time.perf_counter()
+            yield
+            self.spans.setdefault(name, []).append(time.perf_counter() - start)
+
+    def seconds(self) -> dict[str, float]:
+        if self.on_gpu:
+            torch.cuda.synchronize()
+            return {n: sum(a.elapsed_time(b) for a, b in spans) / 1000 for n, spans in self.spans.items()}
+        return {n: sum(spans) for n, spans in self.spans.items()}
 
 
 def bucket(rows: int, per_group: int) -> int:
-    """Rows a group runs in the batch: the next power of two (one CUDA graph each), at most per_group."""
+    """Rows a group runs in the batch: a power of two up to BUCKET_STEP, then the next multiple of it.
+
+    Fine steps keep padding rows (which cost a full row's work) under BUCKET_STEP a group as the batch drains.
+    """
     size = 1
-    while size < rows:
+    while size < min(rows, BUCKET_STEP):
         size *= 2
+    if rows > BUCKET_STEP:
+        size = -(-rows // BUCKET_STEP) * BUCKET_STEP
     return min(size, per_group)
 
 
 def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]], params: SamplingParams,
            eos_token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, generator: torch.Generator,
-           sync_every: int, on_rows: Callable[[int], object] | None = None) -> StreamResult:
-    """Every (group, prompt) row through the backend's slots; tokens up to and including EOS."""
-    waiting = [deque(range(len(prompts))) for _ in range(groups)]
+           sync_every: int, on_rows: Callable[[int], object] | None = None,
+           order: Sequence[int] | None = None, clock: PhaseClock | None = None) -> StreamResult:
+    """Every (group, prompt) row through the backend's slots; tokens up to and including EOS.
+
+    `order` is the order in which each group admits its prompts (default: as given).
+    """
+    order = list(range(len(prompts))) if order is None else list(order)
+    if sorted(order) != list(range(len(prompts))):
+        raise ValueError("order must be a permutation of the prompt indices")
+    clock = clock or PhaseClock(torch.device("cpu"))
+    waiting = [deque(order) for _ in range(groups)]
     free = [list(range(g * per_group, (g + 1) * per_group))[::-1] for g in range(groups)]
     live: list[dict[int, int]] = [{} for _ in range(groups)]  # slot -> prompt, per group
     stopped_slots: set[int] = set()
@@ -57,7 +104,8 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
                 slots.append(slot)
                 chosen.append(prompts[prompt])
         if slots:
-            backend.admit(slots, chosen, generator)
+            with clock.phase("prefill"):
+                backend.admit(slots, chosen, generator)
             refills += 1
 
     def rebuild() -> int:
@@ -69,7 +117,8 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
     rows = rebuild()
     steps = 0
     while any(live):
-        backend.decode(sync_every, generator)
+        with clock.phase("decode"):
+            backend.decode(sync_every, generator)
         steps += sync_every
         slots = [s for g in live for s in g]
         done = backend.finished(slots)
@@ -96,4 +145,4 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
         refill()
         if any(live):
             rows = rebuild()
-    return StreamResult(tokens, steps, max(refills, 0))
+    return StreamResult(tokens, steps, max(refills, 0), clock.seconds())

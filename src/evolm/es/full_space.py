@@ -32,7 +32,7 @@ class FullSpace(WeightSpace):
         finally:
             self.write(strategy.params)
         merged = merge_generations(parts)
-        merged.seconds = {"noise": perturb_seconds}  # drawing ε and writing θ + σε, a share of "generate"
+        merged.seconds["noise"] = perturb_seconds  # drawing ε and writing θ + σε, a share of "generate"
         return merged
 
     @torch.no_grad()

@@ -132,4 +132,5 @@ def merge_generations(parts: list[Generation]) -> Generation:
         tokens=[p.tokens[0] for p in parts], texts=[p.texts[0] for p in parts],
         num_tokens=sum(p.num_tokens for p in parts), rows_at_once=max(p.rows_at_once for p in parts),
         steps=sum(p.steps for p in parts), refills=sum(p.refills for p in parts),
+        seconds={k: sum(p.seconds.get(k, 0.0) for p in parts) for k in {k for p in parts for k in p.seconds}},
     )
