@@ -127,7 +127,7 @@ def es_generation(space: Space, strategy: EvolutionStrategy, task, examples, pro
         "tokens": out.num_tokens, "tokens_per_s": out.num_tokens / (t1 - t0),
         "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         "rows_at_once": out.rows_at_once, "steps": out.steps, "refills": out.refills,
-        "noise_s": out.seconds.get("noise", 0.0), "mean_fitness": sum(fitness) / len(fitness),
+        "noise_s": out.seconds.get("noise", 0.0), "engine_s": out.seconds, "mean_fitness": sum(fitness) / len(fitness),
         "output": out, "rows_tokens": [len(t) for member in out.tokens for t in member],
     }
 
@@ -216,6 +216,10 @@ def main() -> None:
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. '</answer>'")
     ap.add_argument("--sigma", type=float, help="default: the space kind's (evolm.config.STEP_DEFAULTS)")
     ap.add_argument("--reference-members", type=int, default=1)
+    ap.add_argument("--generations", type=int, default=1,
+                    help="ES generations in a row; the table shows the last (from the second on, the engine "
+                         "admits the prompts it has seen longest first)")
+    ap.add_argument("--skip-plain", action="store_true", help="leave out the no-perturbation row")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--scaling-members", default="8,30,64,128")
     ap.add_argument("--scaling-tokens", default="256,1024")
@@ -260,12 +264,20 @@ def main() -> None:
     results: dict = {"device": device_name(device), "dtype": str(loaded.dtype), "space": space.kind, "rank": args.rank,
                      "sigma": sigma, "members": args.members, "prompts": len(prompt_ids), "chat": args.chat,
                      "max_new_tokens": args.max_new_tokens, "stop": args.stop, "roofline": peaks}
-    main_run = es_generation(space, strategy(args.members), task, examples, prompt_ids, sampling)
-    results["engine"] = {k: v for k, v in main_run.items() if k not in ("output", "rows_tokens")}
+    es = strategy(args.members)
+    runs = []
+    for g in range(args.generations):  # later generations admit rows longest first (the engine saw these prompts)
+        runs.append(es_generation(space, es, task, examples, prompt_ids, sampling))
+        print(f"generation {g}: {runs[-1]['seconds']:.3g} s, {runs[-1]['steps']} steps, device seconds "
+              f"{ {k: round(v, 2) for k, v in runs[-1]['engine_s'].items()} }", flush=True)
+    first, main_run = runs[0], runs[-1]  # the reference regenerates generation 0; the table shows the last
+    results["generations"] = [{k: v for k, v in r.items() if k not in ("output", "rows_tokens")} for r in runs]
+    results["engine"] = dict(results["generations"][-1])
     results["engine"].update(workload(engine, prompt_ids * args.members, main_run["rows_tokens"], main_run["steps"],
                                       args.members, 0 if space.kind == "full" else args.rank))
-    results["plain"] = plain_generation(engine, prompt_ids, args.members, sampling)
-    print(json.dumps({k: results[k] for k in ("engine", "plain")}, indent=1), flush=True)
+    if not args.skip_plain:
+        results["plain"] = plain_generation(engine, prompt_ids, args.members, sampling)
+    print(json.dumps({k: results.get(k) for k in ("engine", "plain")}, indent=1), flush=True)
 
     reference_strategy = strategy(args.members)  # generation 0 again: the members the main run generated
     refs = []
@@ -275,7 +287,7 @@ def main() -> None:
         ref = reference_generation(model, tokenizer, prompt_ids[:k], sampling, eos)
         del model
         release(device)
-        same = sum(a == b for a, b in zip(ref["texts"], main_run["output"].texts[m][:k]))
+        same = sum(a == b for a, b in zip(ref["texts"], first["output"].texts[m][:k]))
         refs.append({"member": m, "seconds": ref["seconds"] * len(prompt_ids) / k, "measured_prompts": k,
                      "tokens": ref["tokens"], "identical_rows": same, "rows": k})
         print(f"reference member {m}: {ref['seconds']:.3g} s on {k} prompts, {ref['tokens']} tokens, "
@@ -357,7 +369,7 @@ def tail_row(history: Path) -> None:
 
 
 def report(r: dict) -> None:
-    e, p = r["engine"], r["plain"]
+    e, p = r["engine"], r.get("plain")
     peak = "" if e["peak_gb"] is None else f"{e['peak_gb']:.1f}"
     reference = "PEFT LoRA + generate" if r["space"] == "lora" else "W + σ·E_i written in + generate"
     print(f"\n{r['device']}, {r['prompts']} prompts, max_new_tokens {r['max_new_tokens']}, stop {r['stop'] or 'none'}")
@@ -366,7 +378,8 @@ def report(r: dict) -> None:
     print(f"| evolm engine, {r['space']} rank {r['rank']}, N={r['members']} | {e['seconds']:.3g} "
           f"| {e['generate_s']:.3g} | {e['tokens']} | {e['tokens_per_s']:.0f} | {peak} | "
           f"{r['reference_per_generation_s'] / e['seconds']:.3g}x |")
-    print(f"| same rows, no perturbation | | {p['seconds']:.3g} | {p['tokens']} | {p['tokens_per_s']:.0f} | | |")
+    if p:
+        print(f"| same rows, no perturbation | | {p['seconds']:.3g} | {p['tokens']} | {p['tokens_per_s']:.0f} | | |")
     print(f"| {reference} per member (x{r['members']}, extrapolated) | {r['reference_per_generation_s']:.3g} | | | | "
           "| 1x |")
     agree = ", ".join(f"{x['identical_rows']}/{x['rows']}" for x in r["reference"])
@@ -376,9 +389,19 @@ def report(r: dict) -> None:
         bound = max(t_compute, t_memory)
         print(f"roofline ({r['roofline']['source']}, {r['roofline']['device']}): {e['flops'] / 1e15:.3g} PFLOP, "
               f"{e['bytes'] / 1e12:.3g} TB -> bound {bound:.3g} s ({'compute' if t_compute > t_memory else 'memory'}); "
-              f"generate reached {bound / e['generate_s']:.0%}")
-    print(f"perturbed rows reach {e['tokens_per_s'] / p['tokens_per_s']:.0%} of the unperturbed tokens/s"
-          + (f"; noise (drawing and writing θ + σε) {e['noise_s']:.3g} s of generate" if e["noise_s"] else ""))
+              f"generate reached {bound / e['generate_s']:.0%}; matmuls and attention one after the other "
+              f"(separate kernels): {t_compute + t_memory:.3g} s")
+    device_s = e.get("engine_s") or {}
+    if device_s:
+        host = e["generate_s"] - sum(v for k, v in device_s.items() if k in ("prefill", "decode"))
+        print("device seconds: " + ", ".join(f"{k} {v:.3g}" for k, v in device_s.items())
+              + f"; the host's share of generate {host:.3g} s")
+    if len(r.get("generations", [])) > 1:
+        print("generations: " + ", ".join(f"{g['seconds']:.3g} s ({g['steps']} steps)" for g in r["generations"]))
+    if p:
+        print(f"perturbed rows reach {e['tokens_per_s'] / p['tokens_per_s']:.0%} of the unperturbed tokens/s")
+    if e["noise_s"]:
+        print(f"noise (drawing and writing θ + σε) {e['noise_s']:.3g} s of generate")
     if "scaling" in r:
         print("\n| members | max_new_tokens | s / ES generation | generate s | tokens | tokens/s | rows at once | peak GB |")
         print("|---|---|---|---|---|---|---|---|")

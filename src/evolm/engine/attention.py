@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - CPU builds of torch without the triton
     triton = None
 
 BLOCK_KEYS = 64  # keys per inner iteration of the kernel
+KERNEL_WARPS, KERNEL_STAGES = 4, 3  # Triton's defaults; bench/decode_step_gpu.py times the alternatives
 TARGET_PROGRAMS = 1024  # enough programs to fill a large GPU several times over; fewer rows split their keys
 
 
@@ -53,12 +54,14 @@ def splits_for(rows: int, kv_heads: int, capacity: int) -> int:
     return min(split, max(1, math.ceil(capacity / BLOCK_KEYS)))
 
 
-def _kernel_attention(q, k_cache, v_cache, slots, lengths, scale):
+def _kernel_attention(q, k_cache, v_cache, slots, lengths, scale, block=None, warps=None, stages=None):
+    """The Triton kernel; `block` (keys per iteration), `warps` and `stages` override the defaults (bench)."""
     rows, heads, dim = q.shape
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
+    block = block or BLOCK_KEYS
     splits = splits_for(rows, kv_heads, capacity)
-    split_len = math.ceil(math.ceil(capacity / splits) / BLOCK_KEYS) * BLOCK_KEYS
+    split_len = math.ceil(math.ceil(capacity / splits) / block) * block
     out = torch.empty((rows, heads, splits, dim), device=q.device, dtype=torch.float32)
     lse = torch.empty((rows, heads, splits), device=q.device, dtype=torch.float32)
     _decode_kernel[(rows, kv_heads, splits)](
@@ -66,7 +69,8 @@ def _kernel_attention(q, k_cache, v_cache, slots, lengths, scale):
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=BLOCK_KEYS,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=block,
+        num_warps=warps or KERNEL_WARPS, num_stages=stages or KERNEL_STAGES,
     )
     if splits == 1:
         return out[:, :, 0].to(q.dtype)

@@ -1,0 +1,210 @@
+"""Where one decoding step of the fused backend spends its time, on one GPU, against the card's ceilings.
+
+    PYTHONPATH=src python bench/decode_step_gpu.py --model /tmp/models/qwen2.5-coder-1.5b-instruct \
+        [--members 30] [--rank 8] [--shapes 107x700,200x300,8x700] [--profile 107x700] --out DIR
+
+For each shape `C x L` (C rows per member group, N groups, every row with L keys in its KV slot) it times,
+with CUDA events over replays of the captured step:
+  the whole step with the members' rank-r factors, and the same N·C rows with none;
+  the decode attention of all layers alone (with variants of the Triton kernel's block, warps and stages);
+  the matmuls alone (the base weights of every layer and the head);
+  the members' low-rank products alone (the bmm pair of every matmul group);
+and prints µs per row-step against the ceilings measured in the same call (a device copy, a bf16 matmul).
+The step minus its parts is the rest: norms, rotary, SiLU, cache writes, argmax. `--profile` lists the
+kernels of a few eager steps of one shape by device time. The KV cache holds random keys, not zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from evolm.config import ModelConfig, SpaceConfig
+from evolm.engine import PopulationEngine, SamplingParams, attention
+from evolm.engine.layer import LowRankWeights
+from evolm.models import eos_token_ids, load_model
+
+TARGETS = SpaceConfig().target_modules
+KERNEL_VARIANTS = [(64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 3),
+                   (64, 4, 4)]  # (block, warps, stages); the first is the engine's default
+
+
+def timed(fn, repeat: int = 20, warmup: int = 3) -> float:
+    """Median seconds of fn() over `repeat` calls, each between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    """What this card reaches: a 4 GiB device copy (bytes read + written) and an 8192³ bf16 matmul."""
+    source = torch.empty(2**31, dtype=torch.bfloat16, device="cuda").normal_()
+    target = torch.empty_like(source)
+    copy_s = timed(lambda: target.copy_(source), repeat=10)
+    source = target = None
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_s = timed(lambda: x @ y, repeat=10)
+    return {"bytes_per_s": 2 * 2**32 / copy_s, "flops_per_s": 2 * 8192**3 / mm_s}
+
+
+def random_factors(engine: PopulationEngine, members: int, rank: int) -> dict[str, LowRankWeights]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return {name: LowRankWeights(torch.randn(members, rank, i, device="cuda", generator=g),
+                                 torch.randn(members, o, rank, device="cuda", generator=g))
+            for name, (i, o) in engine.shapes().items()}
+
+
+def open_shape(engine: PopulationEngine, members: list[int] | None, per_group: int, context: int):
+    """The backend's slots for this shape, every slot holding `context` random keys; the step's graph captured."""
+    backend = engine.backend
+    params = SamplingParams(max_new_tokens=64)
+    backend.open(engine.routing, members, per_group, context + 96, params, engine.eos_token_ids)
+    for k, v in zip(backend.k_cache, backend.v_cache):
+        k.normal_(), v.normal_()
+    backend.length.fill_(context), backend.done.fill_(False)
+    groups = max(len(members or []), 1)
+    backend.set_batch([range(g * per_group, (g + 1) * per_group) for g in range(groups)], per_group)
+    return backend
+
+
+def step_seconds(backend, context: int) -> float:
+    graph = backend.graphs[backend.batch_rows][0]
+
+    def replay():
+        backend.length.fill_(context)  # keys stay at L: every replay reads the same amount
+        graph.replay()
+    return timed(replay)
+
+
+def parts(engine: PopulationEngine, backend, rows: int, context: int, variants: bool) -> dict:
+    """The step's parts alone, each over all layers: attention (and its kernel variants), matmuls, low-rank."""
+    cfg = engine.model.config
+    heads, dim = cfg.num_attention_heads, backend.head_dim
+    slots = backend.batch_slots
+    lengths = torch.full_like(slots, context)
+    q = torch.randn(rows, heads, dim, dtype=engine.dtype, device="cuda")
+    out = {}
+    for block, warps, stages in KERNEL_VARIANTS if variants else KERNEL_VARIANTS[:1]:
+        def attend(block=block, warps=warps, stages=stages):
+            for k, v in zip(backend.k_cache, backend.v_cache):
+                attention._kernel_attention(q, k, v, slots, lengths, backend.scaling, block, warps, stages)
+        try:
+            out[f"attention b{block} w{warps} s{stages}"] = timed(attend)
+        except Exception as error:  # a variant that does not compile (shared memory) is reported, not fatal
+            out[f"attention b{block} w{warps} s{stages}"] = f"failed: {type(error).__name__}"
+    layers = backend.groups
+    xs = {key: torch.randn(rows, 1, group.weight.shape[1], dtype=engine.dtype, device="cuda")
+          for key, group in layers[0].items()}
+    hidden = torch.randn(rows, cfg.hidden_size, dtype=engine.dtype, device="cuda")
+
+    def matmuls():
+        for groups in layers:
+            for key, group in groups.items():
+                F.linear(xs[key], group.weight, group.bias)
+        engine.model.lm_head(hidden)
+    out["matmuls"] = timed(matmuls)
+    if layers[0]["qkv"].down is not None:
+        n = backend.num_groups
+
+        def low_rank():
+            for groups in layers:
+                for key, group in groups.items():
+                    x = xs[key].view(n, -1, xs[key].shape[-1])
+                    torch.bmm(torch.bmm(x, group.down), group.up)
+        out["low-rank products"] = timed(low_rank)
+    return out
+
+
+def profile(backend, steps: int = 3) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            logits = backend._forward(backend.batch_slots)
+            backend._advance(backend.batch_slots, logits.argmax(dim=-1))
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--members", type=int, default=30)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--shapes", default="107x700,107x200,200x300,32x700,8x700",
+                    help="CxL,...: C rows per member group, L keys per row")
+    ap.add_argument("--variants", default="107x700,200x300", help="shapes at which the kernel variants are timed")
+    ap.add_argument("--profile", default="107x700", help="the shape whose kernels are listed ('' for none)")
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(ModelConfig(name_or_path=args.model, dtype="auto", device="cuda"))
+    engine = PopulationEngine(loaded.model, loaded.tokenizer, TARGETS,
+                              eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer))
+    engine.set_factors(random_factors(engine, args.members, args.rank), 0.01)
+    cfg = engine.model.config
+    peak = ceilings()
+    print(f"{torch.cuda.get_device_name()}: copy {peak['bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {peak['flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    linear = sum(i * o for i, o in engine.shapes().values())
+    head = cfg.hidden_size * cfg.vocab_size
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * engine.backend.head_dim * 2
+    results = {"device": torch.cuda.get_device_name(), "ceilings": peak, "members": args.members,
+               "rank": args.rank, "shapes": []}
+    members = list(range(args.members))
+    for shape in args.shapes.split(","):
+        per_group, context = map(int, shape.split("x"))
+        rows = per_group * args.members
+        backend = open_shape(engine, members, per_group, context)
+        row = {"shape": shape, "rows": rows, "context": context, "step": step_seconds(backend, context)}
+        row.update(parts(engine, backend, rows, context, shape in args.variants.split(",")))
+        if shape == args.profile:
+            row["profile"] = profile(backend)
+        backend.release()
+        plain = open_shape(engine, None, rows, context)
+        row["step, no perturbation"] = step_seconds(plain, context)
+        plain.release()
+        torch.cuda.empty_cache()
+        # floors: the matmuls' FLOPs at the measured matmul rate; the KV cache and weights at the copy rate
+        row["matmul floor"] = 2 * rows * (linear + head) / peak["flops_per_s"]
+        row["attention floor"] = rows * context * kv_token / peak["bytes_per_s"]
+        results["shapes"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        if "profile" in row:
+            print(row["profile"], flush=True)
+    (args.out / "decode-step.json").write_text(json.dumps(results, indent=1))
+    print(f"\n| shape (C x L, N={args.members}) | rows | step ms | µs/row | no perturbation ms | "
+          "attention ms (floor) | matmuls ms (floor) | low-rank ms | rest ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results["shapes"]:
+        attn = r["attention b64 w4 s3"]
+        rest = r["step"] - attn - r["matmuls"] - r.get("low-rank products", 0)
+        print(f"| {r['shape']} | {r['rows']} | {r['step'] * 1e3:.2f} | {r['step'] / r['rows'] * 1e6:.2f} | "
+              f"{r['step, no perturbation'] * 1e3:.2f} | {attn * 1e3:.2f} ({r['attention floor'] * 1e3:.2f}) | "
+              f"{r['matmuls'] * 1e3:.2f} ({r['matmul floor'] * 1e3:.2f}) | "
+              f"{r.get('low-rank products', 0) * 1e3:.2f} | {rest * 1e3:.2f} |")
+    print("\nkernel variants (ms, all layers):")
+    for r in results["shapes"]:
+        variants = {k: v for k, v in r.items() if k.startswith("attention b")}
+        if len(variants) > 1:
+            print(r["shape"], ", ".join(f"{k[10:]}: {v * 1e3:.2f}" if isinstance(v, float) else f"{k[10:]}: {v}"
+                                        for k, v in variants.items()))
+
+
+if __name__ == "__main__":
+    main()
