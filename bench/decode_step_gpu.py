@@ -141,6 +141,7 @@ def profile(backend, steps: int = 3) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70)
 
 
+@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
