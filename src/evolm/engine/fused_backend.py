@@ -115,6 +115,27 @@ class Group:
         return y
 
 
+@dataclass
+class Snapshot:
+    """The host's copy of the batch rows' state at one point of the device's queue (see FusedBackend.snapshot)."""
+
+    live: list[int]  # the batch's slots other than the scratch slot
+    rows: list[int]  # every batch row's slot, in batch order
+    done: torch.Tensor
+    tails: torch.Tensor | None
+    ready: torch.cuda.Event | None
+
+    def wait(self) -> tuple[dict[int, bool], dict[int, list[int]]]:
+        """{slot: finished} and {slot: last tokens} of the live slots, once the copy has landed."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        done = dict(zip(self.rows, self.done.tolist()))
+        tails = {}
+        if self.tails is not None:
+            tails = {s: [t for t in row if t >= 0] for s, row in zip(self.rows, self.tails.tolist())}
+        return {s: done[s] for s in self.live}, tails
+
+
 class FusedBackend:
     """Slot-based prefill and decoding for supported architectures (see the module docstring)."""
 
@@ -221,6 +242,7 @@ class FusedBackend:
             live = list(slots_by_group[g])
             rows += live + [self.scratch] * (per_group - len(live))
         self.batch_rows = per_group
+        self.batch_list = rows
         self.batch_slots = torch.as_tensor(rows, dtype=torch.long, device=device)
         if self.pool is not None:
             _, slots = self._graph(per_group)
@@ -238,8 +260,22 @@ class FusedBackend:
             logits = self._forward(slots)
             self._advance(slots, pick_token(logits, self.params, generator))
 
-    def finished(self, slots: Sequence[int]) -> list[bool]:
-        return self.done[torch.as_tensor(list(slots), device=self.done.device)].tolist()
+    def snapshot(self, last: int) -> "Snapshot":
+        """Done flags of the batch's rows (and their `last` generated tokens), copied to the host behind the
+        steps queued so far: reading it waits for those steps only, not for any queued after."""
+        index = self.batch_slots
+        done = self.done[index]
+        tails = self._tails(index, last) if last else None
+        pin = index.is_cuda
+        done_host = torch.empty(done.shape, dtype=done.dtype, pin_memory=pin).copy_(done, non_blocking=pin)
+        tails_host = None
+        if tails is not None:
+            tails_host = torch.empty(tails.shape, dtype=tails.dtype, pin_memory=pin).copy_(tails, non_blocking=pin)
+        ready = torch.cuda.Event() if pin else None
+        if ready is not None:
+            ready.record()
+        return Snapshot([s for s in self.batch_list if s != self.scratch], self.batch_list, done_host, tails_host,
+                        ready)
 
     def generated(self, slots: Sequence[int]) -> list[list[int]]:
         """Tokens generated in these slots so far."""
@@ -247,13 +283,11 @@ class FusedBackend:
         counts = self.count[index].clamp(max=self.params.max_new_tokens).tolist()
         return [row[:c] for row, c in zip(self.out[index].tolist(), counts)]
 
-    def tails(self, slots: Sequence[int], last: int) -> list[list[int]]:
-        """The last `last` tokens generated in each of these slots (gathered on the device: rows are long)."""
-        index = torch.as_tensor(list(slots), device=self.out.device)
+    def _tails(self, index: torch.Tensor, last: int) -> torch.Tensor:
+        """[rows, last]: the last `last` tokens generated in these slots, -1 before a row's first."""
         count = self.count[index].clamp(max=self.params.max_new_tokens)
         columns = count[:, None] - last + torch.arange(last, device=index.device)[None, :]
-        tokens = self.out[index[:, None], columns.clamp(min=0)].masked_fill(columns < 0, -1)
-        return [[t for t in row if t >= 0] for row in tokens.tolist()]
+        return self.out[index[:, None], columns.clamp(min=0)].masked_fill(columns < 0, -1)
 
     def held_bytes(self) -> int:
         """Accelerator memory the slot buffers hold between calls (a next call of another layout frees it)."""

@@ -3,7 +3,7 @@
 Every member group owns `per_group` slots of the backend's KV cache. When rows finish (EOS, stop string,
 length) their slots go to the group's next waiting prompts, so a grid larger than memory never waits for
 the longest row of a wave, and uneven lengths cost the steps they need. The host looks at the rows only
-every `sync_every` steps, and rebuilds the batch (finished rows out, new rows prefilled in, the batch
+every `sync_every` steps, through a snapshot taken while the next steps already run, and rebuilds the batch (finished rows out, new rows prefilled in, the batch
 shrunk to a smaller graph bucket once nothing waits) only when enough rows finished to be worth it.
 
 Waiting rows are admitted longest-expected first (`order`, e.g. the lengths the same prompts reached last
@@ -115,24 +115,29 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
 
     refill()
     rows = rebuild()
-    steps = 0
+    with clock.phase("decode"):
+        backend.decode(sync_every, generator)
+    steps = sync_every
     while any(live):
+        # what the queued steps will have left, copied behind them; the next steps are queued before the host
+        # waits for it, so the device decodes on while the host detokenises tails and picks finished rows
+        check_stops = bool(params.stop_strings) and steps % STOP_CHECK_INTERVAL == 0
+        snapshot = backend.snapshot(STOP_WINDOW if check_stops else 0)
         with clock.phase("decode"):
             backend.decode(sync_every, generator)
         steps += sync_every
-        slots = [s for g in live for s in g]
-        done = backend.finished(slots)
-        if params.stop_strings and steps % STOP_CHECK_INTERVAL == 0:
-            running = [s for s, d in zip(slots, done) if not d and s not in stopped_slots]
+        done, tails = snapshot.wait()
+        if check_stops:
+            running = [s for s, d in done.items() if not d and s not in stopped_slots]
             if running:
-                hits = stopped(tokenizer, backend.tails(running, STOP_WINDOW), params.stop_strings)
+                hits = stopped(tokenizer, [tails[s] for s in running], params.stop_strings)
                 stopped_slots.update(s for s, hit in zip(running, hits) if hit)
-        finished = [s for s, d in zip(slots, done) if d or s in stopped_slots]
+        finished = [s for s, d in done.items() if d or s in stopped_slots]
         if not finished:
             continue
         still = [len(g) - sum(backend.group_of(s) == i for s in finished) for i, g in enumerate(live)]
         nothing_waits = not any(waiting)
-        if (len(finished) < max(1, groups * rows * REBUILD_SHARE) and len(finished) < len(slots)
+        if (len(finished) < max(1, groups * rows * REBUILD_SHARE) and len(finished) < len(done)
                 and not (nothing_waits and bucket(max(still), per_group) < rows)):
             continue
         for slot, row in zip(finished, backend.generated(finished)):
