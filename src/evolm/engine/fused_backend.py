@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from evolm.engine.attention import decode_attention
+from evolm.engine.attention import decode_attention, use_kernel
 from evolm.engine.decoding import SamplingParams, pick_token
 from evolm.engine.layer import PopulationLinear, Routing
+from evolm.engine.rowwise import add_rms_norm, rotary_to_cache, silu_mul
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 GROUPS = {
@@ -260,7 +261,7 @@ class FusedBackend:
             logits = self._forward(slots)
             self._advance(slots, pick_token(logits, self.params, generator))
 
-    def snapshot(self, last: int) -> "Snapshot":
+    def snapshot(self, last: int) -> Snapshot:
         """Done flags of the batch's rows (and their `last` generated tokens), copied to the host behind the
         steps queued so far: reading it waits for those steps only, not for any queued after."""
         index = self.batch_slots
@@ -334,18 +335,26 @@ class FusedBackend:
         position = self.length[slots].clamp(max=self.capacity - 1)  # the scratch slot never runs past its end
         x = self.inner.embed_tokens(self.last[slots])[:, None]
         cos, sin = self.inner.rotary_emb(x, position[:, None])
-        for i, (layer, groups) in enumerate(zip(self.inner.layers, self.groups)):
-            h = layer.input_layernorm(x)
-            q, k, v = self._qkv(layer, groups["qkv"], groups["qkv"].decode(h, self.num_groups), cos, sin)
-            self.k_cache[i][slots, :, position] = k[:, :, 0]
-            self.v_cache[i][slots, :, position] = v[:, :, 0]
-            attn = decode_attention(q[:, :, 0], self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling)
-            x = x + groups["o"].decode(attn.reshape(b, 1, -1), self.num_groups)
-            h = layer.post_attention_layernorm(x)
-            gate, up = groups["gate_up"].decode(h, self.num_groups).split(groups["gate_up"].splits, dim=-1)
-            x = x + groups["down"].decode(F.silu(gate) * up, self.num_groups)
+        layers = self.inner.layers
+        x, h = add_rms_norm(x, None, layers[0].input_layernorm)
+        for i, (layer, groups) in enumerate(zip(layers, self.groups)):
+            qkv = groups["qkv"].decode(h, self.num_groups)
+            if use_kernel(qkv) and not self.has_qk_norm:
+                q = rotary_to_cache(qkv[:, 0], cos[:, 0], sin[:, 0], self.k_cache[i], self.v_cache[i], slots,
+                                    position, self.heads)
+            else:
+                q, k, v = self._qkv(layer, groups["qkv"], qkv, cos, sin)
+                self.k_cache[i][slots, :, position] = k[:, :, 0]
+                self.v_cache[i][slots, :, position] = v[:, :, 0]
+                q = q[:, :, 0]
+            attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling)
+            x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), self.num_groups),
+                                layer.post_attention_layernorm)
+            up = silu_mul(groups["gate_up"].decode(h, self.num_groups))
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
+            x, h = add_rms_norm(x, groups["down"].decode(up, self.num_groups), following)
         self.length[slots] = position + 1
-        return self.model.lm_head(self.inner.norm(x[:, 0]))
+        return self.model.lm_head(h[:, 0])
 
     def _prefill(self, slots: list[int], prompts: list[Sequence[int]], generator: torch.Generator) -> None:
         """Right-padded prefill of a chunk of rows; their keys go to positions [0, len) of their slots."""
@@ -370,8 +379,9 @@ class FusedBackend:
                 segments[-1][2] = row + 1
             else:
                 segments.append([group, row, row + 1])
-        for i, (layer, groups) in enumerate(zip(self.inner.layers, self.groups)):
-            h = layer.input_layernorm(x)
+        layers = self.inner.layers
+        x, h = add_rms_norm(x, None, layers[0].input_layernorm)
+        for i, (layer, groups) in enumerate(zip(layers, self.groups)):
             qkv = groups["qkv"]
             q, k, v = self._qkv(layer, qkv, qkv.prefill(h, segments), cos, sin)
             self.k_cache[i][index, :, :width] = k
@@ -380,13 +390,12 @@ class FusedBackend:
                 attn = F.scaled_dot_product_attention(q, _repeat_kv(k, self.heads), _repeat_kv(v, self.heads),
                                                       attn_mask=allowed[:, None], scale=self.scaling)
             attn = attn.transpose(1, 2).reshape(n, width, -1)
-            x = x + groups["o"].prefill(attn, segments)
-            h = layer.post_attention_layernorm(x)
-            gate_up = groups["gate_up"]
-            gate, up = gate_up.prefill(h, segments).split(gate_up.splits, dim=-1)
-            x = x + groups["down"].prefill(F.silu(gate) * up, segments)
-        last = x[torch.arange(n, device=device), lengths - 1]
-        token = pick_token(self.model.lm_head(self.inner.norm(last)), self.params, generator)
+            x, h = add_rms_norm(x, groups["o"].prefill(attn, segments), layer.post_attention_layernorm)
+            up = silu_mul(groups["gate_up"].prefill(h, segments))
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
+            x, h = add_rms_norm(x, groups["down"].prefill(up, segments), following)
+        last = h[torch.arange(n, device=device), lengths - 1]
+        token = pick_token(self.model.lm_head(last), self.params, generator)
         self.length[index] = lengths
         self.count[index] = 0
         self.done[index] = False

@@ -1,0 +1,143 @@
+"""The row-wise pieces of a decoder layer, each one Triton kernel on a GPU: one pass over the rows, not five.
+
+At a few thousand rows a decoding step spent a fifth of its time in small elementwise kernels (measured
+on an H200, docs/benchmarks.md): RMSNorm as PyTorch runs it is six passes in float32, the rotary
+embedding eight, SiLU·up three. Each kernel here reads its inputs once and writes once, rounding where
+the PyTorch modules round (to the activations' dtype after each operation), so it computes what the
+model's own modules compute. Elsewhere, and as the kernels' reference, the model's modules themselves.
+
+    add_rms_norm      x + delta, and RMSNorm of that (the residual add fused into the next norm)
+    silu_mul          SiLU(gate) · up from the concatenated gate|up projection
+    rotary_to_cache   rotary q and k of one decoding step; k and v written straight into the KV cache
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evolm.engine.attention import triton, use_kernel
+
+if triton is not None:
+    import triton.language as tl
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm(x + delta)); delta None: (x, norm(x)). `norm` is a Llama-style RMSNorm module."""
+    if not (use_kernel(x) and hasattr(norm, "variance_epsilon")):
+        if delta is not None:
+            x = x + delta
+        return x, norm(x)
+    width = x.shape[-1]
+    rows = x.reshape(-1, width)
+    normed = torch.empty_like(rows)
+    summed = torch.empty_like(rows) if delta is not None else rows
+    change = delta.reshape(-1, width) if delta is not None else rows
+    _add_rms_norm_kernel[(rows.shape[0],)](
+        rows, change, norm.weight, summed, normed, width, norm.variance_epsilon,
+        rows.stride(0), change.stride(0), summed.stride(0), normed.stride(0),
+        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(width),
+    )
+    return summed.view(x.shape), normed.view(x.shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) · up, where gate_up [..., 2·inner] holds gate then up."""
+    inner = gate_up.shape[-1] // 2
+    if not use_kernel(gate_up):
+        gate, up = gate_up.split(inner, dim=-1)
+        return F.silu(gate) * up
+    rows = gate_up.reshape(-1, 2 * inner)
+    out = rows.new_empty((rows.shape[0], inner))
+    block = 1024
+    _silu_mul_kernel[(rows.shape[0], triton.cdiv(inner, block))](
+        rows, out, inner, rows.stride(0), out.stride(0), BLOCK=block,
+    )
+    return out.view(*gate_up.shape[:-1], inner)
+
+
+def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slots: torch.Tensor, position: torch.Tensor, heads: int) -> torch.Tensor:
+    """One decoding step's qkv [rows, (heads + 2·kv_heads)·dim] -> rotary q [rows, heads, dim].
+
+    The rotary k and the v of row b are written to slot slots[b] at position[b] of the caches
+    [slots, kv_heads, capacity, dim]; cos and sin are [rows, dim]. Kernel only (see use_kernel).
+    """
+    rows = qkv.shape[0]
+    kv_heads, dim = k_cache.shape[1], k_cache.shape[3]
+    q = qkv.new_empty((rows, heads, dim))
+    _rotary_to_cache_kernel[(rows, heads + 2 * kv_heads)](
+        qkv, cos, sin, q, k_cache, v_cache, slots, position,
+        qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), HEADS=heads, KV_HEADS=kv_heads, HALF=dim // 2,
+    )
+    return q
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(X, Delta, Weight, Summed, Normed, width, eps, sx, sd, ss, sn,
+                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < width
+        x = tl.load(X + row * sx + cols, mask=inside, other=0.0)
+        dtype = x.dtype
+        x = x.to(tl.float32)
+        if HAS_DELTA:  # the residual add, rounded to the activations' dtype as x + delta is
+            x = (x + tl.load(Delta + row * sd + cols, mask=inside, other=0.0).to(tl.float32)).to(dtype)
+            tl.store(Summed + row * ss + cols, x, mask=inside)
+            x = x.to(tl.float32)
+        variance = tl.sum(x * x, axis=0) / width
+        scaled = (x * (1.0 / tl.sqrt_rn(variance + eps))).to(dtype).to(tl.float32)
+        weight = tl.load(Weight + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(Normed + row * sn + cols, (weight * scaled).to(dtype), mask=inside)
+
+    @triton.jit
+    def _silu_mul_kernel(GateUp, Out, inner, sg, so, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < inner
+        gate = tl.load(GateUp + row * sg + cols, mask=inside, other=0.0)
+        dtype = gate.dtype
+        gate = gate.to(tl.float32)
+        up = tl.load(GateUp + row * sg + inner + cols, mask=inside, other=0.0).to(tl.float32)
+        activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        tl.store(Out + row * so + cols, (activated * up).to(dtype), mask=inside)
+
+    @triton.jit
+    def _rotary_to_cache_kernel(QKV, Cos, Sin, Q, KCache, VCache, Slots, Position,
+                                s_qkv, s_cos, s_sin, sq_row, sq_head, sk_slot, sk_head, sk_pos,
+                                sv_slot, sv_head, sv_pos, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                                HALF: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)  # q heads, then k heads, then v heads
+        d = tl.arange(0, HALF)
+        base = QKV + row * s_qkv + head * (2 * HALF)
+        first = tl.load(base + d)
+        second = tl.load(base + HALF + d)
+        dtype = first.dtype
+        slot = tl.load(Slots + row).to(tl.int64)
+        position = tl.load(Position + row).to(tl.int64)
+        if head < HEADS + KV_HEADS:
+            # q·cos + rotate_half(q)·sin, each product and the sum rounded as PyTorch rounds them
+            cos_1 = tl.load(Cos + row * s_cos + d).to(tl.float32)
+            cos_2 = tl.load(Cos + row * s_cos + HALF + d).to(tl.float32)
+            sin_1 = tl.load(Sin + row * s_sin + d).to(tl.float32)
+            sin_2 = tl.load(Sin + row * s_sin + HALF + d).to(tl.float32)
+            x1, x2 = first.to(tl.float32), second.to(tl.float32)
+            out_1 = ((x1 * cos_1).to(dtype).to(tl.float32) + (-x2 * sin_1).to(dtype).to(tl.float32)).to(dtype)
+            out_2 = ((x2 * cos_2).to(dtype).to(tl.float32) + (x1 * sin_2).to(dtype).to(tl.float32)).to(dtype)
+            if head < HEADS:
+                target = Q + row * sq_row + head * sq_head
+            else:
+                target = KCache + slot * sk_slot + (head - HEADS) * sk_head + position * sk_pos
+            tl.store(target + d, out_1)
+            tl.store(target + HALF + d, out_2)
+        else:
+            target = VCache + slot * sv_slot + (head - HEADS - KV_HEADS) * sv_head + position * sv_pos
+            tl.store(target + d, first)
+            tl.store(target + HALF + d, second)

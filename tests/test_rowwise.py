@@ -1,0 +1,104 @@
+"""The row-wise kernels against the model's own modules, and the fused backend with every kernel against the
+transformers backend, run by Triton's interpreter on the CPU (on a GPU the same kernels run compiled)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+KERNELS = r"""
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+from evolm.engine import rowwise
+assert rowwise.use_kernel(torch.zeros(1))
+torch.manual_seed(0)
+
+def close(ours, ref, dtype):
+    if dtype == torch.float32:
+        assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), (ours - ref).abs().max()
+    else:  # the interpreter stores bf16 by truncating (a GPU rounds to nearest): a few last bits apart
+        assert torch.allclose(ours.float(), ref.float(), rtol=2 ** -5, atol=2 ** -6), (ours - ref).abs().max()
+
+for dtype in (torch.float32, torch.bfloat16):
+    norm = Qwen2RMSNorm(48, eps=1e-6).to(dtype)
+    norm.weight.data.normal_()
+    x = torch.randn(5, 3, 48).to(dtype)
+    delta = torch.randn(5, 3, 48).to(dtype)
+    summed, normed = rowwise.add_rms_norm(x, delta, norm)
+    close(summed, x + delta, dtype)
+    close(normed, norm(x + delta), dtype)
+    same, normed = rowwise.add_rms_norm(x, None, norm)
+    assert torch.equal(same, x)
+    close(normed, norm(x), dtype)
+
+    gate_up = torch.randn(4, 1, 2 * 1100).to(dtype)  # more than one column block
+    gate, up = gate_up.split(1100, dim=-1)
+    close(rowwise.silu_mul(gate_up), F.silu(gate) * up, dtype)
+
+    heads, kv_heads, dim, slots, capacity = 4, 2, 16, 6, 9
+    rows = torch.tensor([4, 0, 2])
+    position = torch.tensor([0, 8, 3])
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim).to(dtype)
+    angle = position[:, None].float() * torch.arange(1, dim + 1)[None] / dim
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    k_cache, v_cache = torch.randn(slots, kv_heads, capacity, dim).to(dtype), torch.randn(slots, kv_heads, capacity, dim).to(dtype)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    q = rowwise.rotary_to_cache(qkv, cos, sin, k_cache, v_cache, rows, position, heads)
+    q_ref, k_ref, v_ref = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q_ref, k_ref = apply_rotary_pos_emb(q_ref.view(3, heads, 1, dim), k_ref.view(3, kv_heads, 1, dim),
+                                        cos[:, None], sin[:, None])
+    close(q, q_ref[:, :, 0], dtype)
+    written = torch.zeros(slots, capacity, dtype=torch.bool)
+    written[rows, position] = True
+    close(k_cache[rows, :, position], k_ref[:, :, 0], dtype)
+    assert torch.equal(v_cache[rows, :, position], v_ref.view(3, kv_heads, dim))
+    untouched = ~written[:, None, :, None].expand_as(k_cache)
+    assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
+print("ok")
+"""
+
+ENGINE = r"""
+import copy, sys
+import torch
+from transformers import AutoModelForCausalLM
+from evolm.engine import PopulationEngine, SamplingParams
+from evolm.engine.layer import LowRankWeights
+from evolm.models import load_tokenizer
+path = sys.argv[1]
+tokenizer = load_tokenizer(path)
+base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+prompts = [tokenizer(p).input_ids for p in ["Count: 1 2 3", "The answer is", "abc" * 9, "x"]]
+out = {}
+for backend in ("transformers", "fused"):
+    engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id],
+                              backend=backend, max_batch_rows=3)
+    g = torch.Generator().manual_seed(3)
+    engine.set_factors({n: LowRankWeights(torch.randn(2, 2, i, generator=g), torch.randn(2, o, 2, generator=g))
+                        for n, (i, o) in engine.shapes().items()}, 0.05)
+    out[backend] = engine.generate(prompts, [1, 0], SamplingParams(max_new_tokens=12)).tokens
+assert out["fused"] == out["transformers"], out
+print("ok")
+"""
+
+
+def _interpret(code: str, *args: str) -> None:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                            timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_kernels_compute_what_the_modules_compute():
+    _interpret(KERNELS)
+
+
+def test_fused_backend_with_every_kernel_matches_the_transformers_backend(tiny_qwen):
+    """Norm, SiLU, rotary-to-cache and attention kernels wired into prefill and decoding, refill included."""
+    _interpret(ENGINE, str(tiny_qwen))
