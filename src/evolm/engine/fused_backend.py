@@ -44,7 +44,7 @@ GROUPS = {
 }
 PREFILL_TOKENS = 32768  # padded prompt tokens per prefill chunk: bounds activation memory
 # cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200)
-PREFILL_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def supports(model: nn.Module) -> bool:
@@ -103,13 +103,20 @@ class Group:
             y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, self.down), self.up)
         return y
 
-    def prefill(self, x: torch.Tensor, segments: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, segments: Sequence[tuple[int, int, int]],
+                equal: torch.Tensor | slice | None = None) -> torch.Tensor:
         """x [rows, T, in] with rows sorted by group; segments (group, first row, end row) of each group present.
 
         A group's rows are contiguous, so its delta is two plain matmuls on views: no padding, no atomics.
+        `equal` (the segments' groups, when every segment has the same rows) makes it one bmm pair instead.
         """
         y = F.linear(x, self.weight, self.bias)
-        if self.down is not None:
+        if self.down is None:
+            return y
+        if equal is not None:
+            rows = x.reshape(len(segments), -1, x.shape[-1])
+            y.view(len(segments), -1, y.shape[-1]).baddbmm_(torch.bmm(rows, self.down[equal]), self.up[equal])
+        else:
             for group, start, end in segments:
                 rows = x[start:end].reshape(-1, x.shape[-1])
                 y[start:end].view(-1, y.shape[-1]).addmm_(rows @ self.down[group], self.up[group])
@@ -220,19 +227,28 @@ class FusedBackend:
 
     @torch.inference_mode()
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], generator: torch.Generator) -> None:
-        """Prefill these prompts into these (free) slots and pick each one's first token."""
-        order = sorted(range(len(slots)), key=lambda i: len(prompts[i]))  # similar lengths share a chunk
-        start = 0
-        while start < len(order):
-            width = len(prompts[order[start]])
-            end = start
-            while end < len(order) and max(width, len(prompts[order[end]])) * (end - start + 1) <= PREFILL_TOKENS:
-                width = max(width, len(prompts[order[end]]))
-                end += 1
-            end = max(end, start + 1)
-            chunk = sorted(order[start:end], key=lambda i: slots[i])  # a group's rows together
+        """Prefill these prompts into these (free) slots and pick each one's first token.
+
+        A chunk holds rows of similar length. When every group admits the same prompts (a call's first
+        admission), a chunk takes the same prompts for every group: equal segments, one bmm per matmul.
+        """
+        by_group: dict[int, list[int]] = {}
+        for i, slot in enumerate(slots):
+            by_group.setdefault(self.group_of(slot), []).append(i)
+        columns = list(by_group.values())
+        shared = [prompts[i] for i in columns[0]]
+        balanced = len(columns) > 1 and all(
+            len(c) == len(shared) and all(prompts[i] is p or prompts[i] == p for i, p in zip(c, shared))
+            for c in columns[1:])
+        if balanced:
+            for part in _chunks(sorted(range(len(shared)), key=lambda j: len(shared[j])),
+                                lambda j: len(shared[j]), len(columns)):
+                chunk = [column[j] for column in columns for j in part]  # group-major
+                self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk], generator)
+            return
+        for part in _chunks(sorted(range(len(slots)), key=lambda i: len(prompts[i])), lambda i: len(prompts[i]), 1):
+            chunk = sorted(part, key=lambda i: slots[i])  # a group's rows together
             self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk], generator)
-            start = end
 
     @torch.inference_mode()
     def set_batch(self, slots_by_group: Sequence[Sequence[int]], per_group: int) -> None:
@@ -369,31 +385,33 @@ class FusedBackend:
         x = self.inner.embed_tokens(ids)
         positions = torch.arange(width, device=device)[None].expand(n, -1)
         cos, sin = self.inner.rotary_emb(x, positions)
-        keys = torch.arange(width, device=device)
-        # causal, and no key past a row's prompt; a padding query still sees the row's first key
-        allowed = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
-        segments = []  # (group, first row, end row): the rows come sorted by slot, so by group
+        segments = []  # (group, first row, end row): the rows come sorted by group
         for row, slot in enumerate(slots):
             group = slot // self.per_group
             if segments and segments[-1][0] == group:
                 segments[-1][2] = row + 1
             else:
                 segments.append([group, row, row + 1])
+        equal = None  # the groups of equal segments, as an index into the groups' factors
+        if len(segments) > 1 and len({end - start for _, start, end in segments}) == 1:
+            present = [g for g, _, _ in segments]
+            equal = slice(None) if present == list(range(self.num_groups)) else torch.as_tensor(present, device=device)
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
             qkv = groups["qkv"]
-            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, segments), cos, sin)
+            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, segments, equal), cos, sin)
             self.k_cache[i][index, :, :width] = k
             self.v_cache[i][index, :, :width] = v
+            # plain causal attention: right padding only ever follows a row's prompt, so a prompt query never
+            # meets a padding key (padding queries do, and their keys land past the row's length, unread)
             with sdpa_kernel(PREFILL_ATTENTION):
-                attn = F.scaled_dot_product_attention(q, _repeat_kv(k, self.heads), _repeat_kv(v, self.heads),
-                                                      attn_mask=allowed[:, None], scale=self.scaling)
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(n, width, -1)
-            x, h = add_rms_norm(x, groups["o"].prefill(attn, segments), layer.post_attention_layernorm)
-            up = silu_mul(groups["gate_up"].prefill(h, segments))
+            x, h = add_rms_norm(x, groups["o"].prefill(attn, segments, equal), layer.post_attention_layernorm)
+            up = silu_mul(groups["gate_up"].prefill(h, segments, equal))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
-            x, h = add_rms_norm(x, groups["down"].prefill(up, segments), following)
+            x, h = add_rms_norm(x, groups["down"].prefill(up, segments, equal), following)
         last = h[torch.arange(n, device=device), lengths - 1]
         token = pick_token(self.model.lm_head(last), self.params, generator)
         self.length[index] = lengths
@@ -414,9 +432,17 @@ class FusedBackend:
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
 
-def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[b, kv_heads, t, d] -> [b, heads, t, d] (prefill only)."""
-    return x.repeat_interleave(heads // x.shape[1], dim=1)
+def _chunks(order: list[int], length, copies: int):
+    """Consecutive runs of `order` (sorted by length) whose padded tokens, `copies` rows each, fit a chunk."""
+    start = 0
+    while start < len(order):
+        width, end = 0, start
+        while end < len(order) and max(width, length(order[end])) * (end - start + 1) * copies <= PREFILL_TOKENS:
+            width = max(width, length(order[end]))
+            end += 1
+        end = max(end, start + 1)
+        yield order[start:end]
+        start = end
 
 
 def _rotate_half(x):
