@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import evolm as evolm_package
 from evolm.cli import app
-from evolm.es.loop import run_es
+from evolm.es.runner import run_es
 
 TESTS = Path(__file__).parent
 LETTER_TASK = "helpers.letter_task:LetterTask"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from evolm.config import ConfigError
-from evolm.es.loop import run_es
+from evolm.es.runner import run_es
 from evolm.evaluation import EvalOptions, evaluate_adapter
 from evolm.runs import RunDirError, read_jsonl
 

@@ -22,7 +22,7 @@ from evolm.config import ConfigError, ModelConfig
 from evolm.engine import PopulationEngine, SamplingParams
 from evolm.es.full_lowrank_space import FullLowRankSpace
 from evolm.es.full_space import FullSpace
-from evolm.es.loop import export_run, run_es
+from evolm.es.runner import export_run, run_es
 from evolm.es.strategy import EvolutionStrategy
 from evolm.models import load_model, load_tokenizer
 from evolm.runs import read_jsonl

@@ -17,7 +17,7 @@ from helpers.letter_task import LetterTask
 
 import evolm
 from evolm.config import ConfigError, load_config
-from evolm.es.loop import run_es
+from evolm.es.runner import run_es
 from evolm.es.lora_space import LoRASpace
 from evolm.runs import RunDir, RunDirError, list_runs, read_jsonl
 from evolm.tasks import Example, TaskError, load_task

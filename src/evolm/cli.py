@@ -93,7 +93,7 @@ def es_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
 ) -> None:
     """Evolution Strategies in weight space: a population of LoRA-perturbed models, one batched generation."""
-    from evolm.es.loop import run_es
+    from evolm.es.runner import run_es
 
     config, rest = split_config_and_overrides(config, overrides)
     with reported_errors(user_errors=(FloatingPointError,), interrupted=NOT_STARTED):
@@ -210,7 +210,7 @@ def export_command(
     best: bool = typer.Option(False, "--best", help="The θ that scored best on eval.keep_best's set, not the last."),
 ) -> None:
     """Rebuild a run's θ from its small checkpoint and write it as an adapter or a model folder."""
-    from evolm.es.loop import export_run
+    from evolm.es.runner import export_run
 
     with reported_errors(user_errors=(ValueError,)):
         console.print(f"wrote {export_run(run_dir, out, device, best=best, model=model)}")

@@ -28,7 +28,7 @@ from evolm import reports
 from evolm.adapters import lora_factors
 from evolm.config import TEST_SET, ConfigError, ESRunConfig, SpaceConfig, apply_overrides, dump_config, validate
 from evolm.engine.decoding import cut_at_stop
-from evolm.es.loop import ESRun, Tracker, _fmt
+from evolm.es.loop import ESRun
 from evolm.grpo.config import GRPORunConfig, load_grpo_config
 from evolm.models import LoadedModel, check_targets, load_model
 from evolm.runs import (
@@ -48,6 +48,7 @@ from evolm.runs import (
 from evolm.scoring import headline_metric, render
 from evolm.tasks import Example, Task, load_task
 from evolm.tasks.splits import EvalSet, load_eval_sets, load_splits
+from evolm.tracking import Tracker, format_metrics
 
 log = logging.getLogger("evolm")
 
@@ -300,7 +301,7 @@ class GRPORun:
         start = checkpoint_step(checkpoint)
         started = time.time()
         atomic_write_text(self.run.config_file, dump_config(self.config))
-        self.tracker = Tracker(self.config, self.run.logs)
+        self.tracker = Tracker(self.config.logging, self.config.model_dump(), self.run.logs)
         self.evaluator.tracker = self.tracker
         trainer = self.trainer()
         self.bar = tqdm(total=self.config.grpo.steps, initial=start, desc="GRPO", unit="step",
@@ -310,7 +311,7 @@ class GRPORun:
             with self.stops_after_the_step():
                 if start == 0 and 0 not in {r[STEP] for r in read_jsonl(self.run.evaluations_file)}:
                     for name, metrics in self.evaluate(0, trainer.model, keep_completions=True).items():
-                        log.info("base model %s metrics: %s", name, _fmt(metrics))
+                        log.info("base model %s metrics: %s", name, format_metrics(metrics))
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             if self.stop_requested:
                 status = "interrupted"
@@ -374,7 +375,7 @@ class GRPORun:
         reports.write_figures(self.run.root)
         self.tracker.close()
         log.info("run %s: %s after %d steps; base %s, final %s", self.run.root, status, step,
-                 _fmt(summary["base"]), _fmt(summary["final"]))
+                 format_metrics(summary["base"]), format_metrics(summary["final"]))
         return summary
 
 
