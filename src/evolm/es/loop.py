@@ -27,7 +27,7 @@ from evolm.es.full_space import FullSpace
 from evolm.es.lora_space import LoRASpace
 from evolm.es.noise import stream_key
 from evolm.es.space import Space
-from evolm.es.strategy import EvolutionStrategy
+from evolm.es.strategy import EvolutionStrategy, Population
 from evolm.models import LoadedModel, eos_token_ids
 from evolm.runs import RunDir, RunDirError, append_jsonl, atomic_write_text, evaluations_by_set, read_jsonl, write_jsonl
 from evolm.scoring import FITNESS_STATISTICS, fitness_statistics, headline_metric, render_all, score_all, summarize
@@ -109,12 +109,12 @@ class ESRun:
             return list(range(m))
         return [(generation * k + j) % m for j in range(k)]
 
-    def evaluate_population(self, generation: int) -> tuple[torch.Tensor, Cost]:
+    def evaluate_population(self, population: Population, generation: int) -> tuple[torch.Tensor, Cost]:
         """Every member's mean reward on this generation's prompts (every process gets all N), and its cost."""
         indices = self.prompt_indices(generation)
         examples = [self.train.examples[i] for i in indices]
         t0 = time.perf_counter()
-        out = self.space.generate_population(self.strategy, self.members, [self.train.prompt_ids[i] for i in indices],
+        out = self.space.generate_population(population, self.members, [self.train.prompt_ids[i] for i in indices],
                                              self.sampling(generation))
         t1 = time.perf_counter()
         local = {m: summarize(score_all(self.task, examples, texts))["reward"]
@@ -267,7 +267,8 @@ class ESRun:
             raise
 
     def one_generation(self, g: int) -> dict:
-        fitness, cost = self.evaluate_population(g)  # a stop during this abandons the generation
+        population = self.strategy.ask()
+        fitness, cost = self.evaluate_population(population, g)  # a stop during this abandons the generation
         with _deferred_interrupts():  # from the update to its checkpoint a stop waits: all of it lands or none
             t0 = time.perf_counter()
             update = self.strategy.tell(fitness)
