@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evolm import reports
-from evolm.adapters import lora_factors
+from evolm.adapters import Adapter
 from evolm.config import TEST_SET, ConfigError, ESRunConfig, SpaceConfig, apply_overrides, dump_config, validate
 from evolm.engine.decoding import cut_at_stop
 from evolm.es.loop import ESRun
@@ -159,10 +159,7 @@ class GRPORun:
         """The evaluator's θ becomes the trained model's (its LoRA factors, or its target matrices)."""
         params = self.evaluator.strategy.params
         if self.config.grpo.space.kind == "lora":
-            from peft import get_peft_model_state_dict
-
-            factors = lora_factors(get_peft_model_state_dict(model))
-            theta = self.evaluator.space.params_of({name: (f["A"], f["B"]) for name, f in factors.items()})
+            theta = self.evaluator.space.params_of(Adapter.of_peft_model(model).factors)
             for name, value in theta.items():
                 params[name].copy_(value)
         else:

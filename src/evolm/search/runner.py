@@ -16,6 +16,7 @@ from typing import Callable, Literal
 
 import torch
 
+from evolm.adapters import Adapter
 from evolm.config import ConfigError, apply_overrides, dump_config, load_config, read_source, validate
 from evolm.models import LoadedModel, check_model, eos_token_ids, load_model, release_memory
 from evolm.runs import (
@@ -31,7 +32,7 @@ from evolm.scoring import headline_metric, render
 from evolm.search.config import DEFAULT_LORA_MODULES, SearchRunConfig, TrainingConfig, apply_mode
 from evolm.search.data import Encoded, encode
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
-from evolm.search.fitness import Adapter, GreedyAnswers, score_variant
+from evolm.search.fitness import GreedyAnswers, score_variant
 from evolm.search.genes import Genes
 from evolm.search.holdout import (
     BASELINE_FILE,
@@ -259,7 +260,7 @@ class Worker:
             save_adapter(model, self.run_dir.root / folder)
             trained = time.time()
             heartbeat()
-            metrics, samples = score_variant(model, genes, self.answer, self.task, self.splits.validation,
+            metrics, samples = score_variant(model, self.answer, self.task, self.splits.validation,
                                              self.validation_prompts, self.validation_rows, config.fitness,
                                              config.training, loaded.tokenizer.pad_token_id)
         finally:
