@@ -92,7 +92,7 @@ def es_command(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
 ) -> None:
-    """Evolution Strategies in weight space: a population of LoRA-perturbed models, one batched generation."""
+    """Evolution Strategies in weight space: a population of perturbed models (a LoRA adapter, or the weights with low-rank or dense noise), scored together."""
     from evolm.es.runner import run_es
 
     config, rest = split_config_and_overrides(config, overrides)

@@ -108,7 +108,7 @@ def evaluations_by_set(rows: list[dict], default: str = "test") -> dict[str, lis
 
 @dataclass
 class RunDir:
-    """The layout of one run folder (see SPEC "Run folder")."""
+    """Where everything of one run lives, the one place that names a run folder's files (README: "A run folder holds")."""
 
     root: Path
 

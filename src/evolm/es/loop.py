@@ -56,8 +56,8 @@ class ESRun:
     def __init__(self, config: ESRunConfig, run: RunDir, loaded: LoadedModel, task: Task,
                  train: list[Example], test: list[Example], eval_sets: list[EvalSet] = ()):
         self.config, self.run, self.task = config, run, task
-        self.rank, self.world_size = distributed.world()
-        self.is_main = self.rank == 0
+        self.process_rank, self.world_size = distributed.world()  # this process among torchrun's
+        self.is_main = self.process_rank == 0
         self.loaded = loaded
         tokenizer = loaded.tokenizer
         self.train = PromptSet(train, render_all(tokenizer, train))
@@ -74,7 +74,7 @@ class ESRun:
         )
         self.space = make_space(config.space, self.engine, keep_base=config.eval.kl)
         self.strategy = self.new_strategy()
-        self.members = distributed.member_share(config.es.population, self.rank, self.world_size)
+        self.members = distributed.member_share(config.es.population, self.process_rank, self.world_size)
         self.tracker: Tracker | None = None
         self.checkpointed: int | None = None  # the generation of the checkpoint on disk
         self.flat = 0  # generations in a row in which every member scored the same

@@ -121,7 +121,7 @@ def run_es(config_source: str | None, overrides: list[str], *, resume: str | Non
     """Validate, load data, then the model and the engine; only then create the run folder (replacing
     an old run with --overwrite) or record the resume; run; return the run folder and its summary. A
     run that cannot start, or a Ctrl-C before it starts, writes nothing."""
-    rank, _ = distributed.world()
+    process_rank, _ = distributed.world()
     config, run, changes = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
     task = load_task(config.task.name, config.task.options)
     train, test = load_splits(task, config.task)
@@ -137,14 +137,14 @@ def run_es(config_source: str | None, overrides: list[str], *, resume: str | Non
                            *((f"evaluation set {s.name}", s.examples) for s in eval_sets)]:
         check_prompts(render_all(loaded.tokenizer, examples), examples, context, what)
     lock = ExitStack()
-    if rank == 0:  # the first process creates the folder and holds it; the others wait for it
+    if process_rank == 0:  # the first process creates the folder and holds it; the others wait for it
         if not resume:
             run = RunDir.create(run.root, overwrite)
         lock.enter_context(run.lock())
         if resume:
             append_jsonl(run.resumes_file, {"time": time.time(), "changed": changes})
     distributed.barrier()
-    with lock, log_to_file(run.logs / "run.log" if rank == 0 else None):
+    with lock, log_to_file(run.logs / "run.log" if process_rank == 0 else None):
         log.info("model %s on %s (%s); %d train / %d test examples%s", config.model.name_or_path, loaded.device,
                  loaded.dtype, len(train), len(test),
                  "".join(f", {len(s.examples)} in {s.name}" for s in eval_sets))
