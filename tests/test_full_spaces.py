@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import build_tiny_model
+from safetensors.torch import load_file
 from test_es import LETTER_TASK, _cli, write_config
 from transformers import AutoModelForCausalLM
 

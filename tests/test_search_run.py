@@ -201,9 +201,9 @@ def test_greedy_answers_on_the_engine_match_peft_generate(tiny_qwen):
     gives the same greedy text as PEFT + generate."""
     from transformers import AutoModelForCausalLM
 
+    from evolm.adapters import Adapter
     from evolm.config import ModelConfig
     from evolm.models import load_tokenizer
-    from evolm.adapters import Adapter
     from evolm.search.fitness import GreedyAnswers
 
     space = SearchSpace()

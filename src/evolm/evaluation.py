@@ -11,15 +11,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from evolm.adapters import Adapter, set_members
-from evolm.config import SET_NAME, ModelConfig, read_source
+from evolm.config import OLD_DECODING_NAME, SET_NAME, ModelConfig, read_source
 from evolm.engine import PopulationEngine
 from evolm.engine.decoding import SamplingParams
 from evolm.models import eos_token_ids, load_model, release_memory
 from evolm.runs import EXPORT_INFO, RunDir
 from evolm.scoring import render_all, score_all, summarize
-from evolm.tasks import Score, Task, TaskError, load_task
+from evolm.tasks import Score, Task, load_task
 from evolm.tasks.base import split_slice
-from evolm.tasks.splits import EvalSet
+from evolm.tasks.splits import EvalSet, load_eval_set
 
 
 @dataclass
@@ -96,17 +96,8 @@ def named_sources(specs: list[str]) -> dict[str, str]:
 def load_data_sets(options: EvalOptions, sources: dict[str, str | None]) -> list[EvalSet]:
     """Examples of each named source for options.task, cut to options.limit; a bad source names its set."""
     task = load_task(options.task, options.task_options)
-    sets = []
-    for name, source in sources.items():
-        try:
-            examples = task.load_split(options.split, source)[: options.limit]
-        except (OSError, ValueError) as exc:
-            raise TaskError(f"--data {name}: {' '.join(str(exc).split())}") from exc
-        if not examples:
-            raise ValueError(f"no examples to evaluate in {name} "
-                             f"({source or 'the task built-in ' + options.split + ' data'})")
-        sets.append(EvalSet(name, task, examples))
-    return sets
+    return [load_eval_set(name, task, source, options.limit, f"--data {name}", options.split)
+            for name, source in sources.items()]
 
 
 def _sampling(options: EvalOptions, task: Task) -> SamplingParams:
@@ -211,7 +202,7 @@ def _recorded_base(model_dir: Path) -> str:
 
 
 def resolve_run_folder(path: Path, options: EvalOptions) -> tuple[Path, EvalOptions]:
-    """A run folder stands for its exported result, scored with the run's own task and generation settings."""
+    """A run folder stands for its exported result, scored with the run's own task and decoding settings."""
     run = RunDir.open(path)
     saved = read_source(run.config_file)
     kind = (saved.get("space") or saved.get("grpo", {}).get("space", {})).get("kind", "lora")  # es or grpo run
@@ -219,9 +210,9 @@ def resolve_run_folder(path: Path, options: EvalOptions) -> tuple[Path, EvalOpti
     if not target.is_dir():
         raise ValueError(f"{path} has no exported {'adapter' if kind == 'lora' else 'model'} yet: "
                          f"run `evolm export {path} {target}` first")
-    generation = saved.get("generation", {})
-    changes = {"max_new_tokens": generation.get("max_new_tokens", options.max_new_tokens),
-               "stop": generation.get("stop"), "task_options": saved["task"].get("options") or None}
+    decoding = saved.get("decoding", saved.get(OLD_DECODING_NAME, {}))  # a run of an evolm before the rename
+    changes = {"max_new_tokens": decoding.get("max_new_tokens", options.max_new_tokens),
+               "stop": decoding.get("stop"), "task_options": saved["task"].get("options") or None}
     return target, replace(options, **changes)
 
 

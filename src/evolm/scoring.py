@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from evolm.tasks import Example, Score, Task, TaskError
@@ -50,17 +49,3 @@ def summarize(scores: Sequence[Score], task: Task | None = None) -> dict[str, fl
     }
     return metrics | (task.extra_metrics(list(scores)) if task else {})
 
-
-def headline_metric(metrics: dict) -> tuple[str, float]:
-    """The metric a set is judged by: accuracy where the task gives verdicts, else mean reward."""
-    return ("accuracy", metrics["accuracy"]) if metrics.get("accuracy") is not None else ("reward", metrics["reward"])
-
-
-FITNESS_STATISTICS = ("mean", "std", "min", "max", "p20", "p80")
-
-
-def fitness_statistics(fitness: Sequence[float] | np.ndarray) -> dict[str, float]:
-    """A generation's fitnesses summarised as the history rows of ES and search record them."""
-    f = np.asarray(fitness)
-    return {"mean": float(f.mean()), "std": float(f.std()), "min": float(f.min()), "max": float(f.max()),
-            "p20": float(np.percentile(f, 20)), "p80": float(np.percentile(f, 80))}

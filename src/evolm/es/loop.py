@@ -29,8 +29,18 @@ from evolm.es.noise import stream_key
 from evolm.es.space import Space
 from evolm.es.strategy import EvolutionStrategy, Population
 from evolm.models import LoadedModel, eos_token_ids
-from evolm.runs import RunDir, RunDirError, append_jsonl, atomic_write_text, evaluations_by_set, read_jsonl, write_jsonl
-from evolm.scoring import FITNESS_STATISTICS, fitness_statistics, headline_metric, render_all, score_all, summarize
+from evolm.runs import (
+    RunDir,
+    RunDirError,
+    append_jsonl,
+    atomic_write_text,
+    evaluations_by_set,
+    evaluations_summary,
+    read_jsonl,
+    write_jsonl,
+)
+from evolm.metrics import FITNESS_STATISTICS, fitness_statistics, headline_metric
+from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks import Example, Task
 from evolm.tasks.splits import EvalSet
 from evolm.tracking import Tracker, format_metrics
@@ -66,7 +76,7 @@ class ESRun:
         self.eval_sets = {s.name: (s.task, PromptSet(s.examples, render_all(tokenizer, s.examples))) for s in sets}
         self.best: dict | None = None  # eval.keep_best's best evaluation so far
         space_cfg = config.space
-        gen = config.generation
+        gen = config.decoding
         self.engine = PopulationEngine(
             loaded.model, tokenizer, space_cfg.target_modules, space_cfg.layers,
             eos_token_ids=eos_token_ids(loaded.model, tokenizer),
@@ -95,7 +105,7 @@ class ESRun:
     # -- evaluation ---------------------------------------------------------------------------
 
     def sampling(self, generation: int, max_new_tokens: int | None = None, task: Task | None = None) -> SamplingParams:
-        gen = self.config.generation
+        gen = self.config.decoding
         return SamplingParams(
             max_new_tokens=max_new_tokens or gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
             stop_strings=tuple((task or self.task).stop_strings if gen.stop is None else gen.stop),
@@ -248,6 +258,8 @@ class ESRun:
                     for name, metrics in self.evaluate_all(0, keep_completions=True).items():
                         log.info("base model %s metrics: %s", name, format_metrics(metrics))
                 for g in range(start, es.generations):
+                    if self.out_of_time():
+                        break
                     row = self.one_generation(g)
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row))
@@ -265,6 +277,17 @@ class ESRun:
         except Exception as exc:  # the final evaluation or the export: the run is not done
             self.record_failure(exc, time.time() - started)
             raise
+
+    def out_of_time(self) -> bool:
+        """Whether es.max_seconds of training are spent (on the clock that counts every session's)."""
+        budget = self.config.es.max_seconds
+        if budget is None:
+            return False
+        seconds = distributed.main_value(self.clock["seconds"], self.loaded.device)  # the clock rank 0 records
+        if seconds < budget:
+            return False
+        log.info("es.max_seconds=%g reached after %.1f training seconds", budget, seconds)
+        return True
 
     def one_generation(self, g: int) -> dict:
         population = self.strategy.ask()
@@ -356,21 +379,15 @@ class ESRun:
             self.export(self.run.export_dir(self.space.kind))
             if self.best is not None and not self.space.params_in_checkpoint and self.best["generation"] == g:
                 self.export(self.run.best_export_dir(self.space.kind))  # else run_es replays the log to it
-        by_set = {name: {r["generation"]: r for r in rows}
-                  for name, rows in evaluations_by_set(read_jsonl(self.run.evaluations_file)).items()}
-
-        def outline(evaluations: dict[int, dict]) -> dict:
-            return {"base": evaluations.get(0), "final": evaluations.get(g) if status == "finished" else None,
-                    "last_evaluated": evaluations[max(evaluations)] if evaluations else None}
-
         history = read_jsonl(self.run.history_file)
         summary = {
             "status": status,
             "generations": g,
-            **outline(by_set.get(TEST_SET, {})),
-            "sets": {name: outline(rows) for name, rows in by_set.items() if name != TEST_SET},
+            "stopped_by_max_seconds": status == "finished" and g < self.config.es.generations,
+            **evaluations_summary(read_jsonl(self.run.evaluations_file), self.step_key, g, status == "finished"),
             "best": self.best,
             "best_mean_fitness": max((h["mean"] for h in history), default=None),
+            "training_seconds": self.clock["seconds"], "completions": self.clock["completions"],
             "tokens_generated": sum(h["tokens"] for h in history),
             "wall_time_s_this_session": wall_time,
             "device": str(self.loaded.device),

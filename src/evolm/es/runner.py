@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from evolm import distributed
-from evolm.config import TEST_SET, ConfigError, ESRunConfig, apply_overrides, load_config, read_source, validate
+from evolm.config import ConfigError, ESRunConfig, apply_overrides, load_config, read_source, validate
 from evolm.es.loop import ESRun
 from evolm.models import check_targets, load_model, release_memory
 from evolm.runs import (
@@ -29,7 +29,7 @@ from evolm.runs import (
 )
 from evolm.scoring import check_prompts, render_all
 from evolm.tasks import load_task
-from evolm.tasks.splits import load_eval_sets, load_splits
+from evolm.tasks.splits import load_examples
 
 log = logging.getLogger("evolm")
 
@@ -123,11 +123,7 @@ def run_es(config_source: str | None, overrides: list[str], *, resume: str | Non
     run that cannot start, or a Ctrl-C before it starts, writes nothing."""
     process_rank, _ = distributed.world()
     config, run, changes = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
-    task = load_task(config.task.name, config.task.options)
-    train, test = load_splits(task, config.task)
-    eval_sets = load_eval_sets(task, config.task, config.eval.sets)
-    if config.eval.keep_best == TEST_SET and not test:
-        raise ConfigError("eval.keep_best=test, but the run has no test examples (task.test)")
+    task, train, test, eval_sets = load_examples(config)
     config.model.device = distributed.local_device_name(config.model.device)
     torch.manual_seed(config.seed)
     loaded = load_model(config.model)

@@ -12,6 +12,7 @@ from evolm.adapters import Adapter, set_members
 from evolm.config import ModelConfig
 from evolm.engine import PopulationEngine
 from evolm.engine.decoding import SamplingParams
+from evolm.metrics import headline_metric
 from evolm.models import load_model
 from evolm.scoring import score_all, summarize
 from evolm.search.config import FitnessConfig, TrainingConfig
@@ -71,8 +72,8 @@ def score_variant(model: PeftModel, answer: GreedyAnswers, task: Task, examples:
     scores = score_all(task, examples, completions)
     metrics = summarize(scores, task)
     perplexity, nll = answer_perplexity(model, answers, training.batch_size, pad_id, training.mixed_precision)
-    accuracy = metrics["reward"] if metrics["accuracy"] is None else metrics["accuracy"]
-    metrics.update(perplexity=perplexity, answer_nll=nll, fitness=fitness_value(accuracy, perplexity, config))
+    metrics.update(perplexity=perplexity, answer_nll=nll,
+                   fitness=fitness_value(headline_metric(metrics)[1], perplexity, config))
     samples = [{"index": i, "completion": c, "reward": s.reward, "correct": s.correct}
                for i, (c, s) in enumerate(zip(completions, scores, strict=True))]
     return metrics, samples

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from evolm.evaluation import EvalOptions, evaluate_adapter
+from evolm.metrics import fitness_statistics
 from evolm.runs import RunDir, atomic_write_text, replace_dir
-from evolm.scoring import fitness_statistics
 from evolm.search.config import SearchRunConfig
 from evolm.search.evolution import Member, rank
 from evolm.search.holdout import TEST_FILE

@@ -18,6 +18,7 @@ import torch
 
 from evolm.adapters import Adapter
 from evolm.config import ConfigError, apply_overrides, dump_config, load_config, read_source, validate
+from evolm.metrics import headline_metric
 from evolm.models import LoadedModel, check_model, eos_token_ids, load_model, release_memory
 from evolm.runs import (
     RunDir,
@@ -28,7 +29,7 @@ from evolm.runs import (
     refuse_busy_dir,
     refuse_ignored_resume_arguments,
 )
-from evolm.scoring import headline_metric, render
+from evolm.scoring import render
 from evolm.search.config import DEFAULT_LORA_MODULES, SearchRunConfig, TrainingConfig, apply_mode
 from evolm.search.data import Encoded, encode
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
