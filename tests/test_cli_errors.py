@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import runs
+from helpers.processes import default_sigint
 from helpers.runs import LETTER_TASK
 from typer.testing import CliRunner
 
@@ -196,7 +197,7 @@ def test_ctrl_c_while_loading_keeps_the_old_run_and_says_nothing_started(finishe
     pipe = tmp_path / "data.jsonl"
     os.mkfifo(pipe)
     process = evolm_process("es", str(run / "config.yaml"), "task.name=conciseness", f"task.train={pipe}",
-                            "--overwrite")
+                            "--overwrite", preexec_fn=default_sigint)  # Ctrl-C arrives however pytest was started
     deadline = time.time() + 60
     while True:  # opening the write end succeeds once the run has opened the pipe to read its data
         try:
