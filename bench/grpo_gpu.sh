@@ -31,7 +31,7 @@ else
   python3 -m evolm.cli grpo countdown \
     "output_dir=$run" "model.name_or_path=$model" model.dtype=bfloat16 \
     task.options.chat=true "task.train=$data[:200]" "task.test=$data[-2000:]" task.test_size=200 \
-    generation.max_new_tokens=1024 eval.every=10 \
+    decoding.max_new_tokens=1024 eval.every=10 \
     grpo.steps=10000 "grpo.max_seconds=$seconds" grpo.prompts_per_step=16 grpo.group_size=8 \
     grpo.gradient_accumulation_steps=8 grpo.save_every=10 logging.progress=false "$@"
 fi

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "es-paper"
+TESTS = Path(__file__).parent
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -98,3 +99,9 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"the ES paper's data is not present at {SHARED_DATA} (../shared is absent outside this workplace)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch):
+    """Tasks named `helpers.…:Class` load in process whatever the import mode."""
+    monkeypatch.syspath_prepend(str(TESTS))

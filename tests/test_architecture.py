@@ -63,3 +63,20 @@ def test_the_strategy_knows_nothing_of_language_models_and_the_engine_nothing_of
 
 def test_the_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_evaluation_and_search_do_not_reach_the_es_package():
+    """`evolm evaluate` and `evolm search` read PEFT adapters through adapters.py, not through ES's spaces."""
+    graph = import_graph()
+    users = [name for name in graph if name == "evolm.evaluation" or name.startswith("evolm.search")]
+    assert users and not {(name, dep) for name in users for dep in reachable(graph, name) if dep.startswith("evolm.es")}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen

@@ -19,28 +19,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import runs
+from helpers.processes import default_sigint
+from helpers.runs import LETTER_TASK
 from typer.testing import CliRunner
 
 import evolm as evolm_package
 from evolm.cli import app
-from evolm.es.loop import run_es
+from evolm.es.runner import run_es
 
 TESTS = Path(__file__).parent
-LETTER_TASK = "helpers.letter_task:LetterTask"
 
 
-@pytest.fixture(autouse=True)
-def _tests_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
-
-
-def write_config(path: Path, model: Path, out: Path, **top) -> Path:
-    config = {"output_dir": str(out), "model": {"name_or_path": str(model)}, "task": {"name": LETTER_TASK},
-              "space": {"rank": 2, "target_modules": ["q_proj", "v_proj"]},
-              "es": {"generations": 2, "population": 4}, "generation": {"max_new_tokens": 4},
-              "eval": {"every": 0}, "logging": {"progress": False, "tensorboard": False}, **top}
-    path.write_text(yaml.safe_dump(config))
-    return path
+def write_config(path: Path, model: Path, out: Path, **sections) -> Path:
+    return runs.write_config(path, model, out, runs.SMALL_ES_RUN, **sections)
 
 
 def evolm(*args: str) -> tuple[int, str]:
@@ -205,7 +197,7 @@ def test_ctrl_c_while_loading_keeps_the_old_run_and_says_nothing_started(finishe
     pipe = tmp_path / "data.jsonl"
     os.mkfifo(pipe)
     process = evolm_process("es", str(run / "config.yaml"), "task.name=conciseness", f"task.train={pipe}",
-                            "--overwrite")
+                            "--overwrite", preexec_fn=default_sigint)  # Ctrl-C arrives however pytest was started
     deadline = time.time() + 60
     while True:  # opening the write end succeeds once the run has opened the pipe to read its data
         try:

@@ -27,7 +27,7 @@ def test_presets_carry_the_paper_defaults():
     assert {"countdown", "conciseness"} <= set(preset_names())
     for name in ("countdown", "conciseness"):
         config = load_config(name)
-        assert config.es.population == 30 and config.generation.temperature == 0.0
+        assert config.es.population == 30 and config.decoding.temperature == 0.0
         assert (config.space.kind, config.space.rank) == ("full-lowrank", 8)
         # the paper's step sizes, for noise of unit variance per weight
         assert (config.es.sigma, config.es.learning_rate) == STEP_DEFAULTS["full-lowrank"] == (0.001, 0.0005)
@@ -35,7 +35,29 @@ def test_presets_carry_the_paper_defaults():
     lora = load_config("countdown", ["space.kind=lora"])  # a rank-1 LoRA step moves a layer far less
     assert (lora.es.sigma, lora.es.learning_rate) == STEP_DEFAULTS["lora"] == (0.05, 0.025)
     assert load_config("countdown", ["space.kind=full", "es.sigma=0.002"]).es.sigma == 0.002
-    assert load_config("countdown").generation.max_new_tokens == 1024
+    assert load_config("countdown").decoding.max_new_tokens == 1024
+
+
+@pytest.mark.parametrize("value", ["0", "-5", ".inf", "soon"])
+def test_max_seconds_must_be_a_positive_number(value):
+    with pytest.raises(ConfigError, match="es.max_seconds"):
+        load_config("countdown", [f"es.max_seconds={value}"])
+    assert load_config("countdown", ["es.max_seconds=1500"]).es.max_seconds == 1500
+
+
+def test_the_decoding_section_is_still_read_under_its_old_name(tmp_path):
+    """Configs and run folders written before `generation:` became `decoding:` load as they did."""
+    old = tmp_path / "old.yaml"
+    old.write_text("model: {name_or_path: m}\ntask: {name: countdown}\ngeneration: {max_new_tokens: 7, stop: []}\n")
+    config = load_config(str(old))
+    assert (config.decoding.max_new_tokens, config.decoding.stop) == (7, [])
+    assert "generation" not in config.model_dump() and "decoding:" in dump_config(config)
+    assert load_config(str(old), ["decoding.max_new_tokens=9"]).decoding.max_new_tokens == 9  # overrides win
+    new = tmp_path / "new.yaml"
+    new.write_text("model: {name_or_path: m}\ntask: {name: countdown}\ndecoding: {max_new_tokens: 7}\n")
+    assert load_config(str(new), ["generation.temperature=0.5"]).decoding.temperature == 0.5  # the two merge
+    with pytest.raises(ConfigError, match="give decoding.max_new_tokens only"):
+        load_config(str(new), ["generation.max_new_tokens=9"])
 
 
 def test_overrides_parse_yaml_values():
@@ -62,7 +84,7 @@ def test_bad_values_name_the_field(override, expected):
 
 
 @pytest.mark.parametrize(
-    "override", ["es.sigma=.inf", "es.learning_rate=.inf", "es.learning_rate=-.inf", "generation.temperature=.nan",
+    "override", ["es.sigma=.inf", "es.learning_rate=.inf", "es.learning_rate=-.inf", "decoding.temperature=.nan",
                  "es.sigma=1e400", "es.adam_betas=[0.9, .nan]"],
 )
 def test_non_finite_numbers_are_rejected_naming_the_field(override):

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from evolm.adapters import layer_of, peft_key, read_peft_adapter
+from evolm.adapters import Adapter, layer_of, peft_key
 from evolm.engine import PopulationEngine, fused_backend
 from evolm.engine.decoding import SamplingParams
 from evolm.es.lora_space import LoRASpace
@@ -221,9 +221,10 @@ def test_peft_keys_are_the_ones_peft_writes(tiny_llama, tmp_path):
     assert {layer_of(key) for key in keys} == {(name, which) for name in space.shapes for which in "AB"}
     theta = {name: t[0] for name, t in _members(space, 1, seed=7).items()}
     space.export(theta, tmp_path / "adapter", str(tiny_llama))
-    config, weights = read_peft_adapter(tmp_path / "adapter")
-    restored = space.params_of(weights)
-    assert config["r"] == 2 and restored.keys() == theta.keys()
+    adapter = Adapter.of_folder(tmp_path / "adapter")
+    restored = space.params_of(adapter.factors)
+    assert adapter.scale == 2.0 and all(a.shape[0] == 2 for a, _ in adapter.factors.values())
+    assert adapter.base_model == str(tiny_llama) and restored.keys() == theta.keys()
     assert all(torch.equal(restored[name], t) for name, t in theta.items())
 
 

@@ -13,43 +13,27 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import runs
 from helpers.processes import default_sigint
+from helpers.runs import LETTER_TASK
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from evolm.config import ConfigError
-from evolm.es.loop import run_es
+from evolm.es.runner import run_es
 from evolm.evaluation import EvalOptions, evaluate_adapter
 from evolm.runs import RunDirError, read_jsonl
 
 TESTS = Path(__file__).parent
-LETTER_TASK = "helpers.letter_task:LetterTask"
+# a lora run that learns the letter task on the tiny model
+ES_RUN = {"space": {"rank": 2, "alpha": 2.0, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+          "es": {"generations": 12, "population": 8, "sigma": 1.0, "learning_rate": 1.0, "optimizer": "adam"},
+          "decoding": {"max_new_tokens": 12}, "eval": {"every": 4}}
 
 
 def write_config(path: Path, model: Path, out: Path, **sections) -> Path:
-    config = {
-        "output_dir": str(out),
-        "model": {"name_or_path": str(model)},
-        "task": {"name": LETTER_TASK},
-        "space": {"rank": 2, "alpha": 2.0, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
-        "es": {"generations": 12, "population": 8, "sigma": 1.0, "learning_rate": 1.0, "optimizer": "adam"},
-        "generation": {"max_new_tokens": 12},
-        "eval": {"every": 4},
-        "logging": {"progress": False},
-    }
-    for name, values in sections.items():
-        if isinstance(values, dict):
-            config.setdefault(name, {}).update(values)
-        else:
-            config[name] = values
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _tests_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
+    return runs.write_config(path, model, out, ES_RUN, **sections)
 
 
 def test_es_improves_reward_on_tiny_problem(tiny_llama, tmp_path):
@@ -96,6 +80,27 @@ def test_resume_is_bit_identical(tiny_llama, tmp_path):
     ]
     # the resumed run's clock went on from the checkpoint's
     assert read_jsonl(run_a.evaluations_file)[-1]["completions"] == read_jsonl(run_b.evaluations_file)[-1]["completions"]
+
+
+def test_max_seconds_stops_after_the_generation_that_reaches_it_and_resume_counts_on(tiny_llama, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", eval={"every": 0},
+                          es={"generations": 3, "population": 4, "max_seconds": 1e-6})
+    run, summary = run_es(str(config), [])
+    assert summary["status"] == "finished" and summary["stopped_by_max_seconds"] and summary["generations"] == 1
+    history = read_jsonl(run.history_file)
+    assert len(history) == 1 and summary["final"] is not None  # θ after the generation that ran out is scored
+    spent = sum(h["time"]["generate"] + h["time"]["score"] + h["time"]["update"] for h in history)
+    assert summary["training_seconds"] == pytest.approx(spent) and summary["final"]["seconds"] == pytest.approx(spent)
+    # the limit counts every session's seconds: a second hold with the same limit has none left
+    _, again = run_es(None, [], resume=str(run.root))
+    assert again["generations"] == 1 and again["stopped_by_max_seconds"]
+    _, rest = run_es(None, ["es.max_seconds=null"], resume=str(run.root))
+    assert rest["generations"] == 3 and not rest["stopped_by_max_seconds"]
+    evaluations = read_jsonl(run.evaluations_file)
+    assert [e["generation"] for e in evaluations] == [0, 1, 3]
+    history = read_jsonl(run.history_file)
+    total = sum(h["time"]["generate"] + h["time"]["score"] + h["time"]["update"] for h in history)
+    assert evaluations[-1]["seconds"] == pytest.approx(total) and total > spent == pytest.approx(evaluations[1]["seconds"])
 
 
 def test_resume_refuses_to_change_what_the_checkpoint_means(tiny_llama, tmp_path):
@@ -251,7 +256,7 @@ def test_lora_defaults_move_a_small_model(tiny_llama, tmp_path):
     zero and B leaves 0 (generation 0's B is 0: the base model)."""
     run, _ = run_es("conciseness", [f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_llama}",
                                     "space.kind=lora", "es.population=6", "es.generations=2",
-                                    "generation.max_new_tokens=48", "eval.every=0", "export=false",
+                                    "decoding.max_new_tokens=48", "eval.every=0", "export=false",
                                     "logging.progress=false", "logging.tensorboard=false", "task.train_size=2",
                                     "task.test_size=1"])
     history = read_jsonl(run.history_file)

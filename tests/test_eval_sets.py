@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from evolm.cli import app
 from evolm.config import ConfigError, load_config
-from evolm.es.loop import export_run, run_es
+from evolm.es.runner import export_run, run_es
 from evolm.reports import evolution_figure
 from evolm.runs import evaluations_by_set, read_jsonl
 from evolm.tasks import TaskError

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import build_tiny_model
+from safetensors.torch import load_file
 from test_es import LETTER_TASK, _cli, write_config
 from transformers import AutoModelForCausalLM
 
@@ -22,7 +22,7 @@ from evolm.config import ConfigError, ModelConfig
 from evolm.engine import PopulationEngine, SamplingParams
 from evolm.es.full_lowrank_space import FullLowRankSpace
 from evolm.es.full_space import FullSpace
-from evolm.es.loop import export_run, run_es
+from evolm.es.runner import export_run, run_es
 from evolm.es.strategy import EvolutionStrategy
 from evolm.models import load_model, load_tokenizer
 from evolm.runs import read_jsonl
@@ -67,9 +67,9 @@ def test_member_i_is_the_model_with_w_plus_sigma_e_i(tiny_qwen, backend, space_c
     strategy.tell([0.3, -1.0, 2.0, 0.5])  # θ is no longer the base: the member sits on an evolved W
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     engine.eos_token_ids = [-1]  # every row runs to the limit, so every token is compared
-    out = space.generate_population(strategy, [0, 1, 2, 3], prompts, SamplingParams(max_new_tokens=12))
+    out = space.generate_population(strategy.ask(), [0, 1, 2, 3], prompts, SamplingParams(max_new_tokens=12))
     for member in (0, 1, 3):
-        noise = strategy.member_noise(member)
+        noise = strategy.ask().noise(member)
         if strategy.noise_rank:
             noise = {n: b @ a / math.sqrt(strategy.noise_rank) for n, (a, b) in noise.items()}
         weights = {n: strategy.params[n] + strategy.sigma * noise[n] for n in strategy.params}
@@ -83,7 +83,7 @@ def test_full_restores_the_weights_bit_for_bit(tiny_llama):
     before = {n: lin.weight.detach().clone() for n, lin in space.linears.items()}
     prompts = [tokenizer(p).input_ids for p in PROMPTS[:2]]
     for _ in range(5):
-        space.generate_population(strategy, range(4), prompts, SamplingParams(max_new_tokens=3))
+        space.generate_population(strategy.ask(), range(4), prompts, SamplingParams(max_new_tokens=3))
         strategy.tell([1.0, 2.0, 0.0, 5.0])
     assert all(space.linears[n].weight.equal(w) for n, w in before.items())
 

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import build_tiny_model
+from helpers import runs
+from helpers.runs import LETTER_TASK
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -23,29 +25,19 @@ from evolm.grpo.loop import run_grpo
 from evolm.runs import read_jsonl
 from evolm.tasks import load_task
 
-TESTS = Path(__file__).parent
-LETTER_TASK = "helpers.letter_task:LetterTask"
-
-
-@pytest.fixture(autouse=True)
-def _tests_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
+GRPO_RUN = {
+    "model": {"device": "cpu"},
+    "task": {"options": {"prompts": 2}},
+    "decoding": {"max_new_tokens": 6, "stop": ["!"]},
+    "eval": {"every": 1},
+    # log_completions: TRL writes each step's completions and rewards, which the test checks
+    "grpo": {"steps": 2, "group_size": 2, "prompts_per_step": 2, "learning_rate": 0.05, "save_every": 1,
+             "trl": {"gradient_checkpointing": False, "log_completions": True}},
+}
 
 
 def write_config(path: Path, model: Path, out: Path, **grpo) -> Path:
-    config = {
-        "output_dir": str(out),
-        "model": {"name_or_path": str(model), "device": "cpu"},
-        "task": {"name": LETTER_TASK, "options": {"prompts": 2}},
-        "generation": {"max_new_tokens": 6, "stop": ["!"]},
-        "eval": {"every": 1},
-        "logging": {"progress": False},
-        # log_completions: TRL writes each step's completions and rewards, which the test checks
-        "grpo": {"steps": 2, "group_size": 2, "prompts_per_step": 2, "learning_rate": 0.05, "save_every": 1,
-                 "trl": {"gradient_checkpointing": False, "log_completions": True}} | grpo,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return runs.write_config(path, model, out, GRPO_RUN, grpo=grpo)
 
 
 def test_grpo_writes_an_evolm_run_folder_and_its_rewards_are_the_tasks(tiny_llama, tmp_path):
@@ -101,7 +93,7 @@ def test_lora_grpo_resumes_from_its_checkpoint_and_continues_the_step_count(tiny
 def test_the_grpo_presets_share_the_es_presets_task_and_bad_fields_are_named():
     config = load_grpo_config("countdown", [])
     assert config.task.name == "countdown" and config.output_dir == "runs/countdown-grpo"
-    assert config.generation.max_new_tokens == 1024 and config.grpo.loss_type == "dapo"
+    assert config.decoding.max_new_tokens == 1024 and config.grpo.loss_type == "dapo"
     with pytest.raises(ConfigError, match="grpo.trl"):
         load_grpo_config("conciseness", ["grpo.trl.no_such_field=1"])
     with pytest.raises(ConfigError, match="divide"):

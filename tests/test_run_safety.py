@@ -12,32 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import runs
 from helpers.letter_task import LetterTask
 
 import evolm
 from evolm.config import ConfigError, load_config
-from evolm.es.loop import run_es
 from evolm.es.lora_space import LoRASpace
-from evolm.runs import RunDir, RunDirError, list_runs, read_jsonl
+from evolm.es.runner import run_es
+from evolm.runs import RunDir, RunDirError, list_runs
 from evolm.tasks import Example, TaskError, load_task
 
-TESTS = Path(__file__).parent
+SAFETY_RUN = runs.SMALL_ES_RUN | {"es": runs.SMALL_ES_RUN["es"] | {"sigma": 0.5, "learning_rate": 0.5}}
 
 
-@pytest.fixture(autouse=True)
-def _tests_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
-
-
-def write_config(path: Path, model: Path, out: Path, task: str = "helpers.letter_task:LetterTask", **top) -> Path:
-    config = {"output_dir": str(out), "model": {"name_or_path": str(model)}, "task": {"name": task},
-              "space": {"rank": 2, "target_modules": ["q_proj", "v_proj"]},
-              "es": {"generations": 2, "population": 4, "sigma": 0.5, "learning_rate": 0.5},
-              "generation": {"max_new_tokens": 4}, "eval": {"every": 0},
-              "logging": {"progress": False, "tensorboard": False}, **top}
-    path.write_text(yaml.safe_dump(config))
-    return path
+def write_config(path: Path, model: Path, out: Path, **sections) -> Path:
+    return runs.write_config(path, model, out, SAFETY_RUN, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +76,7 @@ def test_resume_refuses_a_history_that_lost_generations(finished, tmp_path, dama
 
 
 def test_a_run_in_which_every_member_scores_the_same_warns(tiny_llama, tmp_path):
-    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", task="helpers.odd_tasks:ConstantTask")
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", task={"name": "helpers.odd_tasks:ConstantTask"})
     run, summary = run_es(str(config), ["es.generations=3"])
     assert summary["status"] == "finished"
     assert len(summary["warnings"]) == 1 and "every member scored 1 in generations 0 to 2" in summary["warnings"][0]

@@ -201,9 +201,10 @@ def test_greedy_answers_on_the_engine_match_peft_generate(tiny_qwen):
     gives the same greedy text as PEFT + generate."""
     from transformers import AutoModelForCausalLM
 
+    from evolm.adapters import Adapter
     from evolm.config import ModelConfig
     from evolm.models import load_tokenizer
-    from evolm.search.fitness import Adapter, GreedyAnswers
+    from evolm.search.fitness import GreedyAnswers
 
     space = SearchSpace()
     genes = Genes(4, 2.0, 1e-3, 0.0, "qv", 1)
@@ -223,12 +224,12 @@ def test_greedy_answers_on_the_engine_match_peft_generate(tiny_qwen):
         expected.append(tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True))
     answers = GreedyAnswers(ModelConfig(name_or_path=str(tiny_qwen), device="cpu"), tokenizer,
                             space.target_modules["all_linear"], [tokenizer.eos_token_id], batch_rows=8)
-    assert answers(model, genes, prompts, 12, ()) == expected
+    assert answers(model, prompts, 12, ()) == expected
     assert len(set(expected)) > 1
 
     # the base model and adapters of other ranks and scales, as members of one generation, answer as alone;
     # a saved adapter reads back as the same member
-    first = Adapter.of_model(model, genes)
+    first = Adapter.of_peft_model(model)
     save_adapter(model, Path(tiny_qwen).parent / "greedy-adapter")
     assert answers.of_adapters([Adapter.of_folder(Path(tiny_qwen).parent / "greedy-adapter")], prompts, 12, ()) \
         == [expected]
@@ -242,8 +243,8 @@ def test_greedy_answers_on_the_engine_match_peft_generate(tiny_qwen):
         for name, p in other.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    alone = answers(other, other_genes, prompts, 12, ())
-    second = Adapter.of_model(other, other_genes)
+    alone = answers(other, prompts, 12, ())
+    second = Adapter.of_peft_model(other)
     other.unload()
     assert answers.of_adapters([None, first, second], prompts, 12, ()) == [plain, expected, alone]
     assert len({tuple(plain), tuple(expected), tuple(alone)}) == 3

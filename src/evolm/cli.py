@@ -92,8 +92,8 @@ def es_command(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
 ) -> None:
-    """Evolution Strategies in weight space: a population of LoRA-perturbed models, one batched generation."""
-    from evolm.es.loop import run_es
+    """Evolution Strategies in weight space: a population of perturbed models (a LoRA adapter, or the weights with low-rank or dense noise), scored together."""
+    from evolm.es.runner import run_es
 
     config, rest = split_config_and_overrides(config, overrides)
     with reported_errors(user_errors=(FloatingPointError,), interrupted=NOT_STARTED):
@@ -102,13 +102,16 @@ def es_command(
         when = "" if summary.get("generations") else " before its first generation"
         console.print(f"interrupted{when}; resume with: evolm es --resume {run.root}")
         raise typer.Exit(130)
+    if summary.get("stopped_by_max_seconds"):
+        console.print(f"es.max_seconds reached after {summary['generations']} generations; continue with: "
+                      f"evolm es --resume {run.root} es.max_seconds=…")
     console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
 
 
 @app.command("grpo", cls=Command)
 def grpo_command(
     config: Optional[str] = typer.Argument(None, help="YAML config file or preset name (countdown, conciseness: "
-                                           "the es preset's model, task, generation and eval)"),
+                                           "the es preset's model, task, decoding and eval)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted key=value overrides, e.g. grpo.steps=50"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
@@ -155,19 +158,20 @@ def evaluate_command(
     cases against the base (or B)."""
     from evolm.config import apply_overrides
     from evolm.evaluation import EvalOptions, evaluate_adapter, load_data_sets, named_sources, resolve_run_folder
+    from evolm.runs import RunDir
 
     with reported_errors(user_errors=(ValueError, FileNotFoundError)):
         options = EvalOptions(task=task, split=split, model=model, limit=limit,
                               max_new_tokens=max_new_tokens or 1024, temperature=temperature, samples=samples,
                               device=device, dtype=dtype, stop=stop or None,
                               task_options=apply_overrides({}, option or []) or None)
-        if adapter is not None and (adapter / "config.yaml").is_file():
+        if adapter is not None and RunDir(adapter).config_file.is_file():
             adapter, options = resolve_run_folder(adapter, options)
             if max_new_tokens or stop:
                 options.max_new_tokens, options.stop = max_new_tokens or options.max_new_tokens, stop or options.stop
             console.print(f"scoring {adapter} with the run's settings: max_new_tokens={options.max_new_tokens}, "
                           f"stop={options.stop}")
-        if against is not None and (against / "config.yaml").is_file():
+        if against is not None and RunDir(against).config_file.is_file():
             against, _ = resolve_run_folder(against, options)
         sets = load_data_sets(options, named_sources(data) if data else {"test": None})
         report = evaluate_adapter(adapter, options, compare=compare, sets=sets, against=against)
@@ -210,7 +214,7 @@ def export_command(
     best: bool = typer.Option(False, "--best", help="The θ that scored best on eval.keep_best's set, not the last."),
 ) -> None:
     """Rebuild a run's θ from its small checkpoint and write it as an adapter or a model folder."""
-    from evolm.es.loop import export_run
+    from evolm.es.runner import export_run
 
     with reported_errors(user_errors=(ValueError,)):
         console.print(f"wrote {export_run(run_dir, out, device, best=best, model=model)}")
@@ -279,6 +283,7 @@ def runs_list_command(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
 ) -> None:
     """List runs (newest first); with --cleanup remove older ones."""
+    from evolm.metrics import headline_metric
     from evolm.runs import RUN_MARKER, cleanup_candidates, cleanup_runs, format_age, list_runs
 
     with reported_errors():
@@ -289,8 +294,7 @@ def runs_list_command(
     for col in ("status", "generations", "last mean fitness", "final", "size", "modified"):
         table.add_column(col)
     for r in runs:
-        final = r["final"] or {}
-        metric = final.get("accuracy") if final.get("accuracy") is not None else final.get("reward")
+        metric = headline_metric(r["final"])[1] if r["final"] else None
         table.add_row(r["path"], r["status"], str(r["generations"]),
                       "-" if r["last_mean_fitness"] is None else f"{r['last_mean_fitness']:.4g}",
                       "-" if metric is None else f"{metric:.4g}", f"{r['size_mb']:.1f} MB", format_age(r["modified"]))

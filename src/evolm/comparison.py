@@ -10,6 +10,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from evolm.config import TEST_SET
+from evolm.metrics import headline_metric_name
 from evolm.reports import DPI, step_key
 from evolm.runs import RunDir, RunDirError, atomic_write_text, evaluations_by_set, read_jsonl
 
@@ -34,7 +35,7 @@ def read_curve(run_dir: Path) -> RunCurve:
     if not rows:
         raise RunDirError(f"{run_dir} has no test evaluation with a training clock (seconds, completions); runs made "
                           "before evolm recorded one cannot be compared on it")
-    metric = "accuracy" if all(r.get("accuracy") is not None for r in rows) else "reward"
+    metric = headline_metric_name(rows)
     return RunCurve(label=Path(run_dir).name, optimizer="grpo" if "grpo" in config else "es", metric=metric,
                     rows=rows)
 

@@ -84,6 +84,9 @@ class ESConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     prompts_per_generation: int | None = Field(None, ge=1, description="None = all training prompts every generation.")
+    max_seconds: float | None = Field(None, gt=0, description="Stop after the generation in which training "
+                                      "(evaluation excluded) reaches this many seconds, summed over resumes, as "
+                                      "grpo.max_seconds; None = no limit.")
 
     @model_validator(mode="after")
     def _even_population(self) -> "ESConfig":
@@ -92,7 +95,9 @@ class ESConfig(Section):
         return self
 
 
-class GenerationConfig(Section):
+class DecodingConfig(Section):
+    """How θ writes completions, in training and in evaluation (the section was called `generation`)."""
+
     max_new_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -145,7 +150,7 @@ class EvalSetsSection(Section):
 class EvalConfig(EvalSetsSection):
     every: int = Field(10, ge=0, description="Evaluate θ on the test split and eval.sets every N generations (0 = "
                        "only base and final).")
-    max_new_tokens: int | None = Field(None, ge=1, description="None = generation.max_new_tokens.")
+    max_new_tokens: int | None = Field(None, ge=1, description="None = decoding.max_new_tokens.")
     kl: bool = Field(False, description="Also report KL(θ ‖ base) on each set's prompts along θ's completions.")
     keep_best: str | None = Field(None, description="A set name or 'test': keep the θ that scored best on it "
                                   "(accuracy where the task gives verdicts, else mean reward) beside the last one.")
@@ -190,13 +195,45 @@ class RunConfig(Section):
         return self
 
 
-class ESRunConfig(RunConfig):
+OLD_DECODING_NAME = "generation"  # the decoding section's name before "generation" meant only an ES iteration
+
+
+class EngineRunConfig(RunConfig):
+    """What `evolm es` and `evolm grpo` share beyond RunConfig: θ writes its completions through the population
+    engine (decoding), is scored on the test split and eval.sets (eval), and the run reports as it goes."""
+
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_decoding_name(cls, data: Any) -> Any:
+        return with_decoding_renamed(data)
+
+
+def with_decoding_renamed(data: Any) -> Any:
+    """Configs and run folders written before the rename say `generation:`; read it as `decoding:` (both at
+    once merge, and a field they set differently is refused)."""
+    if not isinstance(data, dict) or OLD_DECODING_NAME not in data:
+        return data
+    data = dict(data)
+    old, new = data.pop(OLD_DECODING_NAME), data.get("decoding")
+    if isinstance(old, dict) and isinstance(new, dict):
+        clash = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+        if clash:
+            raise ValueError(f"{OLD_DECODING_NAME}.{clash[0]} and decoding.{clash[0]} differ; "
+                             f"{OLD_DECODING_NAME} is decoding's old name: give decoding.{clash[0]} only")
+        data["decoding"] = old | new
+    elif new is None:
+        data["decoding"] = old
+    return data
+
+
+class ESRunConfig(EngineRunConfig):
     output_dir: str = "runs/es"
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     es: ESConfig = Field(default_factory=ESConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     export: bool = Field(True, description="Write the final adapter (lora) or model folder (full spaces) at the "
                          "end; `evolm export RUN DIR` writes it later from the small checkpoint.")
 
@@ -307,7 +344,10 @@ def load_config(
     schema: type[Schema] = ESRunConfig,  # type: ignore[assignment]
     presets: str = ES_PRESETS,
 ) -> Schema:
-    return validate(apply_overrides(read_source(source, presets), list(overrides or [])), schema)
+    data = read_source(source, presets)
+    if "decoding" in schema.model_fields:  # an old file's section first, so that overrides of decoding.* apply to it
+        data = with_decoding_renamed(data)
+    return validate(apply_overrides(data, list(overrides or [])), schema)
 
 
 def dump_config(config: BaseModel) -> str:

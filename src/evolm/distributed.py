@@ -44,6 +44,15 @@ def gather_fitness(local: dict[int, float], population: int, device: torch.devic
 
 
 
+def main_value(value: float, device: torch.device) -> float:
+    """The first process's `value` on every process: what they must decide alike (each clock differs a little)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    shared = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(shared, src=0)
+    return float(shared.item())
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

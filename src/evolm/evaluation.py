@@ -8,20 +8,18 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from evolm.adapters import read_peft_adapter
-from evolm.config import SET_NAME, ModelConfig, read_source
+from evolm.adapters import Adapter, set_members
+from evolm.config import OLD_DECODING_NAME, SET_NAME, ModelConfig, read_source
 from evolm.engine import PopulationEngine
 from evolm.engine.decoding import SamplingParams
-from evolm.es.lora_space import LoRASpace
 from evolm.models import eos_token_ids, load_model, release_memory
 from evolm.runs import EXPORT_INFO, RunDir
 from evolm.scoring import render_all, score_all, summarize
-from evolm.tasks import Score, Task, TaskError, load_task
+from evolm.tasks import Score, Task, load_task
 from evolm.tasks.base import split_slice
-from evolm.tasks.splits import EvalSet
+from evolm.tasks.splits import EvalSet, load_eval_set
 
 
 @dataclass
@@ -38,15 +36,6 @@ class EvalOptions:
     dtype: str = "auto"
     task_options: dict | None = None
     stop: list[str] | None = None  # None = the task's own stop strings
-
-
-def adapter_space(adapter_config: dict, shapes: dict[str, tuple[int, int]]) -> LoRASpace:
-    """The LoRA space of a PEFT adapter; variants evolm cannot apply exactly are refused, not approximated."""
-    unsupported = [k for k in ("use_dora", "use_rslora") if adapter_config.get(k)]
-    unsupported += [k for k in ("rank_pattern", "alpha_pattern") if adapter_config.get(k)]
-    if adapter_config.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise ValueError(f"only plain LoRA adapters can be evaluated (this one uses {unsupported or adapter_config.get('peft_type')})")
-    return LoRASpace(shapes, int(adapter_config["r"]), float(adapter_config["lora_alpha"]))
 
 
 def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool = False,
@@ -107,17 +96,8 @@ def named_sources(specs: list[str]) -> dict[str, str]:
 def load_data_sets(options: EvalOptions, sources: dict[str, str | None]) -> list[EvalSet]:
     """Examples of each named source for options.task, cut to options.limit; a bad source names its set."""
     task = load_task(options.task, options.task_options)
-    sets = []
-    for name, source in sources.items():
-        try:
-            examples = task.load_split(options.split, source)[: options.limit]
-        except (OSError, ValueError) as exc:
-            raise TaskError(f"--data {name}: {' '.join(str(exc).split())}") from exc
-        if not examples:
-            raise ValueError(f"no examples to evaluate in {name} "
-                             f"({source or 'the task built-in ' + options.split + ' data'})")
-        sets.append(EvalSet(name, task, examples))
-    return sets
+    return [load_eval_set(name, task, source, options.limit, f"--data {name}", options.split)
+            for name, source in sources.items()]
 
 
 def _sampling(options: EvalOptions, task: Task) -> SamplingParams:
@@ -173,17 +153,14 @@ def _texts_of_sets(adapter: Path | None, kind: str, options: EvalOptions, sets: 
 
 def _adapter_texts(adapter: Path, options: EvalOptions, sets: list[EvalSet], compare: bool):
     """A zero adapter (the base) and the adapter as two members of one batched generation per set."""
-    adapter_config, weights = read_peft_adapter(adapter)
-    base_name = options.model or adapter_config.get("base_model_name_or_path")
+    found = Adapter.of_folder(adapter)
+    base_name = options.model or found.base_model
     if not base_name:
         raise ValueError("the adapter names no base model: pass --model")
     loaded = load_model(ModelConfig(name_or_path=base_name, device=options.device, dtype=options.dtype))
-    engine = PopulationEngine(loaded.model, loaded.tokenizer, list(weights),
+    engine = PopulationEngine(loaded.model, loaded.tokenizer, list(found.factors),
                               eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer))
-    space = adapter_space(adapter_config, engine.shapes())
-    theta = space.params_of(weights)
-    members = {n: torch.stack([torch.zeros_like(t), t]) if compare else t[None] for n, t in theta.items()}
-    engine.set_factors(space.unflatten(members), space.scale)
+    set_members(engine, [None, found] if compare else [found])
     texts = _generate_sets(engine, loaded.tokenizer, sets, options, list(range(2 if compare else 1)),
                            "base and adapter" if compare else "adapter")
     del engine, loaded
@@ -225,7 +202,7 @@ def _recorded_base(model_dir: Path) -> str:
 
 
 def resolve_run_folder(path: Path, options: EvalOptions) -> tuple[Path, EvalOptions]:
-    """A run folder stands for its exported result, scored with the run's own task and generation settings."""
+    """A run folder stands for its exported result, scored with the run's own task and decoding settings."""
     run = RunDir.open(path)
     saved = read_source(run.config_file)
     kind = (saved.get("space") or saved.get("grpo", {}).get("space", {})).get("kind", "lora")  # es or grpo run
@@ -233,9 +210,9 @@ def resolve_run_folder(path: Path, options: EvalOptions) -> tuple[Path, EvalOpti
     if not target.is_dir():
         raise ValueError(f"{path} has no exported {'adapter' if kind == 'lora' else 'model'} yet: "
                          f"run `evolm export {path} {target}` first")
-    generation = saved.get("generation", {})
-    changes = {"max_new_tokens": generation.get("max_new_tokens", options.max_new_tokens),
-               "stop": generation.get("stop"), "task_options": saved["task"].get("options") or None}
+    decoding = saved.get("decoding", saved.get(OLD_DECODING_NAME, {}))  # a run of an evolm before the rename
+    changes = {"max_new_tokens": decoding.get("max_new_tokens", options.max_new_tokens),
+               "stop": decoding.get("stop"), "task_options": saved["task"].get("options") or None}
     return target, replace(options, **changes)
 
 

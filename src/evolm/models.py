@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from evolm.config import ConfigError, ModelConfig
+from evolm.engine.layer import find_target_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -167,9 +168,9 @@ def check_targets(model: PreTrainedModel, target_modules: Iterable[str], field: 
                   layers: Iterable[int] | None = None) -> None:
     """Fail before any work when `field` names a linear module (matched as peft matches: the whole
     dotted name or its ending) or a decoder layer the model does not have."""
-    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
+    missing = [t for t in target_modules if not _has_target(model, t)]
     if missing:
+        linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
         present = sorted({name.rpartition(".")[2] for name in linear})
         raise ConfigError(f"{field}: the model has no linear module named {', '.join(missing)}; "
                           f"it has {', '.join(present)}")
@@ -178,3 +179,11 @@ def check_targets(model: PreTrainedModel, target_modules: Iterable[str], field: 
     if absent:
         raise ConfigError(f"space.layers: the model has {count} decoder layers (0 to {count - 1}); "
                           f"there is no layer {', '.join(map(str, absent))}")
+
+
+def _has_target(model: PreTrainedModel, target: str) -> bool:
+    """Whether the engine's own rule (find_target_linears) finds a linear module named `target`."""
+    try:
+        return bool(find_target_linears(model, [target]))
+    except ValueError:
+        return False

@@ -13,7 +13,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from evolm.runs import evaluations_by_set, read_jsonl
+from evolm.metrics import headline_metric_name
+from evolm.runs import RunDir, evaluations_by_set, read_jsonl
 
 PHASES = ("generate", "score", "update", "eval")
 DPI = 100
@@ -22,7 +23,7 @@ DPI = 100
 def _evaluations(run_dir: Path, history: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Evaluations by set from results/evaluations.jsonl, else the test split's from the history's `test`
     entries (runs made before evaluations.jsonl existed)."""
-    rows = read_jsonl(run_dir / "results" / "evaluations.jsonl")
+    rows = read_jsonl(RunDir(run_dir).evaluations_file)
     if rows:
         return evaluations_by_set(rows)
     tests = [{"generation": h["generation"], **h["test"]} for h in history if h.get("test")]
@@ -30,7 +31,7 @@ def _evaluations(run_dir: Path, history: list[dict[str, Any]]) -> dict[str, list
 
 
 def _save(fig: Figure, run_dir: Path, name: str) -> Path:
-    path = run_dir / "figures" / name
+    path = RunDir(run_dir).figures / name
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path
@@ -56,7 +57,7 @@ def evolution_figure(run_dir: str | Path) -> Figure | None:
     over the mean fitness and hid it.
     """
     run_dir = Path(run_dir)
-    history = read_jsonl(run_dir / "results" / "history.jsonl")
+    history = read_jsonl(RunDir(run_dir).history_file)
     evaluations = _evaluations(run_dir, history)
     if not history and not evaluations:
         return None
@@ -83,7 +84,7 @@ def evolution_figure(run_dir: str | Path) -> Figure | None:
         ax = panels[-1]
         labels = []
         for k, (name, rows) in enumerate(evaluations.items()):  # a line per evaluation set
-            metric = "accuracy" if all(e.get("accuracy") is not None for e in rows) else "reward"
+            metric = headline_metric_name(rows)
             ax.plot([e[key] for e in rows], [e[metric] for e in rows],
                     color=f"C{2 + k}", marker="o", markersize=4, label=f"{name} {metric}")
             labels.append(f"{name} {metric}")
@@ -97,7 +98,7 @@ def evolution_figure(run_dir: str | Path) -> Figure | None:
 
 def time_breakdown_figure(run_dir: str | Path) -> Figure | None:
     """Seconds per generation (step) spent generating, scoring, updating, evaluating, stacked."""
-    history = read_jsonl(Path(run_dir) / "results" / "history.jsonl")
+    history = read_jsonl(RunDir(run_dir).history_file)
     if not history:
         return None
     extra = sorted({phase for h in history for phase in h.get("time", {})} - set(PHASES))

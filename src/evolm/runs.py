@@ -106,9 +106,21 @@ def evaluations_by_set(rows: list[dict], default: str = "test") -> dict[str, lis
     return groups
 
 
+def evaluations_summary(rows: list[dict], step_key: str, last: int, finished: bool) -> dict:
+    """What a summary says of a run's evaluations: base (step 0), final (step `last`, when the run finished)
+    and last evaluated, of the test split at the top level and of each eval.sets set under "sets"."""
+    by_set = {name: {r[step_key]: r for r in group} for name, group in evaluations_by_set(rows).items()}
+
+    def outline(evaluations: dict[int, dict]) -> dict:
+        return {"base": evaluations.get(0), "final": evaluations.get(last) if finished else None,
+                "last_evaluated": evaluations[max(evaluations)] if evaluations else None}
+
+    return {**outline(by_set.get("test", {})), "sets": {name: outline(e) for name, e in by_set.items() if name != "test"}}
+
+
 @dataclass
 class RunDir:
-    """The layout of one run folder (see SPEC "Run folder")."""
+    """Where everything of one run lives, the one place that names a run folder's files (README: "A run folder holds")."""
 
     root: Path
 
@@ -150,8 +162,13 @@ class RunDir:
         return self.results / "summary.json"
 
     @property
+    def checkpoints(self) -> Path:
+        """An ES run's latest.pt, or a GRPO run's TRL checkpoint folders."""
+        return self.root / "checkpoints"
+
+    @property
     def checkpoint_file(self) -> Path:
-        return self.root / "checkpoints" / "latest.pt"
+        return self.checkpoints / "latest.pt"
 
     @property
     def adapter_dir(self) -> Path:

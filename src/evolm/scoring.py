@@ -49,7 +49,3 @@ def summarize(scores: Sequence[Score], task: Task | None = None) -> dict[str, fl
     }
     return metrics | (task.extra_metrics(list(scores)) if task else {})
 
-
-def headline_metric(metrics: dict) -> tuple[str, float]:
-    """The metric a set is judged by: accuracy where the task gives verdicts, else mean reward."""
-    return ("accuracy", metrics["accuracy"]) if metrics.get("accuracy") is not None else ("reward", metrics["reward"])

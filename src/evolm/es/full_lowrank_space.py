@@ -23,11 +23,11 @@ class FullLowRankSpace(WeightSpace):
         super().__init__(engine, keep_base)
         self.noise_rank = rank
 
-    def generate_population(self, strategy, members, prompts, sampling):
-        self.write(strategy.params)
-        noise = [strategy.member_noise(m) for m in range(strategy.population)]
+    def generate_population(self, population, members, prompts, sampling):
+        self.write(population.params)
+        noise = [population.noise(m) for m in range(population.size)]
         factors = {name: LowRankWeights(A=torch.stack([n[name][0] for n in noise]),
                                         B=torch.stack([n[name][1] for n in noise]))
                    for name in self.linears}
-        self.engine.set_factors(factors, strategy.sigma / math.sqrt(self.noise_rank))
+        self.engine.set_factors(factors, population.sigma / math.sqrt(self.noise_rank))
         return self.engine.generate(prompts, members, sampling)

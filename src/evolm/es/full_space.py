@@ -12,31 +12,31 @@ import time
 import torch
 
 from evolm.es.space import WeightSpace, merge_generations
+from evolm.es.strategy import Population
 
 
 class FullSpace(WeightSpace):
     kind = "full"
 
-    def generate_population(self, strategy, members, prompts, sampling):
+    def generate_population(self, population, members, prompts, sampling):
         self.engine.clear_factors()
         parts, perturb_seconds = [], 0.0
         try:
             for i, member in enumerate(members):
                 start = time.perf_counter()
-                self.perturb(strategy, member)
+                self.perturb(population, member)
                 if self.engine.device.type == "cuda":
                     torch.cuda.synchronize(self.engine.device)
                 perturb_seconds += time.perf_counter() - start
                 # members one after another share one slot layout: keep it (and its CUDA graphs) until the last
                 parts.append(self.engine.generate(prompts, None, sampling, keep_slots=i + 1 < len(members)))
         finally:
-            self.write(strategy.params)
+            self.write(population.params)
         merged = merge_generations(parts)
         merged.seconds["noise"] = perturb_seconds  # drawing ε and writing θ + σε, a share of "generate"
         return merged
 
     @torch.no_grad()
-    def perturb(self, strategy, member: int) -> None:
-        step = strategy.sigma * strategy.sign(member)
-        for name, eps in strategy.noise(strategy.pair(member)).items():
-            self.linears[name].weight.copy_(strategy.params[name].add(eps, alpha=step))
+    def perturb(self, population: Population, member: int) -> None:
+        for name, weight in population.perturbed(member):
+            self.linears[name].weight.copy_(weight)

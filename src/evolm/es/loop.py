@@ -1,4 +1,8 @@
-"""The ES loop: ask the strategy for a population, score it with the engine, tell, log, checkpoint."""
+"""The ES loop: one generation is ask, evaluate, tell, check, evaluate θ, record, checkpoint.
+
+`ESRun` holds a run's state in one process (strategy, space, engine, clock, best θ); its life around the
+loop (prepare, create or resume the run folder, load, export) is runner.py's.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import json
 import logging
 import signal
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evolm import distributed, reports
-from evolm.config import (
-    TEST_SET,
-    ConfigError,
-    ESRunConfig,
-    SpaceConfig,
-    apply_overrides,
-    dump_config,
-    load_config,
-    read_source,
-    validate,
-)
+from evolm.config import TEST_SET, ESRunConfig, SpaceConfig, dump_config
 from evolm.engine import PopulationEngine
 from evolm.engine.decoding import SamplingParams
 from evolm.es.full_lowrank_space import FullLowRankSpace
@@ -33,36 +27,26 @@ from evolm.es.full_space import FullSpace
 from evolm.es.lora_space import LoRASpace
 from evolm.es.noise import stream_key
 from evolm.es.space import Space
-from evolm.es.strategy import EvolutionStrategy
-from evolm.models import LoadedModel, check_targets, eos_token_ids, load_model, release_memory
+from evolm.es.strategy import EvolutionStrategy, Population
+from evolm.models import LoadedModel, eos_token_ids
 from evolm.runs import (
     RunDir,
     RunDirError,
     append_jsonl,
     atomic_write_text,
-    changed_keys,
     evaluations_by_set,
-    flatten,
-    is_under,
-    log_to_file,
+    evaluations_summary,
     read_jsonl,
-    refuse_busy_dir,
-    refuse_foreign_export_dir,
-    refuse_ignored_resume_arguments,
     write_jsonl,
 )
-from evolm.scoring import check_prompts, headline_metric, render_all, score_all, summarize
-from evolm.tasks import Example, Task, load_task
-from evolm.tasks.splits import EvalSet, load_eval_sets, load_splits
+from evolm.metrics import FITNESS_STATISTICS, fitness_statistics, headline_metric
+from evolm.scoring import render_all, score_all, summarize
+from evolm.tasks import Example, Task
+from evolm.tasks.splits import EvalSet
+from evolm.tracking import Tracker, format_metrics
 
 log = logging.getLogger("evolm")
 
-# Changing these on --resume would make the checkpoint mean something else.
-FROZEN_ON_RESUME = ("seed", "model.name_or_path", "space", "es.population", "es.antithetic", "es.optimizer",
-                    "eval.keep_best")
-# A full-weight run's checkpoint is its fitness log, replayed through tell() on resume and export: everything
-# tell() reads must stay what it was, or the replay would rebuild other weights than the run had.
-FROZEN_FOR_REPLAY = ("es.sigma", "es.learning_rate", "es.fitness", "es.weight_decay", "es.adam_betas")
 FLAT_GENERATIONS = 3  # generations in a row in which every member scored the same before the run warns
 
 
@@ -74,40 +58,6 @@ class PromptSet:
     prompt_ids: list[list[int]]
 
 
-def prepare_run(
-    config_source: str | None, overrides: list[str], *, resume: str | None, overwrite: bool
-) -> tuple[ESRunConfig, RunDir, dict[str, list]]:
-    """Validate everything that can be checked without a model, and touch nothing: the config, the
-    output folder (is it free?) or the resumed run (its checkpoint readable, its generations no fewer
-    than it has done). Returns the config, the run folder and, on resume, what the overrides change
-    ({key: [before, after]})."""
-    if not resume:
-        if config_source is None:
-            raise ConfigError("give a config file or preset name, or --resume RUN_DIR")
-        config = load_config(config_source, overrides, ESRunConfig)
-        refuse_busy_dir(Path(config.output_dir), overwrite)
-        return config, RunDir(Path(config.output_dir)), {}
-    refuse_ignored_resume_arguments(config_source, overrides, overwrite)
-    run = RunDir.open(resume)
-    saved = validate(read_source(run.config_file), ESRunConfig)
-    config = validate(apply_overrides(saved.model_dump(mode="json"), overrides), ESRunConfig)
-    before, after = saved.model_dump(), config.model_dump()
-    changed = changed_keys(before, after)
-    policy = FROZEN_ON_RESUME + (FROZEN_FOR_REPLAY if config.space.kind != "lora" else ())
-    frozen = [key for key in changed if is_under(key, policy)]
-    if frozen:
-        raise ConfigError(f"{', '.join(frozen)} cannot change on --resume (they define what the checkpoint "
-                          f"means; frozen for a {config.space.kind} run: {', '.join(policy)})")
-    state = run.load_checkpoint()
-    done = state["strategy"]["generation"] if state else 0
-    if config.es.generations < done:
-        raise ConfigError(f"es.generations={config.es.generations}: this run has done {done} generations already; "
-                          f"give es.generations={done} or more (a run does not shrink below what it has done)")
-    config.output_dir = str(run.root)  # where the run is now, should it have been moved
-    flat_before, flat_after = flatten(before), flatten(after)
-    return config, run, {key: [flat_before.get(key), flat_after.get(key)] for key in changed}
-
-
 class ESRun:
     """One ES run in one process (or one of several under torchrun: a share of the members each)."""
 
@@ -116,8 +66,8 @@ class ESRun:
     def __init__(self, config: ESRunConfig, run: RunDir, loaded: LoadedModel, task: Task,
                  train: list[Example], test: list[Example], eval_sets: list[EvalSet] = ()):
         self.config, self.run, self.task = config, run, task
-        self.rank, self.world_size = distributed.world()
-        self.is_main = self.rank == 0
+        self.process_rank, self.world_size = distributed.world()  # this process among torchrun's
+        self.is_main = self.process_rank == 0
         self.loaded = loaded
         tokenizer = loaded.tokenizer
         self.train = PromptSet(train, render_all(tokenizer, train))
@@ -126,7 +76,7 @@ class ESRun:
         self.eval_sets = {s.name: (s.task, PromptSet(s.examples, render_all(tokenizer, s.examples))) for s in sets}
         self.best: dict | None = None  # eval.keep_best's best evaluation so far
         space_cfg = config.space
-        gen = config.generation
+        gen = config.decoding
         self.engine = PopulationEngine(
             loaded.model, tokenizer, space_cfg.target_modules, space_cfg.layers,
             eos_token_ids=eos_token_ids(loaded.model, tokenizer),
@@ -134,7 +84,7 @@ class ESRun:
         )
         self.space = make_space(config.space, self.engine, keep_base=config.eval.kl)
         self.strategy = self.new_strategy()
-        self.members = distributed.member_share(config.es.population, self.rank, self.world_size)
+        self.members = distributed.member_share(config.es.population, self.process_rank, self.world_size)
         self.tracker: Tracker | None = None
         self.checkpointed: int | None = None  # the generation of the checkpoint on disk
         self.flat = 0  # generations in a row in which every member scored the same
@@ -155,7 +105,7 @@ class ESRun:
     # -- evaluation ---------------------------------------------------------------------------
 
     def sampling(self, generation: int, max_new_tokens: int | None = None, task: Task | None = None) -> SamplingParams:
-        gen = self.config.generation
+        gen = self.config.decoding
         return SamplingParams(
             max_new_tokens=max_new_tokens or gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
             stop_strings=tuple((task or self.task).stop_strings if gen.stop is None else gen.stop),
@@ -169,20 +119,19 @@ class ESRun:
             return list(range(m))
         return [(generation * k + j) % m for j in range(k)]
 
-    def population_fitness(self, generation: int) -> tuple[torch.Tensor, dict]:
-        """Mean reward of each member on this generation's prompts (every process gets all N)."""
+    def evaluate_population(self, population: Population, generation: int) -> tuple[torch.Tensor, Cost]:
+        """Every member's mean reward on this generation's prompts (every process gets all N), and its cost."""
         indices = self.prompt_indices(generation)
         examples = [self.train.examples[i] for i in indices]
         t0 = time.perf_counter()
-        out = self.space.generate_population(self.strategy, self.members, [self.train.prompt_ids[i] for i in indices],
+        out = self.space.generate_population(population, self.members, [self.train.prompt_ids[i] for i in indices],
                                              self.sampling(generation))
         t1 = time.perf_counter()
         local = {m: summarize(score_all(self.task, examples, texts))["reward"]
                  for m, texts in zip(self.members, out.texts)}
         fitness = distributed.gather_fitness(local, self.config.es.population, self.loaded.device)
-        t2 = time.perf_counter()
-        return fitness, {"generate": t1 - t0, "score": t2 - t1, "tokens": out.num_tokens, "prompts": len(indices),
-                         "overhead": out.seconds}
+        return fitness, Cost(tokens=out.num_tokens, prompts=len(indices), generate=t1 - t0,
+                             score=time.perf_counter() - t1, generate_parts=out.seconds)
 
     def evaluate_theta(self, generation: int, name: str = TEST_SET) -> tuple[dict, list[dict]]:
         """Metrics of the unperturbed θ (greedy by default) on one evaluation set, with its completions."""
@@ -272,7 +221,7 @@ class ESRun:
         self.trim_results()
         self.restore_best()
         history = read_jsonl(self.run.history_file)
-        self.clock = {"seconds": sum(h["time"]["generate"] + h["time"]["score"] + h["time"]["update"] for h in history),
+        self.clock = {"seconds": sum(training_seconds(h["time"]) for h in history),
                       "completions": sum(len(h["fitness"]) * h["prompts"] for h in history)}
         return self.strategy.generation
 
@@ -298,7 +247,7 @@ class ESRun:
         started = time.time()
         if self.is_main:
             atomic_write_text(self.run.config_file, dump_config(config))
-            self.tracker = Tracker(config, self.run.logs)
+            self.tracker = Tracker(config.logging, config.model_dump(), self.run.logs)
         evaluated = {r["generation"] for r in read_jsonl(self.run.evaluations_file)}
         bar = tqdm(total=es.generations, initial=start, desc="ES", unit="gen",
                    disable=not (self.is_main and config.logging.progress), dynamic_ncols=True)
@@ -307,13 +256,15 @@ class ESRun:
             with _sigterm_as_interrupt():
                 if start == 0 and 0 not in evaluated:
                     for name, metrics in self.evaluate_all(0, keep_completions=True).items():
-                        log.info("base model %s metrics: %s", name, _fmt(metrics))
+                        log.info("base model %s metrics: %s", name, format_metrics(metrics))
                 for g in range(start, es.generations):
+                    if self.out_of_time():
+                        break
                     row = self.one_generation(g)
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row))
         except KeyboardInterrupt:
-            status = "interrupted"  # update, history line and checkpoint are one step (see _commit)
+            status = "interrupted"  # update, history line and checkpoint are one step (see one_generation)
             log.warning("interrupted: the generation in progress is abandoned; the checkpoint at generation %d is kept",
                         self.strategy.generation)
         except Exception as exc:
@@ -327,53 +278,58 @@ class ESRun:
             self.record_failure(exc, time.time() - started)
             raise
 
-    def one_generation(self, g: int) -> dict:
-        fitness, stats = self.population_fitness(g)  # a stop during this abandons the generation
-        with _deferred_interrupts():  # from the update to its checkpoint, a stop waits: all of it lands or none
-            return self._commit(g, fitness, stats)
+    def out_of_time(self) -> bool:
+        """Whether es.max_seconds of training are spent (on the clock that counts every session's)."""
+        budget = self.config.es.max_seconds
+        if budget is None:
+            return False
+        seconds = distributed.main_value(self.clock["seconds"], self.loaded.device)  # the clock rank 0 records
+        if seconds < budget:
+            return False
+        log.info("es.max_seconds=%g reached after %.1f training seconds", budget, seconds)
+        return True
 
-    def _commit(self, g: int, fitness: torch.Tensor, stats: dict) -> dict:
-        es, every = self.config.es, self.config.eval.every
-        t0 = time.perf_counter()
-        update = self.strategy.tell(fitness)
-        t_update = time.perf_counter() - t0
-        self.clock["seconds"] += stats["generate"] + stats["score"] + t_update
-        self.clock["completions"] += es.population * stats["prompts"]
+    def one_generation(self, g: int) -> dict:
+        population = self.strategy.ask()
+        fitness, cost = self.evaluate_population(population, g)  # a stop during this abandons the generation
+        with _deferred_interrupts():  # from the update to its checkpoint a stop waits: all of it lands or none
+            t0 = time.perf_counter()
+            update = self.strategy.tell(fitness)
+            cost.update = time.perf_counter() - t0
+            self.clock["seconds"] += cost.training_seconds
+            self.clock["completions"] += self.config.es.population * cost.prompts
+            self.check_theta(g)
+            evaluations = self.evaluate_when_due(cost)
+            row = history_row(g, fitness.numpy(), cost, update, evaluations)
+            self.record(row)
+            self.checkpoint()
+        return row
+
+    def check_theta(self, g: int) -> None:
         bad = [n for n, p in self.strategy.params.items() if not torch.isfinite(p).all()]
         if bad:
             raise FloatingPointError(f"θ became non-finite in generation {g} (e.g. {bad[0]}): {self.step_advice()}")
-        evaluations, t_eval = {}, 0.0
-        done = self.strategy.generation
-        if every and done % every == 0 and done < es.generations:
-            t0 = time.perf_counter()
-            evaluations = self.evaluate_all(done, keep_completions=False)
-            t_eval = time.perf_counter() - t0
-        f = fitness.numpy()
-        self.note_flat_fitness(g, f)
-        row = {
-            "generation": g,
-            "fitness": f.tolist(),
-            "mean": float(f.mean()), "std": float(f.std()), "min": float(f.min()), "max": float(f.max()),
-            "p20": float(np.percentile(f, 20)), "p80": float(np.percentile(f, 80)),
-            "best_member": int(f.argmax()),
-            "tokens": stats["tokens"], "prompts": stats["prompts"],
-            "tokens_per_s": stats["tokens"] / max(stats["generate"], 1e-9),
-            "time": {"generate": stats["generate"], "score": stats["score"], "update": t_update, "eval": t_eval}
-            | {f"generate.{part}": t for part, t in stats["overhead"].items()},
-            **update,
-        }
-        if evaluations.get(TEST_SET):
-            row["test"] = evaluations[TEST_SET]
-        if any(name != TEST_SET for name in evaluations):
-            row["sets"] = {name: metrics for name, metrics in evaluations.items() if name != TEST_SET}
-        if self.is_main:
-            append_jsonl(self.run.history_file, row)
-            if self.tracker:
-                metrics = {f"fitness/{k}": row[k] for k in ("mean", "max", "min", "std", "p20", "p80")}
-                metrics["speed/tokens_per_s"] = row["tokens_per_s"]
-                self.tracker.log(metrics | {f"time/{k}": v for k, v in row["time"].items()}, g)
-        self.checkpoint()
-        return row
+
+    def evaluate_when_due(self, cost: Cost) -> dict[str, dict]:
+        """θ after the update on every evaluation set, every eval.every generations (the last one is finish's)."""
+        every, done = self.config.eval.every, self.strategy.generation
+        if not (every and done % every == 0 and done < self.config.es.generations):
+            return {}
+        t0 = time.perf_counter()
+        evaluations = self.evaluate_all(done, keep_completions=False)
+        cost.eval = time.perf_counter() - t0
+        return evaluations
+
+    def record(self, row: dict) -> None:
+        """The history line (and TensorBoard's scalars) of a generation."""
+        self.note_flat_fitness(row["generation"], np.asarray(row["fitness"]))
+        if not self.is_main:
+            return
+        append_jsonl(self.run.history_file, row)
+        if self.tracker:
+            metrics = {f"fitness/{k}": row[k] for k in FITNESS_STATISTICS}
+            metrics["speed/tokens_per_s"] = row["tokens_per_s"]
+            self.tracker.log(metrics | {f"time/{k}": v for k, v in row["time"].items()}, row["generation"])
 
     def step_advice(self) -> str:
         """What a user can do about a step that broke θ: a lora run resumes with a smaller step, a full-weight
@@ -423,21 +379,15 @@ class ESRun:
             self.export(self.run.export_dir(self.space.kind))
             if self.best is not None and not self.space.params_in_checkpoint and self.best["generation"] == g:
                 self.export(self.run.best_export_dir(self.space.kind))  # else run_es replays the log to it
-        by_set = {name: {r["generation"]: r for r in rows}
-                  for name, rows in evaluations_by_set(read_jsonl(self.run.evaluations_file)).items()}
-
-        def outline(evaluations: dict[int, dict]) -> dict:
-            return {"base": evaluations.get(0), "final": evaluations.get(g) if status == "finished" else None,
-                    "last_evaluated": evaluations[max(evaluations)] if evaluations else None}
-
         history = read_jsonl(self.run.history_file)
         summary = {
             "status": status,
             "generations": g,
-            **outline(by_set.get(TEST_SET, {})),
-            "sets": {name: outline(rows) for name, rows in by_set.items() if name != TEST_SET},
+            "stopped_by_max_seconds": status == "finished" and g < self.config.es.generations,
+            **evaluations_summary(read_jsonl(self.run.evaluations_file), self.step_key, g, status == "finished"),
             "best": self.best,
             "best_mean_fitness": max((h["mean"] for h in history), default=None),
+            "training_seconds": self.clock["seconds"], "completions": self.clock["completions"],
             "tokens_generated": sum(h["tokens"] for h in history),
             "wall_time_s_this_session": wall_time,
             "device": str(self.loaded.device),
@@ -452,8 +402,54 @@ class ESRun:
         if self.tracker:
             self.tracker.close()
         log.info("run %s: %s after %d generations; base %s, final %s", self.run.root, status, g,
-                 _fmt(summary["base"]), _fmt(summary["final"]))
+                 format_metrics(summary["base"]), format_metrics(summary["final"]))
         return summary
+
+
+@dataclass
+class Cost:
+    """What one generation took: tokens, prompts, and seconds by phase (generate_parts: shares of generate)."""
+
+    tokens: int
+    prompts: int
+    generate: float
+    score: float
+    update: float = 0.0
+    eval: float = 0.0
+    generate_parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def training_seconds(self) -> float:
+        return training_seconds(self.seconds())
+
+    def seconds(self) -> dict[str, float]:
+        return {"generate": self.generate, "score": self.score, "update": self.update, "eval": self.eval} | {
+            f"generate.{part}": t for part, t in self.generate_parts.items()}
+
+
+def training_seconds(seconds: dict[str, float]) -> float:
+    """The clock ES and GRPO runs are compared on: a generation's seconds without its evaluation."""
+    return seconds["generate"] + seconds["score"] + seconds["update"]
+
+
+def history_row(generation: int, fitness: np.ndarray, cost: Cost, update: dict, evaluations: dict[str, dict]) -> dict:
+    """One line of results/history.jsonl: every member's fitness and their statistics, what the generation
+    cost, the update's norms, and θ's evaluations after it (the test split as "test", eval.sets as "sets")."""
+    row = {
+        "generation": generation,
+        "fitness": fitness.tolist(),
+        **fitness_statistics(fitness),
+        "best_member": int(fitness.argmax()),
+        "tokens": cost.tokens, "prompts": cost.prompts,
+        "tokens_per_s": cost.tokens / max(cost.generate, 1e-9),
+        "time": cost.seconds(),
+        **update,
+    }
+    if evaluations.get(TEST_SET):
+        row["test"] = evaluations[TEST_SET]
+    if any(name != TEST_SET for name in evaluations):
+        row["sets"] = {name: metrics for name, metrics in evaluations.items() if name != TEST_SET}
+    return row
 
 
 def make_space(config: SpaceConfig, engine: PopulationEngine, keep_base: bool = False) -> Space:
@@ -466,135 +462,10 @@ def make_space(config: SpaceConfig, engine: PopulationEngine, keep_base: bool = 
     return FullSpace(engine, keep_base)
 
 
-def load_run(run_dir: str | Path, device: str | None = None, generation: int | None = None,
-             model: str | None = None) -> ESRun:
-    """A run as its checkpoint left it (θ rebuilt by replay where it is not stored), or with `generation` θ
-    of that generation (the fitness log replayed up to it), ready to evaluate or export. `model` is the run's
-    base model where it now lives (a run folder shared from another machine)."""
-    run = RunDir.open(run_dir)
-    config = validate(read_source(run.config_file), ESRunConfig)
-    if device:
-        config.model.device = device
-    if model:
-        config.model.name_or_path = model
-    config.eval.kl = False
-    task = load_task(config.task.name, config.task.options)
-    loaded = load_model(config.model)
-    es_run = ESRun(config, run, loaded, task, [], [])
-    state = run.load_checkpoint()
-    if state is not None and generation is not None:
-        log_so_far = state["strategy"]["fitness_log"]
-        if generation > len(log_so_far):
-            raise ValueError(f"{run_dir}: generation {generation} is past the checkpoint's {len(log_so_far)}")
-        state["strategy"] = {"fitness_log": log_so_far[:generation]}  # no θ stored: replayed
-    if state is not None:
-        es_run.strategy.load_state_dict(state["strategy"])
-    return es_run
-
-
-def export_run(run_dir: str | Path, out: str | Path, device: str | None = None, best: bool = False,
-               model: str | None = None) -> Path:
-    """`evolm export RUN DIR [--best]`: rebuild θ (the last, or the best on eval.keep_best's set) from the
-    run's small checkpoint by replaying its fitness log, and write it as a model or adapter."""
-    refuse_foreign_export_dir(Path(out), RunDir.open(run_dir))
-    generation = None
-    if best:
-        best_file = RunDir.open(run_dir).best_file
-        if not best_file.is_file():
-            raise ValueError(f"{run_dir} has no best θ recorded ({best_file.name} is absent: the run has no "
-                             "eval.keep_best, or its set was not evaluated yet)")
-        generation = json.loads(best_file.read_text())["generation"]
-    return load_run(run_dir, device, generation, model).export(Path(out))
-
-
-def run_es(config_source: str | None, overrides: list[str], *, resume: str | None = None,
-           overwrite: bool = False) -> tuple[RunDir, dict]:
-    """Validate, load data, then the model and the engine; only then create the run folder (replacing
-    an old run with --overwrite) or record the resume; run; return the run folder and its summary. A
-    run that cannot start, or a Ctrl-C before it starts, writes nothing."""
-    rank, _ = distributed.world()
-    config, run, changes = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
-    task = load_task(config.task.name, config.task.options)
-    train, test = load_splits(task, config.task)
-    eval_sets = load_eval_sets(task, config.task, config.eval.sets)
-    if config.eval.keep_best == TEST_SET and not test:
-        raise ConfigError("eval.keep_best=test, but the run has no test examples (task.test)")
-    config.model.device = distributed.local_device_name(config.model.device)
-    torch.manual_seed(config.seed)
-    loaded = load_model(config.model)
-    check_targets(loaded.model, config.space.target_modules, "space.target_modules", config.space.layers)
-    context = getattr(loaded.model.config, "max_position_embeddings", None)
-    for what, examples in [("the training split", train), ("the test split", test),
-                           *((f"evaluation set {s.name}", s.examples) for s in eval_sets)]:
-        check_prompts(render_all(loaded.tokenizer, examples), examples, context, what)
-    lock = ExitStack()
-    if rank == 0:  # the first process creates the folder and holds it; the others wait for it
-        if not resume:
-            run = RunDir.create(run.root, overwrite)
-        lock.enter_context(run.lock())
-        if resume:
-            append_jsonl(run.resumes_file, {"time": time.time(), "changed": changes})
-    distributed.barrier()
-    with lock, log_to_file(run.logs / "run.log" if rank == 0 else None):
-        log.info("model %s on %s (%s); %d train / %d test examples%s", config.model.name_or_path, loaded.device,
-                 loaded.dtype, len(train), len(test),
-                 "".join(f", {len(s.examples)} in {s.name}" for s in eval_sets))
-        if changes:
-            log.info("resumed with changes: %s", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items()))
-        es_run = ESRun(config, run, loaded, task, train, test, eval_sets)
-        summary = es_run.train_loop()
-        best = summary.get("best")
-        if config.export and best and best["generation"] != summary["generations"] and \
-                not es_run.space.params_in_checkpoint:
-            del es_run, loaded  # the replay loads the base model afresh: free this copy first
-            release_memory()
-            log.info("rebuilding the best θ (generation %d) by replaying the fitness log", best["generation"])
-            export_run(run.root, run.best_export_dir(config.space.kind), config.model.device, best=True)
-    return run, summary
-
-
-def _fmt(metrics: dict | None) -> str:
-    if not metrics:
-        return "-"
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-
-
 def _postfix(row: dict) -> str:
     text = f"mean={row['mean']:.4g} best={row['max']:.4g} tok/s={row['tokens_per_s']:.0f}"
     metric = headline_metric(row["test"])[1] if row.get("test") else None
     return text + (f" test={metric:.4g}" if metric is not None else "")
-
-
-class Tracker:
-    """TensorBoard events under logs/, and Weights & Biases when enabled."""
-
-    def __init__(self, config: ESRunConfig, logs: Path):
-        self.tensorboard = None
-        self.wandb = None
-        if config.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(logs / "tensorboard"))
-        if config.logging.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("logging.wandb=true needs the wandb extra: pip install 'evolm[wandb]'") from None
-            self.wandb = wandb.init(project=config.logging.wandb_project, config=config.model_dump(), dir=str(logs))
-
-    def log(self, metrics: dict[str, float | None], step: int) -> None:
-        metrics = {k: v for k, v in metrics.items() if v is not None}
-        if self.tensorboard:
-            for key, value in metrics.items():
-                self.tensorboard.add_scalar(key, value, step)
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        if self.tensorboard:
-            self.tensorboard.close()
-        if self.wandb:
-            self.wandb.finish()
 
 
 @contextmanager

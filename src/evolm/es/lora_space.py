@@ -59,8 +59,8 @@ class LoRASpace(Space):
             params[f"{name}.lora_A"], params[f"{name}.lora_B"] = a.float(), b.float()
         return params
 
-    def generate_population(self, strategy, members, prompts, sampling):
-        self.engine.set_factors(self.unflatten(strategy.ask()), self.scale)
+    def generate_population(self, population, members, prompts, sampling):
+        self.engine.set_factors(self.unflatten(population.members()), self.scale)
         return self.engine.generate(prompts, members, sampling)
 
     def generate_center(self, params, prompts, sampling):

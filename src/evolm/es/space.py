@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from evolm.engine import Generation, PopulationEngine, SamplingParams
-from evolm.es.strategy import EvolutionStrategy
+from evolm.es.strategy import Population
 from evolm.models import stored_dtype
 from evolm.runs import EXPORT_INFO, fresh_dir_beside, replace_dir
 
@@ -36,10 +36,11 @@ class Space(ABC):
     def initial_params(self, seed: int) -> dict[str, torch.Tensor]: ...
 
     @abstractmethod
-    def generate_population(self, strategy: EvolutionStrategy, members: Sequence[int], prompts: list[list[int]],
+    def generate_population(self, population: Population, members: Sequence[int], prompts: list[list[int]],
                             sampling: SamplingParams) -> Generation:
-        """Completions of the given members (slots in `members` order) on the prompts; `seconds` holds the
-        time spent outside the engine by part (e.g. writing noisy weights), a share of the generation's time."""
+        """Completions of the given members of `population` (slots in `members` order) on the prompts;
+        `seconds` holds the time spent outside the engine by part (e.g. writing noisy weights), a share of
+        the generation's time."""
 
     @abstractmethod
     def generate_center(self, params: dict[str, torch.Tensor], prompts: list[list[int]],

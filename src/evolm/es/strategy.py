@@ -15,7 +15,8 @@ Two kinds of noise:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -45,11 +46,54 @@ def shape_fitness(fitness: torch.Tensor, method: Shaping) -> torch.Tensor:
     raise ValueError(f"unknown fitness shaping '{method}'")
 
 
+@dataclass(frozen=True)
+class Population:
+    """One generation's members, as `ask()` hands them to whoever evaluates them: θ, σ, and member i's signed
+    noise regenerated on demand (nothing is materialised here). Member i uses noise pair i // 2 with sign +
+    for even i and - for odd i when antithetic, else noise vector i. θ is the strategy's own: use a
+    population before the `tell()` that ends its generation."""
+
+    params: dict[str, torch.Tensor]
+    sigma: float
+    size: int
+    antithetic: bool
+    noise_rank: int | None  # None: dense noise; r: low-rank noise ε = B A / √r
+    draw: Callable[[int], dict]  # unsigned noise vector of a pair: {name: ε} or {name: (A, B)}
+
+    def pair(self, member: int) -> int:
+        return member // 2 if self.antithetic else member
+
+    def sign(self, member: int) -> float:
+        return -1.0 if self.antithetic and member % 2 else 1.0
+
+    def noise(self, member: int) -> dict:
+        """Member i's signed noise: {name: ±ε} (dense) or {name: (A, ±B)} (low-rank, ε = B A / √r)."""
+        noise, positive = self.draw(self.pair(member)), self.sign(member) > 0
+        if self.noise_rank is None:
+            return {name: eps if positive else -eps for name, eps in noise.items()}
+        return {name: (a, b if positive else -b) for name, (a, b) in noise.items()}
+
+    def members(self) -> dict[str, torch.Tensor]:
+        """Dense noise: {name: [N, *shape]}, every member's θ + σ ε_i at once (for a small θ: a LoRA adapter)."""
+        if self.noise_rank is not None:
+            raise ValueError("members() stacks dense members; low-rank noise is applied as factors (see noise())")
+        noise = [self.noise(m) for m in range(self.size)]
+        return {name: p + self.sigma * torch.stack([n[name] for n in noise]) for name, p in self.params.items()}
+
+    def perturbed(self, member: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Member i's own tensors θ + σ ε_i one at a time (dense noise): a whole model is never held twice."""
+        if self.noise_rank is not None:
+            raise ValueError("perturbed() adds dense noise; low-rank noise is applied as factors (see noise())")
+        step = self.sigma * self.sign(member)
+        for name, eps in self.draw(self.pair(member)).items():
+            yield name, self.params[name].add(eps, alpha=step)
+
+
 class EvolutionStrategy:
     """θ ← θ + α · (1/N) Σ shaped_i · ε_i, with ε regenerated from (seed, generation, pair).
 
-    Member i uses noise pair i // 2 with sign + for even i and - for odd i when antithetic;
-    otherwise member i has its own noise. 1/σ is folded into α, as in the paper.
+    Members are asked for as a `Population` (see there for which noise each member uses). 1/σ is folded
+    into α, as in the paper.
     `noise_rank` None draws dense noise; r draws rank-r noise for every 2-D tensor.
     """
 
@@ -96,15 +140,6 @@ class EvolutionStrategy:
         """Standard normals drawn per noise vector."""
         return sum(size for _, _, size in self._layout)
 
-    def pair(self, member: int) -> int:
-        return member // 2 if self.antithetic else member
-
-    def sign(self, member: int) -> float:
-        return -1.0 if self.antithetic and member % 2 else 1.0
-
-    def signs(self) -> torch.Tensor:
-        return torch.tensor([self.sign(m) for m in range(self.population)])
-
     def _noise_layout(self) -> list[tuple[str, int, int]]:
         """(tensor, offset, size) in the noise stream; for low-rank noise A [r, in] comes before B [out, r]."""
         layout, offset = [], 0
@@ -149,19 +184,11 @@ class EvolutionStrategy:
         r, (out, fan_in) = self.noise_rank, shape
         return flat[: r * fan_in].view(r, fan_in), flat[r * fan_in :].view(out, r)
 
-    def member_noise(self, member: int) -> dict:
-        """Signed noise of one member: {name: ±ε} (dense) or {name: (A, ±B)} (low-rank, ε = B A / √r)."""
-        noise, s = self.noise(self.pair(member)), self.sign(member)
-        if self.noise_rank is None:
-            return {name: eps if s > 0 else -eps for name, eps in noise.items()}
-        return {name: (a, b if s > 0 else -b) for name, (a, b) in noise.items()}
-
-    def ask(self) -> dict[str, torch.Tensor]:
-        """Dense noise: {name: [N, *shape]} parameters of this generation's members, θ + σ ε_i."""
-        if self.noise_rank is not None:
-            raise ValueError("ask() materialises dense members; with low-rank noise use member_noise()")
-        members = [self.member_noise(m) for m in range(self.population)]
-        return {name: p + self.sigma * torch.stack([m[name] for m in members]) for name, p in self.params.items()}
+    def ask(self) -> Population:
+        """This generation's members as one value: θ, σ, and each member's signed noise, drawn when asked."""
+        generation = self.generation
+        return Population(self.params, self.sigma, self.population, self.antithetic, self.noise_rank,
+                          lambda pair: self.noise(pair, generation))
 
     # -- update ---------------------------------------------------------------------------------
 
@@ -172,7 +199,9 @@ class EvolutionStrategy:
             raise ValueError(f"expected {self.population} fitnesses, got {fitness.numel()}")
         if not torch.isfinite(fitness).all():
             raise ValueError(f"non-finite fitness in generation {self.generation}: {fitness.tolist()}")
-        weights = shape_fitness(fitness, self.fitness_shaping).float() * self.signs()
+        members = self.ask()
+        signs = torch.tensor([members.sign(m) for m in range(self.population)])
+        weights = shape_fitness(fitness, self.fitness_shaping).float() * signs
         if self.antithetic:  # pair k contributes (w+ - w-) ε_k
             weights = weights.view(-1, 2).sum(dim=1)
         gradient = self._gradient(weights / self.population)

@@ -14,20 +14,18 @@ from pydantic import Field, field_validator, model_validator
 from evolm.config import (
     ES_PRESETS,
     ConfigError,
-    EvalConfig,
-    GenerationConfig,
-    LoggingConfig,
-    RunConfig,
+    EngineRunConfig,
     Section,
     SpaceConfig,
     apply_overrides,
     preset_names,
     read_source,
     validate,
+    with_decoding_renamed,
 )
 
 # What a preset of `evolm es` holds that only ES reads: `evolm grpo PRESET` drops these and keeps the rest
-# (seed, model, task, generation, eval, logging), so both commands train on one task definition.
+# (seed, model, task, decoding, eval, logging), so both commands train on one task definition.
 ES_ONLY_SECTIONS = ("space", "es", "export")
 # GRPOConfig fields evolm sets itself from its own sections; grpo.trl may not set them behind its back.
 OWNED_TRL_FIELDS = ("output_dir", "max_steps", "learning_rate", "beta", "num_generations", "loss_type",
@@ -65,7 +63,7 @@ class GRPOSection(Section):
                                              "are split into this many backward passes).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (TrainingArguments' default; 0 = off).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of training completions (TRL's "
-                               "default); evaluation decodes as `generation` says (greedy by default).")
+                               "default); evaluation decodes as `decoding` says (greedy by default).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of training completions (TRL's default).")
     save_every: int = Field(10, ge=1, description="Steps between checkpoints (the last one is kept).")
     space: GRPOSpaceConfig = Field(default_factory=GRPOSpaceConfig)
@@ -83,7 +81,7 @@ class GRPOSection(Section):
             raise ValueError(f"{', '.join(unknown)}: not GRPOConfig fields of the installed trl")
         owned = sorted(set(value) & set(OWNED_TRL_FIELDS))
         if owned:
-            raise ValueError(f"{', '.join(owned)}: set by evolm from its own fields (grpo.*, generation.*, seed); "
+            raise ValueError(f"{', '.join(owned)}: set by evolm from its own fields (grpo.*, decoding.*, seed); "
                              "set those instead")
         return value
 
@@ -97,12 +95,9 @@ class GRPOSection(Section):
         return self
 
 
-class GRPORunConfig(RunConfig):
+class GRPORunConfig(EngineRunConfig):
     output_dir: str = "runs/grpo"
     grpo: GRPOSection = Field(default_factory=GRPOSection)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _best_needs_lora(self) -> GRPORunConfig:
@@ -126,4 +121,4 @@ def load_grpo_config(source: str, overrides: list[str]) -> GRPORunConfig:
         import trl  # noqa: F401  (the grpo section checks its fields against GRPOConfig)
     except ImportError:
         raise ConfigError("evolm grpo needs TRL: pip install 'evolm[rl]'") from None
-    return validate(apply_overrides(read_grpo_source(source), overrides), GRPORunConfig)
+    return validate(apply_overrides(with_decoding_renamed(read_grpo_source(source)), overrides), GRPORunConfig)

@@ -25,18 +25,19 @@ import torch
 from tqdm.auto import tqdm
 
 from evolm import reports
-from evolm.adapters import lora_factors
+from evolm.adapters import Adapter
 from evolm.config import TEST_SET, ConfigError, ESRunConfig, SpaceConfig, apply_overrides, dump_config, validate
 from evolm.engine.decoding import cut_at_stop
-from evolm.es.loop import ESRun, Tracker, _fmt
+from evolm.es.loop import ESRun
 from evolm.grpo.config import GRPORunConfig, load_grpo_config
+from evolm.metrics import headline_metric
 from evolm.models import LoadedModel, check_targets, load_model
 from evolm.runs import (
     RunDir,
     append_jsonl,
     atomic_write_text,
     changed_keys,
-    evaluations_by_set,
+    evaluations_summary,
     flatten,
     is_under,
     log_to_file,
@@ -45,9 +46,10 @@ from evolm.runs import (
     refuse_ignored_resume_arguments,
     write_jsonl,
 )
-from evolm.scoring import headline_metric, render
-from evolm.tasks import Example, Task, load_task
-from evolm.tasks.splits import EvalSet, load_eval_sets, load_splits
+from evolm.scoring import render
+from evolm.tasks import Example, Task
+from evolm.tasks.splits import EvalSet, load_examples
+from evolm.tracking import Tracker, format_metrics
 
 log = logging.getLogger("evolm")
 
@@ -59,18 +61,18 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def evaluation_config(config: GRPORunConfig) -> ESRunConfig:
-    """The ES view of the run that evaluates (and samples from) θ: the same model, task, generation and eval,
+    """The ES view of the run that evaluates (and samples from) θ: the same model, task, decoding and eval,
     in the space that holds what GRPO trains."""
     space = config.grpo.space
     return ESRunConfig(output_dir=config.output_dir, seed=config.seed, model=config.model, task=config.task,
                        space=SpaceConfig(kind=space.kind, rank=space.rank, alpha=space.alpha,
                                          target_modules=space.target_modules, layers=space.layers),
-                       generation=config.generation, eval=config.eval, logging=config.logging)
+                       decoding=config.decoding, eval=config.eval, logging=config.logging)
 
 
 def last_checkpoint(run: RunDir) -> Path | None:
     """The newest complete TRL checkpoint (trainer_state.json is the last file Trainer writes into one)."""
-    root = run.root / "checkpoints"
+    root = run.checkpoints
     done = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()
             and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
     return max(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
@@ -122,7 +124,7 @@ class GRPORun:
         self.evaluator = ESRun(evaluation_config(config), run, loaded, task, [], test, eval_sets)
         self.evaluator.step_key = STEP
         self.tokenizer = self.evaluator.loaded.tokenizer
-        self.stops = tuple(task.stop_strings if config.generation.stop is None else config.generation.stop)
+        self.stops = tuple(task.stop_strings if config.decoding.stop is None else config.decoding.stop)
         self.phase = {"generate": 0.0, "score": 0.0}  # seconds of the step in progress
         self.scores: list = []  # the step's training scores
         self.step_started = self.step_seconds = 0.0
@@ -158,10 +160,7 @@ class GRPORun:
         """The evaluator's θ becomes the trained model's (its LoRA factors, or its target matrices)."""
         params = self.evaluator.strategy.params
         if self.config.grpo.space.kind == "lora":
-            from peft import get_peft_model_state_dict
-
-            factors = lora_factors(get_peft_model_state_dict(model))
-            theta = self.evaluator.space.params_of({name: (f["A"], f["B"]) for name, f in factors.items()})
+            theta = self.evaluator.space.params_of(Adapter.of_peft_model(model).factors)
             for name, value in theta.items():
                 params[name].copy_(value)
         else:
@@ -276,12 +275,12 @@ class GRPORun:
         grpo, loaded = self.config.grpo, self.evaluator.loaded
         completions = grpo.prompts_per_step * grpo.group_size
         args = GRPOConfig(
-            output_dir=str(self.run.root / "checkpoints"), max_steps=grpo.steps, learning_rate=grpo.learning_rate,
+            output_dir=str(self.run.checkpoints), max_steps=grpo.steps, learning_rate=grpo.learning_rate,
             lr_scheduler_type=grpo.lr_scheduler, beta=grpo.beta, num_generations=grpo.group_size,
             per_device_train_batch_size=completions // grpo.gradient_accumulation_steps,
             gradient_accumulation_steps=grpo.gradient_accumulation_steps, max_grad_norm=grpo.max_grad_norm,
             loss_type=grpo.loss_type, scale_rewards=grpo.scale_rewards, temperature=grpo.temperature,
-            top_p=grpo.top_p, max_completion_length=self.config.generation.max_new_tokens, seed=self.config.seed,
+            top_p=grpo.top_p, max_completion_length=self.config.decoding.max_new_tokens, seed=self.config.seed,
             save_strategy="steps", save_steps=grpo.save_every, save_total_limit=1, logging_steps=1, report_to=[],
             disable_tqdm=True, bf16=loaded.dtype == torch.bfloat16, fp16=loaded.dtype == torch.float16,
             use_cpu=loaded.device.type == "cpu", **grpo.trl,
@@ -300,7 +299,7 @@ class GRPORun:
         start = checkpoint_step(checkpoint)
         started = time.time()
         atomic_write_text(self.run.config_file, dump_config(self.config))
-        self.tracker = Tracker(self.config, self.run.logs)
+        self.tracker = Tracker(self.config.logging, self.config.model_dump(), self.run.logs)
         self.evaluator.tracker = self.tracker
         trainer = self.trainer()
         self.bar = tqdm(total=self.config.grpo.steps, initial=start, desc="GRPO", unit="step",
@@ -310,7 +309,7 @@ class GRPORun:
             with self.stops_after_the_step():
                 if start == 0 and 0 not in {r[STEP] for r in read_jsonl(self.run.evaluations_file)}:
                     for name, metrics in self.evaluate(0, trainer.model, keep_completions=True).items():
-                        log.info("base model %s metrics: %s", name, _fmt(metrics))
+                        log.info("base model %s metrics: %s", name, format_metrics(metrics))
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             if self.stop_requested:
                 status = "interrupted"
@@ -349,19 +348,11 @@ class GRPORun:
         if not self.abandoned:  # θ is a whole step's: export it
             self.sync_theta(trainer.model)
             self.evaluator.export(self.run.export_dir(self.config.grpo.space.kind))
-        by_set = {name: {r[STEP]: r for r in rows}
-                  for name, rows in evaluations_by_set(read_jsonl(self.run.evaluations_file)).items()}
-
-        def outline(evaluations: dict[int, dict]) -> dict:
-            return {"base": evaluations.get(0), "final": evaluations.get(step) if status == "finished" else None,
-                    "last_evaluated": evaluations[max(evaluations)] if evaluations else None}
-
         history = read_jsonl(self.run.history_file)
         summary = {
             "status": status, "optimizer": "grpo", "steps": step,
             "stopped_by_max_seconds": status == "finished" and step < self.config.grpo.steps,
-            **outline(by_set.get(TEST_SET, {})),
-            "sets": {name: outline(rows) for name, rows in by_set.items() if name != TEST_SET},
+            **evaluations_summary(read_jsonl(self.run.evaluations_file), STEP, step, status == "finished"),
             "best": self.evaluator.best,
             "training_seconds": self.evaluator.clock["seconds"], "completions": self.evaluator.clock["completions"],
             "tokens_generated": sum(h["tokens"] for h in history),
@@ -374,7 +365,7 @@ class GRPORun:
         reports.write_figures(self.run.root)
         self.tracker.close()
         log.info("run %s: %s after %d steps; base %s, final %s", self.run.root, status, step,
-                 _fmt(summary["base"]), _fmt(summary["final"]))
+                 format_metrics(summary["base"]), format_metrics(summary["final"]))
         return summary
 
 
@@ -400,11 +391,7 @@ def run_grpo(config_source: str | None, overrides: list[str], *, resume: str | N
              overwrite: bool = False) -> tuple[RunDir, dict]:
     """Validate, load data and the model; only then create (or continue) the run folder; train; summarise."""
     config, run, changes = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
-    task = load_task(config.task.name, config.task.options)
-    train, test = load_splits(task, config.task)
-    eval_sets = load_eval_sets(task, config.task, config.eval.sets)
-    if config.eval.keep_best == TEST_SET and not test:
-        raise ConfigError("eval.keep_best=test, but the run has no test examples (task.test)")
+    task, train, test, eval_sets = load_examples(config)
     torch.manual_seed(config.seed)
     loaded = load_model(config.model)  # the evaluator's copy; GRPORun.trainable_model loads TRL's
     check_targets(loaded.model, config.grpo.space.target_modules, "grpo.space.target_modules", config.grpo.space.layers)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from evolm.evaluation import EvalOptions, evaluate_adapter
+from evolm.metrics import fitness_statistics
 from evolm.runs import RunDir, atomic_write_text, replace_dir
 from evolm.search.config import SearchRunConfig
 from evolm.search.evolution import Member, rank
@@ -35,13 +36,11 @@ def member_record(v: Variant) -> dict[str, Any]:
 
 
 def generation_record(generation: int, variants: list[Variant]) -> dict[str, Any]:
-    fitness = np.array([v.fitness for v in variants], dtype=float)
     best = best_variant(variants)
     return {
         "generation": generation,
         "members": [member_record(v) for v in variants],
-        "mean": fitness.mean(), "std": fitness.std(), "min": fitness.min(), "max": fitness.max(),
-        "p20": np.percentile(fitness, 20), "p80": np.percentile(fitness, 80),
+        **fitness_statistics(np.array([v.fitness for v in variants], dtype=float)),
         "best_id": best.id if best else None,
         "train_s": sum(v.metrics.get("train_s", 0.0) for v in variants),
         "eval_s": sum(v.metrics.get("eval_s", 0.0) for v in variants),

@@ -16,7 +16,9 @@ from typing import Callable, Literal
 
 import torch
 
+from evolm.adapters import Adapter
 from evolm.config import ConfigError, apply_overrides, dump_config, load_config, read_source, validate
+from evolm.metrics import headline_metric
 from evolm.models import LoadedModel, check_model, eos_token_ids, load_model, release_memory
 from evolm.runs import (
     RunDir,
@@ -27,11 +29,11 @@ from evolm.runs import (
     refuse_busy_dir,
     refuse_ignored_resume_arguments,
 )
-from evolm.scoring import headline_metric, render
+from evolm.scoring import render
 from evolm.search.config import DEFAULT_LORA_MODULES, SearchRunConfig, TrainingConfig, apply_mode
 from evolm.search.data import Encoded, encode
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
-from evolm.search.fitness import Adapter, GreedyAnswers, score_variant
+from evolm.search.fitness import GreedyAnswers, score_variant
 from evolm.search.genes import Genes
 from evolm.search.holdout import (
     BASELINE_FILE,
@@ -259,7 +261,7 @@ class Worker:
             save_adapter(model, self.run_dir.root / folder)
             trained = time.time()
             heartbeat()
-            metrics, samples = score_variant(model, genes, self.answer, self.task, self.splits.validation,
+            metrics, samples = score_variant(model, self.answer, self.task, self.splits.validation,
                                              self.validation_prompts, self.validation_rows, config.fitness,
                                              config.training, loaded.tokenizer.pad_token_id)
         finally:

@@ -10,7 +10,7 @@ Deviations, each on text the paper's original script would also mis-score:
 - the paper's Hugging Face script decoded prompt + completion and scored that, so the prompt's own
   "<think> </think>" and "<answer> … </answer>" texts earned format credit; evolm never scores the prompt;
 - generation stops at "</answer>" (the task's stop string): models keep writing after their answer, which
-  costs up to 15× the work and makes a format reward of 1.0 unreachable. `generation.stop=[]` gives the
+  costs up to 15× the work and makes a format reward of 1.0 unreachable. `decoding.stop=[]` gives the
   paper's exact protocol.
 
 Option `chat=true` (not in the paper): the instructions, without the raw prompt's trailing "Let me solve

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evolm.config import EvalSetConfig, TaskConfig
+from evolm.config import TEST_SET, ConfigError, EngineRunConfig, EvalSetConfig, TaskConfig
 from evolm.tasks import load_task
 from evolm.tasks.base import Example, Task, TaskError
 
@@ -35,6 +35,17 @@ def load_splits(task: Task, config: TaskConfig) -> tuple[list[Example], list[Exa
     return train, test
 
 
+def load_examples(config: EngineRunConfig) -> tuple[Task, list[Example], list[Example], list[EvalSet]]:
+    """An `evolm es` or `evolm grpo` run's task, its training and test examples and its eval.sets, loaded
+    before the model so that bad data stops the run at once."""
+    task = load_task(config.task.name, config.task.options)
+    train, test = load_splits(task, config.task)
+    eval_sets = load_eval_sets(task, config.task, config.eval.sets)
+    if config.eval.keep_best == TEST_SET and not test:
+        raise ConfigError("eval.keep_best=test, but the run has no test examples (task.test)")
+    return task, train, test, eval_sets
+
+
 def check_references(task: Task, config: TaskConfig) -> None:
     """A run that learns the task's reference answers needs a task that gives them."""
     if not callable(getattr(task, "answer_text", None)):
@@ -47,17 +58,27 @@ def load_eval_sets(task: Task, config: TaskConfig, sets: dict[str, EvalSetConfig
     loads, with a one-line error naming the set. A set of the run's own task shares its task object."""
     loaded = []
     for name, spec in sets.items():
-        try:
-            set_task = task
-            if spec.task not in (None, config.name) or spec.options is not None:
+        set_task = task
+        if spec.task not in (None, config.name) or spec.options is not None:
+            try:
                 set_task = load_task(spec.task or config.name, spec.options)
-            examples = set_task.load_split("test", spec.source)[: spec.size]
-        except (OSError, ValueError) as exc:  # TaskError, and what `datasets` raises
-            raise TaskError(f"eval.sets.{name}: {_one_line(exc)}") from exc
-        if not examples:
-            raise TaskError(f"eval.sets.{name}: no examples in {spec.source or 'the built-in test data'}")
-        loaded.append(EvalSet(name, set_task, examples))
+            except ValueError as exc:
+                raise TaskError(f"eval.sets.{name}: {_one_line(exc)}") from exc
+        loaded.append(load_eval_set(name, set_task, spec.source, spec.size, f"eval.sets.{name}"))
     return loaded
+
+
+def load_eval_set(name: str, task: Task, source: str | None, size: int | None, where: str,
+                  split: str = "test") -> EvalSet:
+    """One named set: `task`'s examples from `source` (None: its built-in `split` data), cut to `size`. A bad
+    or empty source is a one-line TaskError that starts with `where` (the field or option that named it)."""
+    try:
+        examples = task.load_split(split, source)[:size]
+    except (OSError, ValueError) as exc:  # TaskError, and what `datasets` raises
+        raise TaskError(f"{where}: {_one_line(exc)}") from exc
+    if not examples:
+        raise TaskError(f"{where}: no examples in {source or f'the built-in {split} data'}")
+    return EvalSet(name, task, examples)
 
 
 def _one_line(exc: Exception) -> str:
