@@ -112,7 +112,7 @@ def es_generation(space: Space, strategy: EvolutionStrategy, task, examples, pro
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    out = space.generate_population(strategy, range(strategy.population), prompt_ids, sampling)
+    out = space.generate_population(strategy.ask(), range(strategy.population), prompt_ids, sampling)
     synchronize(device)
     t1 = time.perf_counter()
     fitness = [summarize(score_all(task, examples, texts))["reward"] for texts in out.texts]
@@ -147,7 +147,7 @@ def plain_generation(engine: PopulationEngine, prompt_ids, members: int, samplin
 @torch.no_grad()
 def reference_model(base, space: Space, strategy: EvolutionStrategy, member: int):
     """Member `member` of the strategy's generation as a plain model: what the paper evaluates one by one."""
-    noise = strategy.member_noise(member)
+    noise = strategy.ask().noise(member)
     if space.kind == "lora":  # a PEFT LoRA holding the member's A and B
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=space.rank, lora_alpha=space.alpha,
                                                                  target_modules=TARGETS, lora_dropout=0.0))
@@ -321,7 +321,7 @@ def agreement(args, task, examples, sigma: float, learning_rate: float) -> None:
         loaded, base, engine, space, eos = setup(args, dtype)
         prompt_ids = render_all(loaded.tokenizer, examples)
         strategy = new_strategy(space, 2, sigma, learning_rate)
-        ours = space.generate_population(strategy, [0], prompt_ids, sampling).texts[0]
+        ours = space.generate_population(strategy.ask(), [0], prompt_ids, sampling).texts[0]
         model = reference_model(base, space, strategy, 0)
         ref = reference_generation(model, loaded.tokenizer, prompt_ids, sampling, eos)["texts"]
         split = [t for i in range(0, len(prompt_ids), 16)
@@ -343,12 +343,12 @@ def profile(space: Space, strategy: EvolutionStrategy, prompt_ids) -> None:
     device = space.engine.device
     on_gpu = device.type == "cuda"
     sampling = SamplingParams(max_new_tokens=64)
-    space.generate_population(strategy, range(strategy.population), prompt_ids, sampling)  # graphs captured
+    space.generate_population(strategy.ask(), range(strategy.population), prompt_ids, sampling)  # graphs captured
     synchronize(device)
     t0 = time.perf_counter()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with torch_profile(activities=activities) as prof:
-        out = space.generate_population(strategy, range(strategy.population), prompt_ids, sampling)
+        out = space.generate_population(strategy.ask(), range(strategy.population), prompt_ids, sampling)
         synchronize(device)
     print(f"{out.steps} steps, {out.rows_at_once} rows at once ({space.kind}): {time.perf_counter() - t0:.3f} s "
           "(under the profiler)")

@@ -39,8 +39,8 @@ class Space(ABC):
     def generate_population(self, population: Population, members: Sequence[int], prompts: list[list[int]],
                             sampling: SamplingParams) -> Generation:
         """Completions of the given members of `population` (slots in `members` order) on the prompts;
-        `seconds` holds the time spent outside the engine by part (e.g. writing noisy weights), a share of
-        the generation's time."""
+        `seconds` holds its time by part (the engine's prefill and decode device seconds, and time spent
+        outside the engine such as writing noisy weights), shares of the generation's time."""
 
     @abstractmethod
     def generate_center(self, params: dict[str, torch.Tensor], prompts: list[list[int]],
