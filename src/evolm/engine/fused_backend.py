@@ -23,7 +23,7 @@ so that a group's perturbation is two plain matmuls on a slice of the chunk.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +74,15 @@ class Group:
     names: list[str | None]  # the targeted layer name of each projection (None: not targeted)
     down: torch.Tensor | None = None  # [G, in, P·r]: the groups' A factors of the adapted projections
     up: torch.Tensor | None = None  # [G, P·r, sum out]: block diagonal B factors, scale folded in
+    batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (down, up) of the decoding batch's groups
+    picked: dict = field(default_factory=dict)  # group count -> (down, up) buffers of a subset of the groups
 
     def load(self, routing: Routing, members: Sequence[int]) -> None:
         """This call's member groups' factors, from the routing object (nothing when no member is perturbed)."""
         parts = [(i, name) for i, name in enumerate(self.names) if name in routing.factors]
         if not parts or not members:
-            self.down = self.up = None
+            self.down = self.up = self.batch = None
+            self.picked = {}
             return
         index = torch.as_tensor(list(members), device=self.weight.device)
         offsets = [0, *torch.tensor(self.splits).cumsum(0).tolist()]
@@ -93,14 +96,33 @@ class Group:
             self.down.copy_(down)  # in place: captured CUDA graphs read these very tensors
             self.up.copy_(up)
         else:
-            self.down, self.up = down, up
+            self.down, self.up, self.picked = down, up, {}
+        self.batch = (self.down, self.up)
+
+    def pick(self, index: torch.Tensor | None) -> None:
+        """The decoding batch runs the groups `index` (None: every group, in order): their factors, copied
+        into buffers kept per group count, since captured CUDA graphs read those very tensors."""
+        if self.down is None:
+            return
+        if index is None:
+            self.batch = (self.down, self.up)
+            return
+        count = index.shape[0]
+        if count not in self.picked:
+            self.picked[count] = (self.down.new_empty((count, *self.down.shape[1:])),
+                                  self.up.new_empty((count, *self.up.shape[1:])))
+        down, up = self.picked[count]
+        torch.index_select(self.down, 0, index, out=down)
+        torch.index_select(self.up, 0, index, out=up)
+        self.batch = (down, up)
 
     def decode(self, x: torch.Tensor, groups: int) -> torch.Tensor:
-        """x [G·C, 1, in], rows group-major."""
+        """x [G·C, 1, in], rows group-major, G the decoding batch's groups (see pick)."""
         y = F.linear(x, self.weight, self.bias)
         if self.down is not None:
+            down, up = self.batch
             rows = x.view(groups, -1, x.shape[-1])
-            y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, self.down), self.up)
+            y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, down), up)
         return y
 
     def prefill(self, x: torch.Tensor, segments: Sequence[tuple[int, int, int]],
@@ -172,7 +194,7 @@ class FusedBackend:
         self.kv_heads = self.config.num_key_value_heads
         self.scaling = attn.scaling
         self.has_qk_norm = hasattr(attn, "q_norm")
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (groups, rows)
         self.layout: tuple | None = None  # what the buffers below were allocated for
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -251,18 +273,27 @@ class FusedBackend:
             self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk], generator)
 
     @torch.inference_mode()
-    def set_batch(self, slots_by_group: Sequence[Sequence[int]], per_group: int) -> None:
-        """Decode these slots from now on: group g's live slots, padded to `per_group` rows with the scratch slot."""
+    def set_batch(self, slots_by_group: Sequence[Sequence[int]], per_group: int,
+                  groups: Sequence[int] | None = None) -> None:
+        """Decode these slots from now on, `per_group` rows for each of `groups` (default: every group, in
+        order), slots_by_group[i] the live slots of groups[i], padded with the scratch slot.
+
+        Only the groups named run: a member whose rows are all done costs nothing while others decode on.
+        """
         device = self.last.device
+        groups = list(range(self.num_groups)) if groups is None else list(groups)
         rows = []
-        for g in range(self.num_groups):
-            live = list(slots_by_group[g])
-            rows += live + [self.scratch] * (per_group - len(live))
-        self.batch_rows = per_group
+        for live in slots_by_group:
+            rows += list(live) + [self.scratch] * (per_group - len(live))
+        index = None if groups == list(range(self.num_groups)) else torch.as_tensor(groups, device=device)
+        for layer in self.groups:
+            for group in layer.values():
+                group.pick(index)
+        self.batch_groups, self.batch_rows = len(groups), per_group
         self.batch_list = rows
         self.batch_slots = torch.as_tensor(rows, dtype=torch.long, device=device)
         if self.pool is not None:
-            _, slots = self._graph(per_group)
+            _, slots = self._graph(self.batch_groups, per_group)
             slots.copy_(self.batch_slots)
 
     @torch.inference_mode()
@@ -271,7 +302,7 @@ class FusedBackend:
         greedy = self.params.temperature == 0
         for _ in range(steps):
             if self.pool is not None and greedy:
-                self.graphs[self.batch_rows][0].replay()
+                self.graphs[self.batch_groups, self.batch_rows][0].replay()
                 continue
             slots = self.batch_slots
             logits = self._forward(slots)
@@ -313,13 +344,17 @@ class FusedBackend:
     def release(self) -> None:
         """Free the slot buffers and graphs."""
         self.k_cache, self.v_cache, self.graphs, self.layout, self.batch_slots = [], [], {}, None, None
+        for layer in self.groups:
+            for group in layer.values():
+                group.picked = {}
+                group.pick(None)
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def _graph(self, per_group: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _graph(self, groups: int, per_group: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The decoding step of a batch of `per_group` rows a group, captured once (greedy decoding)."""
-        if per_group not in self.graphs:
-            slots = torch.full((self.num_groups * per_group,), self.scratch, dtype=torch.long,
+        if (groups, per_group) not in self.graphs:
+            slots = torch.full((groups * per_group,), self.scratch, dtype=torch.long,
                                device=self.last.device)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -330,8 +365,8 @@ class FusedBackend:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 self._greedy_step(slots)
-            self.graphs[per_group] = (graph, slots)
-        return self.graphs[per_group]
+            self.graphs[groups, per_group] = (graph, slots)
+        return self.graphs[groups, per_group]
 
     def _greedy_step(self, slots: torch.Tensor) -> None:
         self._advance(slots, self._forward(slots).argmax(dim=-1))
@@ -354,7 +389,7 @@ class FusedBackend:
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
-            qkv = groups["qkv"].decode(h, self.num_groups)
+            qkv = groups["qkv"].decode(h, self.batch_groups)
             if use_kernel(qkv) and not self.has_qk_norm:
                 q = rotary_to_cache(qkv[:, 0], cos[:, 0], sin[:, 0], self.k_cache[i], self.v_cache[i], slots,
                                     position, self.heads)
@@ -364,11 +399,11 @@ class FusedBackend:
                 self.v_cache[i][slots, :, position] = v[:, :, 0]
                 q = q[:, :, 0]
             attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling)
-            x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), self.num_groups),
+            x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), self.batch_groups),
                                 layer.post_attention_layernorm)
-            up = silu_mul(groups["gate_up"].decode(h, self.num_groups))
+            up = silu_mul(groups["gate_up"].decode(h, self.batch_groups))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
-            x, h = add_rms_norm(x, groups["down"].decode(up, self.num_groups), following)
+            x, h = add_rms_norm(x, groups["down"].decode(up, self.batch_groups), following)
         self.length[slots] = position + 1
         return self.model.lm_head(h[:, 0])
 

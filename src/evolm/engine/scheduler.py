@@ -75,6 +75,14 @@ def bucket(rows: int, per_group: int) -> int:
     return min(size, per_group)
 
 
+def group_bucket(active: int, groups: int) -> int:
+    """Member groups a batch runs: the next power of two of those with live rows, at most all of them."""
+    size = 1
+    while size < active:
+        size *= 2
+    return min(size, groups)
+
+
 def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]], params: SamplingParams,
            eos_token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, generator: torch.Generator,
            sync_every: int, on_rows: Callable[[int], object] | None = None,
@@ -108,13 +116,17 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
                 backend.admit(slots, chosen, generator)
             refills += 1
 
-    def rebuild() -> int:
-        rows = bucket(max(len(g) for g in live), per_group)
-        backend.set_batch([sorted(g) for g in live], rows)
-        return rows
+    def rebuild() -> tuple[int, int]:
+        """The batch from the live rows: only groups that have some (one lone long member costs its own rows)."""
+        active = [g for g in range(groups) if live[g]]
+        count = group_bucket(len(active), groups)
+        chosen = active + [active[-1]] * (count - len(active))  # padding groups: scratch rows only
+        rows = bucket(max(len(live[g]) for g in active), per_group)
+        backend.set_batch([sorted(live[g]) if i < len(active) else [] for i, g in enumerate(chosen)], rows, chosen)
+        return count, rows
 
     refill()
-    rows = rebuild()
+    count, rows = rebuild()
     with clock.phase("decode"):
         backend.decode(sync_every, generator)
     steps = sync_every
@@ -136,9 +148,9 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
         if not finished:
             continue
         still = [len(g) - sum(backend.group_of(s) == i for s in finished) for i, g in enumerate(live)]
-        nothing_waits = not any(waiting)
-        if (len(finished) < max(1, groups * rows * REBUILD_SHARE) and len(finished) < len(done)
-                and not (nothing_waits and bucket(max(still), per_group) < rows)):
+        shrinks = not any(waiting) and (bucket(max(still), per_group) < rows
+                                        or group_bucket(sum(n > 0 for n in still), groups) < count)
+        if len(finished) < max(1, count * rows * REBUILD_SHARE) and len(finished) < len(done) and not shrinks:
             continue
         for slot, row in zip(finished, backend.generated(finished)):
             group = backend.group_of(slot)
@@ -149,5 +161,5 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
             on_rows(len(finished))
         refill()
         if any(live):
-            rows = rebuild()
+            count, rows = rebuild()
     return StreamResult(tokens, steps, max(refills, 0), clock.seconds())
