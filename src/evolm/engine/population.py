@@ -248,7 +248,9 @@ class PopulationEngine:
                                                    + prompt_width) * bytes_per
         per_row = self.backend.slot_bytes(capacity) + (config.vocab_size + config.intermediate_size * 4
                                                        + config.hidden_size * 16) * bytes_per
-        return max(1, int((self._budget_bytes() - prefill) // per_row))
+        # a batch of some member groups only copies their factors out: at most about the factors once more
+        factors = sum(w.A.numel() + w.B.numel() for w in self.routing.factors.values()) * bytes_per
+        return max(1, int((self._budget_bytes() - prefill - factors) // per_row))
 
     def _wave_rows(self, prompt_len: int, max_new_tokens: int) -> int:
         """Rows per wave: the configured cap, else what the KV cache and logits of a row allow."""
