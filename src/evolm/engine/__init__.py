@@ -8,6 +8,6 @@ fused_backend.py (Llama-family models: slots, batched member matmuls, CUDA graph
 
 from evolm.engine.decoding import SamplingParams
 from evolm.engine.layer import LowRankWeights, Routing, find_target_linears
-from evolm.engine.population import Generation, PopulationEngine
+from evolm.engine.population import Completions, PopulationEngine
 
-__all__ = ["Generation", "LowRankWeights", "PopulationEngine", "Routing", "SamplingParams", "find_target_linears"]
+__all__ = ["Completions", "LowRankWeights", "PopulationEngine", "Routing", "SamplingParams", "find_target_linears"]

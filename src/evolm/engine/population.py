@@ -25,8 +25,8 @@ REMEMBERED_PROMPTS = 1 << 16  # completion lengths kept for ordering the next ge
 
 
 @dataclass
-class Generation:
-    """Completions indexed [member slot][prompt] (slots follow the `members` argument's order)."""
+class Completions:
+    """One call's completions, indexed [member slot][prompt] (slots follow the `members` argument's order)."""
 
     tokens: list[list[list[int]]]
     texts: list[list[str]]
@@ -118,7 +118,7 @@ class PopulationEngine:
     def generate(
         self, prompts: Sequence[Sequence[int]], members: Sequence[int] | None, params: SamplingParams,
         on_rows: Callable[[int], object] | None = None, keep_slots: bool = False,
-    ) -> Generation:
+    ) -> Completions:
         """Every (member, prompt) row, member-major, within the memory budget.
 
         `members` lists population indices to run (a share of the population, for one process
@@ -143,7 +143,7 @@ class PopulationEngine:
         if params.stop_strings:
             tokens = [[trim_at_stop(self.tokenizer, t, params.stop_strings) for t in row] for row in tokens]
         texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
-        return Generation(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills,
+        return Completions(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills,
                           seconds)
 
     def _stream(self, prompts, members, params, generator, on_rows, keep_slots):

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from evolm.es.space import WeightSpace, merge_generations
+from evolm.es.space import WeightSpace, merge_completions
 from evolm.es.strategy import Population
 
 
@@ -32,7 +32,7 @@ class FullSpace(WeightSpace):
                 parts.append(self.engine.generate(prompts, None, sampling, keep_slots=i + 1 < len(members)))
         finally:
             self.write(population.params)
-        merged = merge_generations(parts)
+        merged = merge_completions(parts)
         merged.seconds["noise"] = perturb_seconds  # drawing ε and writing θ + σε, a share of "generate"
         return merged
 

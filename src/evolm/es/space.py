@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from evolm.engine import Generation, PopulationEngine, SamplingParams
+from evolm.engine import Completions, PopulationEngine, SamplingParams
 from evolm.es.strategy import Population
 from evolm.models import stored_dtype
 from evolm.runs import EXPORT_INFO, fresh_dir_beside, replace_dir
@@ -37,14 +37,14 @@ class Space(ABC):
 
     @abstractmethod
     def generate_population(self, population: Population, members: Sequence[int], prompts: list[list[int]],
-                            sampling: SamplingParams) -> Generation:
-        """Completions of the given members of `population` (slots in `members` order) on the prompts;
+                            sampling: SamplingParams) -> Completions:
+        """The given members' completions on the prompts (slots in `members` order);
         `seconds` holds its time by part (the engine's prefill and decode device seconds, and time spent
         outside the engine such as writing noisy weights), shares of the generation's time."""
 
     @abstractmethod
     def generate_center(self, params: dict[str, torch.Tensor], prompts: list[list[int]],
-                        sampling: SamplingParams) -> Generation:
+                        sampling: SamplingParams) -> Completions:
         """Completions of θ itself (one slot); afterwards a plain forward of the model is θ (see policy)."""
 
     @abstractmethod
@@ -127,9 +127,9 @@ class WeightSpace(Space):
         return path
 
 
-def merge_generations(parts: list[Generation]) -> Generation:
-    """One Generation whose slots are the parts' single slots, in order."""
-    return Generation(
+def merge_completions(parts: list[Completions]) -> Completions:
+    """One Completions value whose slots are the parts' single slots, in order."""
+    return Completions(
         tokens=[p.tokens[0] for p in parts], texts=[p.texts[0] for p in parts],
         num_tokens=sum(p.num_tokens for p in parts), rows_at_once=max(p.rows_at_once for p in parts),
         steps=sum(p.steps for p in parts), refills=sum(p.refills for p in parts),
