@@ -120,11 +120,11 @@ def test_a_run_of_an_older_evolm_is_listed_but_never_deleted_until_a_writer_mark
     with pytest.raises(RunDirError, match="older evolm .*--resume"):
         RunDir.create(old.root, overwrite=True)
     rows = list_runs(tmp_path)
-    assert [(r["path"], r["marked"]) for r in rows] == [("old", False)] and cleanup_candidates(rows, 0) == []
+    assert [(r["path"], r["marked"]) for r in rows] == [("old", False)] and cleanup_candidates(rows, 0) == ([], ["old"])
     assert cleanup_runs(tmp_path, ["old"]) == [] and old.config_file.is_file()
     with old.lock():  # what --resume does
         pass
-    assert old.is_marked and cleanup_candidates(list_runs(tmp_path), 0) == ["old"]
+    assert old.is_marked and cleanup_candidates(list_runs(tmp_path), 0) == (["old"], [])
 
 
 def test_cleanup_deletes_only_marked_runs_beyond_keep_and_none_that_a_process_holds(tmp_path):
@@ -139,7 +139,7 @@ def test_cleanup_deletes_only_marked_runs_beyond_keep_and_none_that_a_process_ho
             os.utime(file, (time.time() - 100 * len(runs), time.time() - 100 * len(runs)))
     rows = list_runs(tmp_path)
     assert [r["path"] for r in rows] == ["a", "b", "c"]  # newest first; the app folder is no run
-    doomed = cleanup_candidates(rows, keep=1)
+    doomed, _ = cleanup_candidates(rows, keep=1)
     assert doomed == ["b", "c"]
     holder = hold_lock(runs[1])
     try:

@@ -301,8 +301,7 @@ def runs_list_command(
     # wider than the terminal rather than a cut path: the other columns need about 80 characters
     console.print(table, width=max(console.width, longest + 80), crop=False)
     if cleanup:
-        doomed = cleanup_candidates(runs, keep)
-        unmarked = [r["path"] for r in runs if not r["marked"]]
+        doomed, unmarked = cleanup_candidates(runs, keep)
         if unmarked:
             console.print(f"not deleting {len(unmarked)} run(s) of an older evolm (no {RUN_MARKER} marker): "
                           f"{', '.join(unmarked)}; --resume marks one, or delete it yourself")

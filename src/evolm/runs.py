@@ -463,9 +463,10 @@ def list_runs(root: Path) -> list[dict]:
     return rows
 
 
-def cleanup_candidates(rows: list[dict], keep: int) -> list[str]:
-    """The marked runs beyond the `keep` most recently modified of them (unmarked ones are never deleted)."""
-    return [r["path"] for r in rows if r["marked"]][keep:]
+def cleanup_candidates(rows: list[dict], keep: int) -> tuple[list[str], list[str]]:
+    """The one rule for what --cleanup deletes: (the marked runs beyond the `keep` most recently modified of
+    them, the unmarked runs of an older evolm, which are never deleted)."""
+    return [r["path"] for r in rows if r["marked"]][keep:], [r["path"] for r in rows if not r["marked"]]
 
 
 def cleanup_runs(root: Path, paths: list[str]) -> list[str]:
