@@ -22,8 +22,19 @@ def git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
 
 
+def run_folder(path: str) -> str:
+    """The run folder a named path lies in (a file of a run names its run); the path itself if none does."""
+    parts = Path(path).parts
+    for end in range(len(parts), 2, -1):
+        folder = Path(*parts[:end])
+        if (REPO / folder / "config.yaml").is_file():
+            return folder.as_posix()
+    return path
+
+
 def named_runs() -> list[str]:
-    return sorted({m.group(0).rstrip("/.,;:") for doc in DOCS for m in NAMED_RUN.finditer(doc.read_text())})
+    names = {m.group(0).rstrip("/.,;:") for doc in DOCS for m in NAMED_RUN.finditer(doc.read_text())}
+    return sorted({run_folder(name) for name in names})
 
 
 @pytest.fixture(autouse=True)
