@@ -127,7 +127,8 @@ def es_generation(space: Space, strategy: EvolutionStrategy, task, examples, pro
         "tokens": out.num_tokens, "tokens_per_s": out.num_tokens / (t1 - t0),
         "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         "rows_at_once": out.rows_at_once, "steps": out.steps, "refills": out.refills,
-        "noise_s": out.seconds.get("noise", 0.0), "engine_s": out.seconds, "mean_fitness": sum(fitness) / len(fitness),
+        "noise_s": out.seconds.get("noise", 0.0), "engine_s": out.seconds, "host_s": out.host_seconds,
+        "mean_fitness": sum(fitness) / len(fitness),
         "output": out, "rows_tokens": [len(t) for member in out.tokens for t in member],
     }
 
@@ -395,7 +396,8 @@ def report(r: dict) -> None:
     if device_s:
         host = e["generate_s"] - sum(v for k, v in device_s.items() if k in ("prefill", "decode"))
         print("device seconds: " + ", ".join(f"{k} {v:.3g}" for k, v in device_s.items())
-              + f"; the host's share of generate {host:.3g} s")
+              + f"; the host's share of generate (the device idle) {host:.3g} s; host loop blocks: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in (e.get("host_s") or {}).items()))
     if len(r.get("generations", [])) > 1:
         print("generations: " + ", ".join(f"{g['seconds']:.3g} s ({g['steps']} steps)" for g in r["generations"]))
     if p:

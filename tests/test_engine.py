@@ -158,6 +158,9 @@ def test_refill_gives_every_row_what_it_gets_alone(request, fixture):
     lengths = {len(t) for row in results["waves"].tokens for t in row}
     assert len(lengths) > 3, "rows should end at many different steps"
     assert results["all at once"].refills == 0 and results["refill"].refills > 0
+    refill = results["refill"]  # where the time went: device phases, and the host loop's blocks
+    assert set(refill.seconds) == {"prefill", "decode"} and min(refill.seconds.values()) > 0
+    assert {"waits", "stop_checks", "rebuilds"} <= set(refill.host_seconds)
     assert results["one slot each"].rows_at_once == 3
     for name, out in results.items():
         assert out.tokens == results["waves"].tokens, f"{name}: tokens differ from the wave-by-wave reference"

@@ -35,6 +35,8 @@ class Completions:
     steps: int = 0  # decoding steps
     refills: int = 0  # times finished rows' slots went to waiting rows (0 for the wave-by-wave backend)
     seconds: dict[str, float] = field(default_factory=dict)  # time by part: the engine's prefill and decode, ...
+    # host seconds of the fused engine's loop blocks (waits, stop checks, rebuilds): they overlap device time
+    host_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class PopulationEngine:
@@ -134,9 +136,10 @@ class PopulationEngine:
             raise ValueError("every prompt needs at least one token")
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seconds: dict[str, float] = {}
+        host: dict[str, float] = {}
         if isinstance(self.backend, fused_backend.FusedBackend):
-            tokens, rows_at_once, steps, refills, seconds = self._stream(prompts, members, params, generator,
-                                                                         on_rows, keep_slots)
+            tokens, rows_at_once, steps, refills, seconds, host = self._stream(prompts, members, params,
+                                                                               generator, on_rows, keep_slots)
         else:
             tokens, rows_at_once, steps = self._waves(prompts, members, slots, params, generator, on_rows)
             refills = 0
@@ -144,7 +147,7 @@ class PopulationEngine:
             tokens = [[trim_at_stop(self.tokenizer, t, params.stop_strings) for t in row] for row in tokens]
         texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
         return Completions(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills,
-                          seconds)
+                           seconds, host)
 
     def _stream(self, prompts, members, params, generator, on_rows, keep_slots):
         """The fused backend: every row through a fixed set of KV slots, finished rows refilled.
@@ -167,7 +170,7 @@ class PopulationEngine:
         if not keep_slots:
             self.backend.release()
         self._remember_lengths(prompts, result.tokens)
-        return result.tokens, groups * per_group, result.steps, result.refills, result.seconds
+        return result.tokens, groups * per_group, result.steps, result.refills, result.seconds, result.host_seconds
 
     def _longest_first(self, prompts) -> list[int]:
         expected = [self.last_lengths.get(tuple(p), float("inf")) for p in prompts]

@@ -33,6 +33,7 @@ class StreamResult:
     steps: int  # decoding steps
     refills: int  # admissions of waiting rows after the first
     seconds: dict[str, float] = field(default_factory=dict)  # device time of "prefill" and "decode"
+    host_seconds: dict[str, float] = field(default_factory=dict)  # host time of the loop's blocks (overlapping)
 
 
 class PhaseClock:
@@ -41,6 +42,14 @@ class PhaseClock:
     def __init__(self, device: torch.device):
         self.on_gpu = device.type == "cuda"
         self.spans: dict[str, list] = {}
+        self.host_seconds: dict[str, float] = {}
+
+    @contextmanager
+    def host(self, name: str) -> Iterator[None]:
+        """Host seconds of a block, no device sync: where the host's share of a call goes."""
+        start = time.perf_counter()
+        yield
+        self.host_seconds[name] = self.host_seconds.get(name, 0.0) + time.perf_counter() - start
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -56,6 +65,7 @@ class PhaseClock:
             self.spans.setdefault(name, []).append(time.perf_counter() - start)
 
     def seconds(self) -> dict[str, float]:
+        """Device seconds by phase."""
         if self.on_gpu:
             torch.cuda.synchronize()
             return {n: sum(a.elapsed_time(b) for a, b in spans) / 1000 for n, spans in self.spans.items()}
@@ -138,11 +148,13 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
         with clock.phase("decode"):
             backend.decode(sync_every, generator)
         steps += sync_every
-        done, tails = snapshot.wait()
+        with clock.host("waits"):  # the device runs the queued steps meanwhile
+            done, tails = snapshot.wait()
         if check_stops:
             running = [s for s, d in done.items() if not d and s not in stopped_slots]
             if running:
-                hits = stopped(tokenizer, [tails[s] for s in running], params.stop_strings)
+                with clock.host("stop_checks"):
+                    hits = stopped(tokenizer, [tails[s] for s in running], params.stop_strings)
                 stopped_slots.update(s for s, hit in zip(running, hits) if hit)
         finished = [s for s, d in done.items() if d or s in stopped_slots]
         if not finished:
@@ -152,14 +164,15 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
                                         or group_bucket(sum(n > 0 for n in still), groups) < count)
         if len(finished) < max(1, count * rows * REBUILD_SHARE) and len(finished) < len(done) and not shrinks:
             continue
-        for slot, row in zip(finished, backend.generated(finished)):
-            group = backend.group_of(slot)
-            tokens[group][live[group].pop(slot)] = trim_at_eos(row, eos_token_ids)
-            free[group].append(slot)
-            stopped_slots.discard(slot)
-        if on_rows is not None:
-            on_rows(len(finished))
-        refill()
-        if any(live):
-            count, rows = rebuild()
-    return StreamResult(tokens, steps, max(refills, 0), clock.seconds())
+        with clock.host("rebuilds"):  # waits for the queue, then prefill launches and a graph capture or not
+            for slot, row in zip(finished, backend.generated(finished)):
+                group = backend.group_of(slot)
+                tokens[group][live[group].pop(slot)] = trim_at_eos(row, eos_token_ids)
+                free[group].append(slot)
+                stopped_slots.discard(slot)
+            if on_rows is not None:
+                on_rows(len(finished))
+            refill()
+            if any(live):
+                count, rows = rebuild()
+    return StreamResult(tokens, steps, max(refills, 0), clock.seconds(), clock.host_seconds)

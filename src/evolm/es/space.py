@@ -133,5 +133,9 @@ def merge_completions(parts: list[Completions]) -> Completions:
         tokens=[p.tokens[0] for p in parts], texts=[p.texts[0] for p in parts],
         num_tokens=sum(p.num_tokens for p in parts), rows_at_once=max(p.rows_at_once for p in parts),
         steps=sum(p.steps for p in parts), refills=sum(p.refills for p in parts),
-        seconds={k: sum(p.seconds.get(k, 0.0) for p in parts) for k in {k for p in parts for k in p.seconds}},
+        seconds=_summed([p.seconds for p in parts]), host_seconds=_summed([p.host_seconds for p in parts]),
     )
+
+
+def _summed(parts: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(p.get(k, 0.0) for p in parts) for k in {k for p in parts for k in p}}
