@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
 
+
+
+@contextmanager
+def stop_signals_to(handler, signals=(signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Inside the block these signals (Ctrl-C and SIGTERM) call `handler(signum, frame)`; afterwards they do
+    what they did. Off the main thread no signal arrives, and nothing is installed."""
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 @contextmanager
 def naming_the_file(path: Path) -> Iterator[None]:

@@ -37,6 +37,7 @@ from evolm.runs import (
     evaluations_by_set,
     evaluations_summary,
     read_jsonl,
+    stop_signals_to,
     write_jsonl,
 )
 from evolm.metrics import FITNESS_STATISTICS, fitness_statistics, headline_metric
@@ -478,16 +479,8 @@ def _deferred_interrupts():
             log.warning("stop requested: finishing this generation's update and checkpoint first")
         received.append(signum)
 
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: signals cannot arrive here anyway
+    with stop_signals_to(handler):
         yield
-        return
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
     if received:
         raise KeyboardInterrupt
 
@@ -498,12 +491,5 @@ def _sigterm_as_interrupt():
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
+    with stop_signals_to(handler, (signal.SIGTERM,)):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

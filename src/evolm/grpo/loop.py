@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -44,6 +43,7 @@ from evolm.runs import (
     read_jsonl,
     refuse_busy_dir,
     refuse_ignored_resume_arguments,
+    stop_signals_to,
     write_jsonl,
 )
 from evolm.scoring import render
@@ -329,16 +329,8 @@ class GRPORun:
             self.stop_requested = True
             log.warning("stop requested: finishing this step and its checkpoint first (again to stop at once)")
 
-        try:
-            previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: no signal arrives here
+        with stop_signals_to(handler):
             yield
-            return
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     def finish(self, trainer, status: str, wall_time: float) -> dict:
         step = trainer.state.global_step
