@@ -149,8 +149,8 @@ class Group:
 class Snapshot:
     """The host's copy of the batch rows' state at one point of the device's queue (see FusedBackend.snapshot)."""
 
-    live: list[int]  # the batch's slots other than the scratch slot
     rows: list[int]  # every batch row's slot, in batch order
+    scratch: int  # the slot of the batch's padding rows
     done: torch.Tensor
     tails: torch.Tensor | None
     ready: torch.cuda.Event | None
@@ -159,11 +159,11 @@ class Snapshot:
         """{slot: finished} and {slot: last tokens} of the live slots, once the copy has landed."""
         if self.ready is not None:
             self.ready.synchronize()
-        done = dict(zip(self.rows, self.done.tolist()))
+        done = {s: d for s, d in zip(self.rows, self.done.tolist()) if s != self.scratch}
         tails = {}
         if self.tails is not None:
-            tails = {s: [t for t in row if t >= 0] for s, row in zip(self.rows, self.tails.tolist())}
-        return {s: done[s] for s in self.live}, tails
+            tails = {s: [t for t in row if t >= 0] for s, row in zip(self.rows, self.tails.tolist()) if s in done}
+        return done, tails
 
 
 class FusedBackend:
@@ -215,6 +215,7 @@ class FusedBackend:
         device, dtype = param.device, param.dtype
         self.members = list(members or [])
         self.num_groups = max(len(self.members), 1)
+        self.batch_group_ids: list[int] | None = None  # load() below points every group at all its factors
         shapes = []
         for groups in self.groups:
             for group in groups.values():
@@ -285,10 +286,12 @@ class FusedBackend:
         rows = []
         for live in slots_by_group:
             rows += list(live) + [self.scratch] * (per_group - len(live))
-        index = None if groups == list(range(self.num_groups)) else torch.as_tensor(groups, device=device)
-        for layer in self.groups:
-            for group in layer.values():
-                group.pick(index)
+        if groups != self.batch_group_ids:  # the factors of the same groups are in place already
+            index = None if groups == list(range(self.num_groups)) else torch.as_tensor(groups, device=device)
+            for layer in self.groups:
+                for group in layer.values():
+                    group.pick(index)
+            self.batch_group_ids = groups
         self.batch_groups, self.batch_rows = len(groups), per_group
         self.batch_list = rows
         self.batch_slots = torch.as_tensor(rows, dtype=torch.long, device=device)
@@ -322,8 +325,7 @@ class FusedBackend:
         ready = torch.cuda.Event() if pin else None
         if ready is not None:
             ready.record()
-        return Snapshot([s for s in self.batch_list if s != self.scratch], self.batch_list, done_host, tails_host,
-                        ready)
+        return Snapshot(self.batch_list, self.scratch, done_host, tails_host, ready)
 
     def generated(self, slots: Sequence[int]) -> list[list[int]]:
         """Tokens generated in these slots so far."""
@@ -348,6 +350,7 @@ class FusedBackend:
             for group in layer.values():
                 group.picked = {}
                 group.pick(None)
+        self.batch_group_ids = None
 
     # -- pieces ---------------------------------------------------------------------------------
 
