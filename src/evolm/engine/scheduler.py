@@ -13,7 +13,7 @@ time), so the rows that start late are short ones and the stream does not end on
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -159,7 +159,8 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
         finished = [s for s, d in done.items() if d or s in stopped_slots]
         if not finished:
             continue
-        still = [len(g) - sum(backend.group_of(s) == i for s in finished) for i, g in enumerate(live)]
+        finishing = Counter(backend.group_of(s) for s in finished)
+        still = [len(g) - finishing[i] for i, g in enumerate(live)]
         shrinks = not any(waiting) and (bucket(max(still), per_group) < rows
                                         or group_bucket(sum(n > 0 for n in still), groups) < count)
         if len(finished) < max(1, count * rows * REBUILD_SHARE) and len(finished) < len(done) and not shrinks:
