@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from evolm.adapters import Adapter, layer_of, peft_key
 from evolm.engine import PopulationEngine, fused_backend
-from evolm.engine.decoding import SamplingParams
+from evolm.engine.decoding import SamplingParams, decode_texts, trim_at_stops
 from evolm.es.lora_space import LoRASpace
 from evolm.models import load_tokenizer
 
@@ -195,6 +195,25 @@ def test_stop_strings_cut_text(tiny_llama):
             assert text == full_text[: full_text.index(stop) + 1]
         else:
             assert text == full_text
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_batched_detokenising_matches_decode_row_by_row(tiny_llama, clean_up):
+    """The batch paths (Rust decode_batch, or row by row when the tokenizer cleans up spaces) give decode()'s
+    text, and the stop trimming finds the shortest prefix holding a stop string, even where a prefix ends
+    inside a multi-byte character."""
+    tokenizer = load_tokenizer(str(tiny_llama))
+    tokenizer.clean_up_tokenization_spaces = clean_up
+    texts = ["x = 1 , y = 2 . ", "héllo wörld → ok", "no stop here at all", "→→ arrow first", "a . b → c", ""]
+    rows = [tokenizer(t).input_ids + [tokenizer.eos_token_id] for t in texts]
+    assert decode_texts(tokenizer, rows) == [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+    stops = ["→", " ."]
+    trimmed = trim_at_stops(tokenizer, rows, stops)
+    for row, cut in zip(rows, trimmed):
+        holds = [any(s in tokenizer.decode(row[:k], skip_special_tokens=True) for s in stops)
+                 for k in range(len(row) + 1)]
+        assert cut == (row[: holds.index(True)] if True in holds else row)
+    assert trimmed[2] == rows[2] and tokenizer.decode(trimmed[1]) == "héllo wörld →"
 
 
 def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_llama, tmp_path):

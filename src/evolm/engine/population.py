@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evolm.engine import fused_backend
-from evolm.engine.decoding import SamplingParams, cut_at_stop, decode, trim_at_stop
+from evolm.engine.decoding import SamplingParams, cut_at_stop, decode, decode_texts, trim_at_stops
 from evolm.engine.layer import LowRankWeights, PopulationLinear, Routing, find_target_linears
 from evolm.engine.scheduler import PhaseClock, stream
 from evolm.engine.transformers_backend import TransformersBackend
@@ -143,9 +143,11 @@ class PopulationEngine:
         else:
             tokens, rows_at_once, steps = self._waves(prompts, members, slots, params, generator, on_rows)
             refills = 0
-        if params.stop_strings:
-            tokens = [[trim_at_stop(self.tokenizer, t, params.stop_strings) for t in row] for row in tokens]
-        texts = [[self._text(t, params.stop_strings) for t in row] for row in tokens]
+        flat = trim_at_stops(self.tokenizer, [t for row in tokens for t in row], params.stop_strings)
+        texts = [cut_at_stop(text, params.stop_strings)[0] for text in decode_texts(self.tokenizer, flat)]
+        width = len(prompts)
+        tokens = [flat[i : i + width] for i in range(0, len(flat), width)]
+        texts = [texts[i : i + width] for i in range(0, len(texts), width)]
         return Completions(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills,
                            seconds, host)
 
@@ -229,10 +231,6 @@ class PopulationEngine:
             totals.append(kl.sum().item())
             tokens += kl.numel()
         return {"kl": sum(totals) / max(len(totals), 1), "kl_per_token": sum(totals) / max(tokens, 1)}
-
-    def _text(self, tokens: list[int], stop_strings: Sequence[str]) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return cut_at_stop(text, stop_strings)[0]
 
     def _budget_bytes(self) -> float:
         """Accelerator memory a generation may take (on a CPU a fixed 4 GiB)."""
