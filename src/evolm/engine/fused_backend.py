@@ -145,25 +145,50 @@ class Group:
         return y
 
 
+class HostCopy:
+    """Device tensors copied to pinned host memory behind the work queued so far: reading them waits for that
+    work only, not for anything queued after (on a CPU, the tensors themselves)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        pin = bool(tensors) and tensors[0].is_cuda
+        self.tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                        if pin else t for t in tensors]
+        self.ready = torch.cuda.Event() if pin else None
+        if self.ready is not None:
+            self.ready.record()
+
+    def wait(self) -> list[torch.Tensor]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tensors
+
+
 @dataclass
 class Snapshot:
     """The host's copy of the batch rows' state at one point of the device's queue (see FusedBackend.snapshot)."""
 
     rows: list[int]  # every batch row's slot, in batch order
     scratch: int  # the slot of the batch's padding rows
-    done: torch.Tensor
-    tails: torch.Tensor | None
-    ready: torch.cuda.Event | None
+    copy: HostCopy  # done flags [, tails]
 
     def wait(self) -> tuple[dict[int, bool], dict[int, list[int]]]:
         """{slot: finished} and {slot: last tokens} of the live slots, once the copy has landed."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        done = {s: d for s, d in zip(self.rows, self.done.tolist()) if s != self.scratch}
-        tails = {}
-        if self.tails is not None:
-            tails = {s: [t for t in row if t >= 0] for s, row in zip(self.rows, self.tails.tolist()) if s in done}
-        return done, tails
+        done, *tails = self.copy.wait()
+        done = {s: d for s, d in zip(self.rows, done.tolist()) if s != self.scratch}
+        if not tails:
+            return done, {}
+        return done, {s: [t for t in row if t >= 0] for s, row in zip(self.rows, tails[0].tolist()) if s in done}
+
+
+@dataclass
+class Generated:
+    """Rows' generated tokens on their way to the host (see FusedBackend.generated)."""
+
+    copy: HostCopy  # tokens [rows, width], counts [rows]
+
+    def wait(self) -> list[list[int]]:
+        out, counts = self.copy.wait()
+        return [row[:c] for row, c in zip(out.tolist(), counts.tolist())]
 
 
 class FusedBackend:
@@ -287,14 +312,14 @@ class FusedBackend:
         for live in slots_by_group:
             rows += list(live) + [self.scratch] * (per_group - len(live))
         if groups != self.batch_group_ids:  # the factors of the same groups are in place already
-            index = None if groups == list(range(self.num_groups)) else torch.as_tensor(groups, device=device)
+            index = None if groups == list(range(self.num_groups)) else _on_device(groups, device)
             for layer in self.groups:
                 for group in layer.values():
                     group.pick(index)
             self.batch_group_ids = groups
         self.batch_groups, self.batch_rows = len(groups), per_group
         self.batch_list = rows
-        self.batch_slots = torch.as_tensor(rows, dtype=torch.long, device=device)
+        self.batch_slots = _on_device(rows, device)
         if self.pool is not None:
             _, slots = self._graph(self.batch_groups, per_group)
             slots.copy_(self.batch_slots)
@@ -315,23 +340,14 @@ class FusedBackend:
         """Done flags of the batch's rows (and their `last` generated tokens), copied to the host behind the
         steps queued so far: reading it waits for those steps only, not for any queued after."""
         index = self.batch_slots
-        done = self.done[index]
-        tails = self._tails(index, last) if last else None
-        pin = index.is_cuda
-        done_host = torch.empty(done.shape, dtype=done.dtype, pin_memory=pin).copy_(done, non_blocking=pin)
-        tails_host = None
-        if tails is not None:
-            tails_host = torch.empty(tails.shape, dtype=tails.dtype, pin_memory=pin).copy_(tails, non_blocking=pin)
-        ready = torch.cuda.Event() if pin else None
-        if ready is not None:
-            ready.record()
-        return Snapshot(self.batch_list, self.scratch, done_host, tails_host, ready)
+        tensors = [self.done[index]] + ([self._tails(index, last)] if last else [])
+        return Snapshot(self.batch_list, self.scratch, HostCopy(*tensors))
 
-    def generated(self, slots: Sequence[int]) -> list[list[int]]:
-        """Tokens generated in these slots so far."""
-        index = torch.as_tensor(list(slots), device=self.out.device)
-        counts = self.count[index].clamp(max=self.params.max_new_tokens).tolist()
-        return [row[:c] for row, c in zip(self.out[index].tolist(), counts)]
+    def generated(self, slots: Sequence[int]) -> Generated:
+        """Tokens generated in these slots so far, copied behind the queued work: the slots may be refilled
+        at once (the copy is ordered before any new row's writes) and the host reads them when it likes."""
+        index = _on_device(slots, self.out.device)
+        return Generated(HostCopy(self.out[index], self.count[index].clamp(max=self.params.max_new_tokens)))
 
     def _tails(self, index: torch.Tensor, last: int) -> torch.Tensor:
         """[rows, last]: the last `last` tokens generated in these slots, -1 before a row's first."""
@@ -417,9 +433,9 @@ class FusedBackend:
         ids = torch.zeros((n, width), dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-        ids = ids.to(device)
-        lengths = torch.as_tensor([len(p) for p in prompts], device=device)
-        index = torch.as_tensor(slots, device=device)
+        ids = _on_device(ids, device)
+        lengths = _on_device([len(p) for p in prompts], device)
+        index = _on_device(slots, device)
         x = self.inner.embed_tokens(ids)
         positions = torch.arange(width, device=device)[None].expand(n, -1)
         cos, sin = self.inner.rotary_emb(x, positions)
@@ -433,7 +449,7 @@ class FusedBackend:
         equal = None  # the groups of equal segments, as an index into the groups' factors
         if len(segments) > 1 and len({end - start for _, start, end in segments}) == 1:
             present = [g for g, _, _ in segments]
-            equal = slice(None) if present == list(range(self.num_groups)) else torch.as_tensor(present, device=device)
+            equal = slice(None) if present == list(range(self.num_groups)) else _on_device(present, device)
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
@@ -468,6 +484,12 @@ class FusedBackend:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _on_device(values, device: torch.device) -> torch.Tensor:
+    """A host list or tensor of indices on the device without a sync (pageable copies wait for the queue)."""
+    host = torch.as_tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def _chunks(order: list[int], length, copies: int):

@@ -110,6 +110,7 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
     live: list[dict[int, int]] = [{} for _ in range(groups)]  # slot -> prompt, per group
     stopped_slots: set[int] = set()
     tokens: list[list[list[int]]] = [[[] for _ in prompts] for _ in range(groups)]
+    copies = []  # (group, prompt) of finished rows with their tokens on the way to the host
     refills = -1
 
     def refill() -> None:
@@ -165,10 +166,11 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
                                         or group_bucket(sum(n > 0 for n in still), groups) < count)
         if len(finished) < max(1, count * rows * REBUILD_SHARE) and len(finished) < len(done) and not shrinks:
             continue
-        with clock.host("rebuilds"):  # waits for the queue, then prefill launches and a graph capture or not
-            for slot, row in zip(finished, backend.generated(finished)):
+        with clock.host("rebuilds"):  # prefill launches, and a graph capture for a new bucket
+            copies.append(([], backend.generated(finished)))  # read at the end: no wait for the queue here
+            for slot in finished:
                 group = backend.group_of(slot)
-                tokens[group][live[group].pop(slot)] = trim_at_eos(row, eos_token_ids)
+                copies[-1][0].append((group, live[group].pop(slot)))
                 free[group].append(slot)
                 stopped_slots.discard(slot)
             if on_rows is not None:
@@ -176,4 +178,7 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
             refill()
             if any(live):
                 count, rows = rebuild()
+    for rows, copy in copies:
+        for (group, prompt), row in zip(rows, copy.wait()):
+            tokens[group][prompt] = trim_at_eos(row, eos_token_ids)
     return StreamResult(tokens, steps, max(refills, 0), clock.seconds(), clock.host_seconds)
