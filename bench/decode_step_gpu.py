@@ -11,7 +11,7 @@ with CUDA events over replays of the captured step:
   the members' low-rank products alone (the bmm pair of every matmul group);
 and prints µs per row-step against the ceilings measured in the same call (a device copy, a bf16 matmul).
 The step minus its parts is the rest: norms, rotary, SiLU, cache writes, argmax. `--profile` lists the
-kernels of a few eager steps of one shape by device time. The KV cache holds random keys, not zeros.
+kernels of a few eager steps of one shape by device time; `--prefill` times and profiles one prefill chunk. The KV cache holds random keys, not zeros.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def open_shape(engine: PopulationEngine, members: list[int] | None, per_group: i
 
 
 def step_seconds(backend, context: int) -> float:
-    graph = backend.graphs[backend.batch_rows][0]
+    graph = backend.graphs[backend.batch_groups, backend.batch_rows][0]
 
     def replay():
         backend.length.fill_(context)  # keys stay at L: every replay reads the same amount
@@ -129,16 +129,42 @@ def parts(engine: PopulationEngine, backend, rows: int, context: int, variants: 
     return out
 
 
-def profile(backend, steps: int = 3) -> str:
+def profile(work, times: int = 3) -> str:
+    """The kernels of `work()` run `times` times, by device time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            logits = backend._forward(backend.batch_slots)
-            backend._advance(backend.batch_slots, logits.argmax(dim=-1))
+        for _ in range(times):
+            work()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70)
+
+
+def eager_step(backend) -> None:
+    logits = backend._forward(backend.batch_slots)
+    backend._advance(backend.batch_slots, logits.argmax(dim=-1))
+
+
+def prefill_chunk(engine: PopulationEngine, members: list[int], rows_per_group: int, length: int, peak: dict) -> dict:
+    """One prefill chunk as a call's first admission makes it (the same prompts for every group): its seconds
+    against the matmul floor of its tokens, and its kernels by device time."""
+    backend = engine.backend
+    backend.open(engine.routing, members, rows_per_group, length + 8, SamplingParams(max_new_tokens=8),
+                 engine.eos_token_ids)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 1000, (length,), generator=g).tolist() for _ in range(rows_per_group)]
+    slots = [grp * rows_per_group + i for grp in range(len(members)) for i in range(rows_per_group)]
+    generator = torch.Generator(device="cuda")
+
+    def chunk():
+        backend._prefill(slots, [p for _ in members for p in prompts], generator)
+    tokens = len(slots) * length
+    linear = sum(i * o for i, o in engine.shapes().values())
+    result = {"rows": len(slots), "length": length, "tokens": tokens, "seconds": timed(chunk, repeat=5),
+              "matmul floor": 2 * tokens * linear / peak["flops_per_s"], "profile": profile(chunk, times=2)}
+    backend.release()
+    return result
 
 
 @torch.inference_mode()
@@ -151,6 +177,8 @@ def main() -> None:
                     help="CxL,...: C rows per member group, L keys per row")
     ap.add_argument("--variants", default="107x700,200x300", help="shapes at which the kernel variants are timed")
     ap.add_argument("--profile", default="107x700", help="the shape whose kernels are listed ('' for none)")
+    ap.add_argument("--prefill", default="8x136", help="RxT: a first-admission prefill chunk of R rows a group, "
+                                                       "T tokens each, timed and profiled ('' for none)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +203,7 @@ def main() -> None:
         row = {"shape": shape, "rows": rows, "context": context, "step": step_seconds(backend, context)}
         row.update(parts(engine, backend, rows, context, shape in args.variants.split(",")))
         if shape == args.profile:
-            row["profile"] = profile(backend)
+            row["profile"] = profile(lambda backend=backend: eager_step(backend))
         backend.release()
         plain = open_shape(engine, None, rows, context)
         row["step, no perturbation"] = step_seconds(plain, context)
@@ -188,6 +216,13 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         if "profile" in row:
             print(row["profile"], flush=True)
+    if args.prefill:
+        rows_per_group, length = map(int, args.prefill.split("x"))
+        chunk = prefill_chunk(engine, members, rows_per_group, length, peak)
+        results["prefill"] = chunk
+        print(f"prefill chunk {chunk['rows']} rows x {length} tokens: {chunk['seconds'] * 1e3:.1f} ms, matmul floor "
+              f"{chunk['matmul floor'] * 1e3:.1f} ms ({chunk['matmul floor'] / chunk['seconds']:.0%})\n"
+              + chunk["profile"], flush=True)
     (args.out / "decode-step.json").write_text(json.dumps(results, indent=1))
     print(f"\n| shape (C x L, N={args.members}) | rows | step ms | µs/row | no perturbation ms | "
           "attention ms (floor) | matmuls ms (floor) | low-rank ms | rest ms |")
