@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import pytest
 import torch
+from helpers.interpreter import run_interpreted
 
 from evolm.engine.attention import reference_attention, splits_for
 
@@ -34,12 +30,7 @@ print("ok")
 
 
 def test_kernel_matches_reference_for_every_length():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "ok"
+    run_interpreted(CHECK)
 
 
 def test_reference_reads_only_each_rows_own_keys():

@@ -4,9 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.interpreter import run_interpreted
 
 from evolm.es.noise import gaussian, stream_key
 from evolm.es.strategy import EvolutionStrategy, shape_fitness
+
+
+NOISE_KERNEL = r"""
+import os
+import torch
+from evolm.es import noise
+for key, start, count in [(noise.stream_key(7, 3, 1), 12345, 5000), (noise.stream_key(2**40 + 5, 2**33), 2**35 - 7, 3001)]:
+    kernel = noise.gaussian(key, start, count)  # the interpreter runs the Triton kernel
+    os.environ["TRITON_INTERPRET"] = "0"  # read at each call: the PyTorch ops
+    assert torch.equal(kernel, noise.gaussian(key, start, count)), (kernel - noise.gaussian(key, start, count)).abs().max()
+    os.environ["TRITON_INTERPRET"] = "1"
+print("ok")
+"""
+
+
+def test_the_noise_kernel_draws_exactly_what_the_pytorch_ops_draw():
+    """Keys above 2**31 and counters above 2**32 included: the hash's every bit is the same."""
+    run_interpreted(NOISE_KERNEL)
 
 
 def test_noise_is_a_pure_function_of_key_and_counter():

@@ -10,16 +10,11 @@ padding costs nothing. Elsewhere (and as the kernel's reference) plain PyTorch w
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-try:  # Triton ships with CUDA builds of torch; TRITON_INTERPRET=1 runs the kernel on a CPU (tests)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU builds of torch without the triton package
-    triton = None
+from evolm.kernels import tl, triton, use_kernel
 
 BLOCK_KEYS = 64  # keys per inner iteration of the kernel
 KERNEL_WARPS, KERNEL_STAGES = 4, 3  # Triton's defaults; bench/decode_step_gpu.py times the alternatives
@@ -32,10 +27,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if use_kernel(q):
         return _kernel_attention(q, k_cache, v_cache, slots, lengths, scale)
     return reference_attention(q, k_cache, v_cache, slots, lengths, scale)
-
-
-def use_kernel(q: torch.Tensor) -> bool:
-    return triton is not None and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def reference_attention(q, k_cache, v_cache, slots, lengths, scale):
