@@ -129,8 +129,9 @@ def test_subset_of_members_and_eos_stop(tiny_llama, backend):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen3"])
-def test_refill_gives_every_row_what_it_gets_alone(request, fixture):
-    """Rows that take over finished rows' slots, in any order and bucket, decode exactly as without refill."""
+def test_refill_gives_every_row_what_it_gets_alone(request, fixture, monkeypatch):
+    """Rows that take over finished rows' slots, in any order and bucket, decode exactly as without refill;
+    a refill's rows of several groups prefill with gathered factors or a matmul pair per group alike."""
     path = request.getfixturevalue(fixture)
     tokenizer = load_tokenizer(str(path))
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -138,7 +139,10 @@ def test_refill_gives_every_row_what_it_gets_alone(request, fixture):
     prompts = [tokenizer(p).input_ids for p in PROMPTS * 2]
     results = {}
     for name, backend, rows in [("waves", "transformers", None), ("all at once", "fused", None),
-                                ("refill", "fused", 6), ("one slot each", "fused", 1)]:
+                                ("refill", "fused", 6), ("one slot each", "fused", 1),
+                                ("refill, a matmul pair per group", "fused", 6)]:
+        if name == "refill, a matmul pair per group":
+            monkeypatch.setattr(fused_backend, "PREFILL_GATHER", 0)
         engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id],
                                   max_batch_rows=rows, backend=backend)
         space = LoRASpace(engine.shapes(), 2, 4.0)

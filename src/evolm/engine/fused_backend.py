@@ -43,6 +43,7 @@ GROUPS = {
     "down": ("mlp", ("down_proj",)),
 }
 PREFILL_TOKENS = 32768  # padded prompt tokens per prefill chunk: bounds activation memory
+PREFILL_GATHER = 1 << 26  # factor elements a chunk's rows may gather (a refill's rows from many groups)
 # cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200)
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -125,24 +126,52 @@ class Group:
             y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, down), up)
         return y
 
-    def prefill(self, x: torch.Tensor, segments: Sequence[tuple[int, int, int]],
-                equal: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """x [rows, T, in] with rows sorted by group; segments (group, first row, end row) of each group present.
+    def prefill(self, x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """x [rows, T, in], rows sorted by group (see Chunk).
 
-        A group's rows are contiguous, so its delta is two plain matmuls on views: no padding, no atomics.
-        `equal` (the segments' groups, when every segment has the same rows) makes it one bmm pair instead.
+        Equal segments are one bmm pair over the segments' groups. Otherwise a chunk of few rows (a refill)
+        gathers each row's factors for one bmm pair, and a large one runs a matmul pair per group on views
+        of its rows: a refill of rows from 30 groups would otherwise launch 30 pairs per matmul.
         """
         y = F.linear(x, self.weight, self.bias)
         if self.down is None:
             return y
-        if equal is not None:
-            rows = x.reshape(len(segments), -1, x.shape[-1])
-            y.view(len(segments), -1, y.shape[-1]).baddbmm_(torch.bmm(rows, self.down[equal]), self.up[equal])
+        if chunk.equal is not None:
+            rows = x.reshape(len(chunk.segments), -1, x.shape[-1])
+            y.view(len(chunk.segments), -1, y.shape[-1]).baddbmm_(torch.bmm(rows, self.down[chunk.equal]),
+                                                                  self.up[chunk.equal])
+        elif x.shape[0] * self.up.shape[1] * max(self.up.shape[2], self.down.shape[1]) <= PREFILL_GATHER:
+            y.baddbmm_(torch.bmm(x, self.down[chunk.row_groups]), self.up[chunk.row_groups])
         else:
-            for group, start, end in segments:
+            for group, start, end in chunk.segments:
                 rows = x[start:end].reshape(-1, x.shape[-1])
                 y[start:end].view(-1, y.shape[-1]).addmm_(rows @ self.down[group], self.up[group])
         return y
+
+
+@dataclass
+class Chunk:
+    """Which member group each row of a prefill chunk belongs to; the rows come sorted by group."""
+
+    segments: list[tuple[int, int, int]]  # (group, first row, end row) of each group present
+    equal: torch.Tensor | slice | None  # the segments' groups, when every segment has the same rows
+    row_groups: torch.Tensor  # [rows]: each row's group
+
+    @classmethod
+    def of(cls, slots: Sequence[int], per_group: int, groups: int, device: torch.device) -> Chunk:
+        segments: list[list[int]] = []
+        for row, slot in enumerate(slots):
+            group = slot // per_group
+            if segments and segments[-1][0] == group:
+                segments[-1][2] = row + 1
+            else:
+                segments.append([group, row, row + 1])
+        equal = None
+        if len(segments) > 1 and len({end - start for _, start, end in segments}) == 1:
+            present = [g for g, _, _ in segments]
+            equal = slice(None) if present == list(range(groups)) else _on_device(present, device)
+        row_groups = _on_device([slot // per_group for slot in slots], device)
+        return cls([tuple(segment) for segment in segments], equal, row_groups)
 
 
 class HostCopy:
@@ -439,22 +468,12 @@ class FusedBackend:
         x = self.inner.embed_tokens(ids)
         positions = torch.arange(width, device=device)[None].expand(n, -1)
         cos, sin = self.inner.rotary_emb(x, positions)
-        segments = []  # (group, first row, end row): the rows come sorted by group
-        for row, slot in enumerate(slots):
-            group = slot // self.per_group
-            if segments and segments[-1][0] == group:
-                segments[-1][2] = row + 1
-            else:
-                segments.append([group, row, row + 1])
-        equal = None  # the groups of equal segments, as an index into the groups' factors
-        if len(segments) > 1 and len({end - start for _, start, end in segments}) == 1:
-            present = [g for g, _, _ in segments]
-            equal = slice(None) if present == list(range(self.num_groups)) else _on_device(present, device)
+        chunk = Chunk.of(slots, self.per_group, self.num_groups, device)
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
             qkv = groups["qkv"]
-            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, segments, equal), cos, sin)
+            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, chunk), cos, sin)
             self.k_cache[i][index, :, :width] = k
             self.v_cache[i][index, :, :width] = v
             # plain causal attention: right padding only ever follows a row's prompt, so a prompt query never
@@ -462,10 +481,10 @@ class FusedBackend:
             with sdpa_kernel(PREFILL_ATTENTION):
                 attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(n, width, -1)
-            x, h = add_rms_norm(x, groups["o"].prefill(attn, segments, equal), layer.post_attention_layernorm)
-            up = silu_mul(groups["gate_up"].prefill(h, segments, equal))
+            x, h = add_rms_norm(x, groups["o"].prefill(attn, chunk), layer.post_attention_layernorm)
+            up = silu_mul(groups["gate_up"].prefill(h, chunk))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
-            x, h = add_rms_norm(x, groups["down"].prefill(up, segments, equal), following)
+            x, h = add_rms_norm(x, groups["down"].prefill(up, chunk), following)
         last = h[torch.arange(n, device=device), lengths - 1]
         token = pick_token(self.model.lm_head(last), self.params, generator)
         self.length[index] = lengths
