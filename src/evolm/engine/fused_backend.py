@@ -471,11 +471,21 @@ class FusedBackend:
         chunk = Chunk.of(slots, self.per_group, self.num_groups, device)
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
+        fused_rotary = use_kernel(x) and not self.has_qk_norm
+        if fused_rotary:  # every (row, token) a row of the rotary kernel, its keys written into the row's slot
+            token_slots, token_positions = index.repeat_interleave(width), positions.reshape(-1).contiguous()
+            cos, sin = cos.reshape(n * width, -1), sin.reshape(n * width, -1)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
-            qkv = groups["qkv"]
-            q, k, v = self._qkv(layer, qkv, qkv.prefill(h, chunk), cos, sin)
-            self.k_cache[i][index, :, :width] = k
-            self.v_cache[i][index, :, :width] = v
+            qkv = groups["qkv"].prefill(h, chunk)
+            if fused_rotary:
+                q = rotary_to_cache(qkv.view(n * width, -1), cos, sin, self.k_cache[i], self.v_cache[i],
+                                    token_slots, token_positions, self.heads)
+                q = q.view(n, width, self.heads, self.head_dim).transpose(1, 2)
+                k, v = self.k_cache[i][index, :, :width], self.v_cache[i][index, :, :width]
+            else:
+                q, k, v = self._qkv(layer, groups["qkv"], qkv, cos, sin)
+                self.k_cache[i][index, :, :width] = k
+                self.v_cache[i][index, :, :width] = v
             # plain causal attention: right padding only ever follows a row's prompt, so a prompt query never
             # meets a padding key (padding queries do, and their keys land past the row's length, unread)
             with sdpa_kernel(PREFILL_ATTENTION):
