@@ -31,8 +31,10 @@ if triton is not None:
 # A program adds the low-rank term to up to this many rows of one group at once, so that one load of the
 # group's B factor serves them all (a row a program would read K·out factor values for every row).
 LOW_RANK_ROWS = 16
+LOW_RANK_WARPS = 8  # warps a program that adds a term (without: Triton's 4)
 NORM_TILE = 8192  # at most this many values in a program of add_rms_norm (rows × padded width): registers
-SILU_BLOCK = 1024  # columns a program of silu_mul (a quarter of that per row when it adds a low-rank term)
+SILU_BLOCK = 1024  # columns a program of silu_mul; with a term, LOW_RANK_ROWS rows of SILU_TERM_BLOCK columns
+SILU_TERM_BLOCK = 64  # (a narrower tile costs no more factor reads: those depend on the rows a program only)
 
 
 @dataclass
@@ -65,12 +67,13 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module,
     summed = torch.empty_like(rows) if delta is not None else rows
     change = delta.reshape(-1, width) if delta is not None else rows
     block = triton.next_power_of_2(width)
-    term, per_program, programs = _low_rank_arguments(low_rank, rows, max(1, min(LOW_RANK_ROWS, NORM_TILE // block)))
+    most_rows = max(1, min(LOW_RANK_ROWS, NORM_TILE // block))  # the whole width of every row in registers
+    term, per_program, programs, warps = _low_rank_launch(low_rank, rows, most_rows)
     _add_rms_norm_kernel[(programs,)](
         rows, change, norm.weight, summed, normed, *term, width, norm.variance_epsilon,
         rows.stride(0), change.stride(0), summed.stride(0), normed.stride(0),
         HAS_DELTA=delta is not None, HAS_LOW_RANK=low_rank is not None, ROWS=per_program, BLOCK=block,
-        num_warps=4 if per_program == 1 else 8,
+        num_warps=warps,
     )
     return summed.view(x.shape), normed.view(x.shape)
 
@@ -83,11 +86,11 @@ def silu_mul(gate_up: torch.Tensor, low_rank: LowRank | None = None) -> torch.Te
         return F.silu(gate) * up
     rows = gate_up.reshape(-1, 2 * inner)
     out = rows.new_empty((rows.shape[0], inner))
-    term, per_program, programs = _low_rank_arguments(low_rank, rows, LOW_RANK_ROWS)
-    block = SILU_BLOCK if low_rank is None else SILU_BLOCK // 4
+    term, per_program, programs, warps = _low_rank_launch(low_rank, rows, LOW_RANK_ROWS)
+    block = SILU_BLOCK if low_rank is None else SILU_TERM_BLOCK
     _silu_mul_kernel[(programs, triton.cdiv(inner, block))](
         rows, out, *term, inner, rows.stride(0), out.stride(0),
-        HAS_LOW_RANK=low_rank is not None, ROWS=per_program, BLOCK=block,
+        HAS_LOW_RANK=low_rank is not None, ROWS=per_program, BLOCK=block, num_warps=warps,
     )
     return out.view(*gate_up.shape[:-1], inner)
 
@@ -104,27 +107,28 @@ def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_c
     rows = qkv.shape[0]
     kv_heads, dim = k_cache.shape[1], k_cache.shape[3]
     q = qkv.new_empty((rows, heads, dim))
-    term, per_program, programs = _low_rank_arguments(low_rank, qkv, LOW_RANK_ROWS)
+    term, per_program, programs, warps = _low_rank_launch(low_rank, qkv, LOW_RANK_ROWS)
     _rotary_to_cache_kernel[(programs, heads + 2 * kv_heads)](
         qkv, cos, sin, q, k_cache, v_cache, slots, position, *term,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), HEADS=heads, KV_HEADS=kv_heads, HALF=dim // 2,
-        HAS_LOW_RANK=low_rank is not None, ROWS=per_program,
+        HAS_LOW_RANK=low_rank is not None, ROWS=per_program, num_warps=warps,
     )
     return q
 
 
-def _low_rank_arguments(low_rank: LowRank | None, rows: torch.Tensor, most_rows: int) -> tuple[tuple, int, int]:
+def _low_rank_launch(low_rank: LowRank | None, rows: torch.Tensor, most_rows: int) -> tuple[tuple, int, int, int]:
     """The kernels' arguments for a term (t, up, rows a group, K, t's row stride, up's strides), the rows
-    of a program and how many programs cover the rows. No term: one group of all rows, one row a program."""
+    of a program, how many programs cover the rows, and warps a program. No term: one group of all rows,
+    one row a program, as many programs as rows, Triton's default warps."""
     if low_rank is None:
-        return (rows, rows, rows.shape[0], 0, 0, 0, 0), 1, rows.shape[0]
+        return (rows, rows, rows.shape[0], 0, 0, 0, 0), 1, rows.shape[0], 4
     t, up = low_rank.t, low_rank.up
     groups, per_group, rank = t.shape
     per_program = min(most_rows, triton.next_power_of_2(per_group))
     arguments = (t, up, per_group, rank, t.stride(1), up.stride(0), up.stride(1))
-    return arguments, per_program, groups * triton.cdiv(per_group, per_program)
+    return arguments, per_program, groups * triton.cdiv(per_group, per_program), LOW_RANK_WARPS
 
 
 if triton is not None:
