@@ -15,9 +15,11 @@ perturbation is a batched matmul over groups,
 
     y = x W_catᵀ + b + bmm(bmm(x[G, C, in], A[G, in, P·r]), B[G, P·r, out])
 
-at a cost of r·(in + out) per row, not N·r (unused rows of a group point at a scratch slot). Prefill
-packs the newly admitted rows of any groups into right-padded chunks, a group's rows next to each other,
-so that a group's perturbation is two plain matmuls on a slice of the chunk.
+at a cost of r·(in + out) per row, not N·r (unused rows of a group point at a scratch slot). The product
+with B is left to the row kernel that consumes y (engine/rowwise.py), which adds it on the way in rather
+than have an in-place baddbmm read and rewrite all of y. Prefill packs the newly admitted rows of any
+groups into right-padded chunks, a group's rows next to each other, so that a group's perturbation is
+two plain matmuls on a slice of the chunk.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from evolm.engine.attention import decode_attention, use_kernel
 from evolm.engine.decoding import SamplingParams, pick_token
 from evolm.engine.layer import PopulationLinear, Routing
-from evolm.engine.rowwise import add_rms_norm, rotary_to_cache, silu_mul
+from evolm.engine.rowwise import LowRank, add_low_rank, add_rms_norm, rotary_to_cache, silu_mul
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 GROUPS = {
@@ -117,14 +119,14 @@ class Group:
         torch.index_select(self.up, 0, index, out=up)
         self.batch = (down, up)
 
-    def decode(self, x: torch.Tensor, groups: int) -> torch.Tensor:
-        """x [G·C, 1, in], rows group-major, G the decoding batch's groups (see pick)."""
+    def decode(self, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, LowRank | None]:
+        """x [G·C, 1, in], rows group-major, G the decoding batch's groups (see pick) -> the base output and
+        the members' low-rank term of it (None: no member perturbed), for the row function consuming both."""
         y = F.linear(x, self.weight, self.bias)
-        if self.down is not None:
-            down, up = self.batch
-            rows = x.view(groups, -1, x.shape[-1])
-            y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, down), up)
-        return y
+        if self.down is None:
+            return y, None
+        down, up = self.batch
+        return y, LowRank(torch.bmm(x.view(groups, -1, x.shape[-1]), down), up)
 
     def prefill(self, x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """x [rows, T, in], rows sorted by group (see Chunk).
@@ -437,21 +439,22 @@ class FusedBackend:
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
-            qkv = groups["qkv"].decode(h, self.batch_groups)
+            qkv, term = groups["qkv"].decode(h, self.batch_groups)
             if use_kernel(qkv) and not self.has_qk_norm:
                 q = rotary_to_cache(qkv[:, 0], cos[:, 0], sin[:, 0], self.k_cache[i], self.v_cache[i], slots,
-                                    position, self.heads)
+                                    position, self.heads, term)
             else:
-                q, k, v = self._qkv(layer, groups["qkv"], qkv, cos, sin)
+                q, k, v = self._qkv(layer, groups["qkv"], add_low_rank(qkv, term), cos, sin)
                 self.k_cache[i][slots, :, position] = k[:, :, 0]
                 self.v_cache[i][slots, :, position] = v[:, :, 0]
                 q = q[:, :, 0]
             attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling)
-            x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), self.batch_groups),
-                                layer.post_attention_layernorm)
-            up = silu_mul(groups["gate_up"].decode(h, self.batch_groups))
+            out, term = groups["o"].decode(attn.reshape(b, 1, -1), self.batch_groups)
+            x, h = add_rms_norm(x, out, layer.post_attention_layernorm, term)
+            up = silu_mul(*groups["gate_up"].decode(h, self.batch_groups))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
-            x, h = add_rms_norm(x, groups["down"].decode(up, self.batch_groups), following)
+            down, term = groups["down"].decode(up, self.batch_groups)
+            x, h = add_rms_norm(x, down, following, term)
         self.length[slots] = position + 1
         return self.model.lm_head(h[:, 0])
 
