@@ -3,11 +3,7 @@ transformers backend, run by Triton's interpreter on the CPU (on a GPU the same 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import pytest
+from helpers.interpreter import run_interpreted
 
 KERNELS = r"""
 import torch
@@ -141,24 +137,15 @@ print("ok")
 """
 
 
-def _interpret(code: str, *args: str) -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
-                            timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
-
-
 def test_kernels_compute_what_the_modules_compute():
-    _interpret(KERNELS)
+    run_interpreted(KERNELS)
 
 
 def test_kernels_add_a_low_rank_term_as_baddbmm_does():
-    _interpret(LOW_RANK)
+    run_interpreted(LOW_RANK)
 
 
 def test_fused_backend_with_every_kernel_matches_the_transformers_backend(tiny_qwen):
     """Norm, SiLU, rotary-to-cache and attention kernels wired into prefill and decoding, refill included;
     perturbed members with every projection targeted, so the kernels add the members' low-rank terms."""
-    _interpret(ENGINE, str(tiny_qwen))
+    run_interpreted(ENGINE, str(tiny_qwen))

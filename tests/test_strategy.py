@@ -9,7 +9,6 @@ from helpers.interpreter import run_interpreted
 from evolm.es.noise import gaussian, stream_key
 from evolm.es.strategy import EvolutionStrategy, shape_fitness
 
-
 NOISE_KERNEL = r"""
 import os
 import torch

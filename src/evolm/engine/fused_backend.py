@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from evolm.engine.attention import decode_attention, use_kernel
+from evolm.engine.attention import decode_attention
 from evolm.engine.decoding import SamplingParams, pick_token
 from evolm.engine.layer import PopulationLinear, Routing
 from evolm.engine.rowwise import LowRank, add_low_rank, add_rms_norm, rotary_to_cache, silu_mul
+from evolm.kernels import use_kernel
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 GROUPS = {

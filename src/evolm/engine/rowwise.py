@@ -23,10 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evolm.engine.attention import triton, use_kernel
-
-if triton is not None:
-    import triton.language as tl
+from evolm.kernels import tl, triton, use_kernel
 
 # A program adds the low-rank term to up to this many rows of one group at once, so that one load of the
 # group's B factor serves them all (a row a program would read K·out factor values for every row).
@@ -98,7 +95,8 @@ def silu_mul(gate_up: torch.Tensor, low_rank: LowRank | None = None) -> torch.Te
 def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slots: torch.Tensor, position: torch.Tensor, heads: int,
                     low_rank: LowRank | None = None) -> torch.Tensor:
-    """One decoding step's qkv [rows, (heads + 2·kv_heads)·dim] -> rotary q [rows, heads, dim].
+    """qkv [rows, (heads + 2·kv_heads)·dim] of a decoding step's rows (or a prefill's tokens, one row each)
+    -> rotary q [rows, heads, dim].
 
     The rotary k and the v of row b are written to slot slots[b] at position[b] of the caches
     [slots, kv_heads, capacity, dim]; cos and sin are [rows, dim]; `low_rank` is qkv's term, added to
