@@ -46,6 +46,9 @@ GROUPS = {
     "down": ("mlp", ("down_proj",)),
 }
 PREFILL_TOKENS = 32768  # padded prompt tokens per prefill chunk: bounds activation memory
+# the highest rank (summed over a group's projections) whose B product the row kernels add themselves: at
+# rank 8 they save a read and rewrite of the output; above ~30 their CUDA-core sums cost more (estimated)
+KERNEL_RANKS = 32
 PREFILL_GATHER = 1 << 26  # factor elements a chunk's rows may gather (a refill's rows from many groups)
 # cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200)
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -127,7 +130,10 @@ class Group:
         if self.down is None:
             return y, None
         down, up = self.batch
-        return y, LowRank(torch.bmm(x.view(groups, -1, x.shape[-1]), down), up)
+        term = LowRank(torch.bmm(x.view(groups, -1, x.shape[-1]), down), up)
+        if up.shape[1] > KERNEL_RANKS:  # the kernels' fp32 multiply-adds grow with the rank; baddbmm's do not
+            return add_low_rank(y, term), None
+        return y, term
 
     def prefill(self, x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """x [rows, T, in], rows sorted by group (see Chunk).
