@@ -8,10 +8,10 @@ with CUDA events over replays of the captured step:
   the whole step with the members' rank-r factors, and the same N·C rows with none;
   the decode attention of all layers alone (with variants of the Triton kernel's block, warps and stages);
   the matmuls alone (the base weights of every layer and the head);
-  the members' x·A products alone (the bmm of every matmul group; the row kernels add the products with B);
+  the members' x·A products alone (the first bmm of every matmul group's perturbation);
 and prints µs per row-step against the ceilings measured in the same call (a device copy, a bf16 matmul).
-The perturbation's cost is the step minus the step with none (its B products run inside the row kernels,
-so they cannot be timed apart); the unperturbed step minus its parts is the rest: norms, rotary, SiLU,
+The perturbation's cost is the step minus the step with none (what its two products cost inside the
+step, launches and all); the unperturbed step minus its parts is the rest: norms, rotary, SiLU,
 cache writes, argmax. `--profile` lists the kernels of a few eager steps of one shape by device time;
 `--prefill` times and profiles one prefill chunk. The KV cache holds random keys, not zeros.
 """

@@ -15,11 +15,9 @@ perturbation is a batched matmul over groups,
 
     y = x W_catᵀ + b + bmm(bmm(x[G, C, in], A[G, in, P·r]), B[G, P·r, out])
 
-at a cost of r·(in + out) per row, not N·r (unused rows of a group point at a scratch slot). The product
-with B is left to the row kernel that consumes y (engine/rowwise.py), which adds it on the way in rather
-than have an in-place baddbmm read and rewrite all of y. Prefill packs the newly admitted rows of any
-groups into right-padded chunks, a group's rows next to each other, so that a group's perturbation is
-two plain matmuls on a slice of the chunk.
+at a cost of r·(in + out) per row, not N·r (unused rows of a group point at a scratch slot). Prefill
+packs the newly admitted rows of any groups into right-padded chunks, a group's rows next to each other,
+so that a group's perturbation is two plain matmuls on a slice of the chunk.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from evolm.engine.attention import decode_attention
 from evolm.engine.decoding import SamplingParams, pick_token
 from evolm.engine.layer import PopulationLinear, Routing
-from evolm.engine.rowwise import LowRank, add_low_rank, add_rms_norm, rotary_to_cache, silu_mul
+from evolm.engine.rowwise import add_rms_norm, rotary_to_cache, silu_mul
 from evolm.kernels import use_kernel
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -46,9 +44,6 @@ GROUPS = {
     "down": ("mlp", ("down_proj",)),
 }
 PREFILL_TOKENS = 32768  # padded prompt tokens per prefill chunk: bounds activation memory
-# the highest rank (summed over a group's projections) whose B product the row kernels add themselves: at
-# rank 8 they save a read and rewrite of the output; above ~30 their CUDA-core sums cost more (estimated)
-KERNEL_RANKS = 32
 PREFILL_GATHER = 1 << 26  # factor elements a chunk's rows may gather (a refill's rows from many groups)
 # cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200)
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -123,17 +118,14 @@ class Group:
         torch.index_select(self.up, 0, index, out=up)
         self.batch = (down, up)
 
-    def decode(self, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, LowRank | None]:
-        """x [G·C, 1, in], rows group-major, G the decoding batch's groups (see pick) -> the base output and
-        the members' low-rank term of it (None: no member perturbed), for the row function consuming both."""
+    def decode(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """x [G·C, 1, in], rows group-major, G the decoding batch's groups (see pick)."""
         y = F.linear(x, self.weight, self.bias)
-        if self.down is None:
-            return y, None
-        down, up = self.batch
-        term = LowRank(torch.bmm(x.view(groups, -1, x.shape[-1]), down), up)
-        if up.shape[1] > KERNEL_RANKS:  # the kernels' fp32 multiply-adds grow with the rank; baddbmm's do not
-            return add_low_rank(y, term), None
-        return y, term
+        if self.down is not None:
+            down, up = self.batch
+            rows = x.view(groups, -1, x.shape[-1])
+            y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, down), up)
+        return y
 
     def prefill(self, x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """x [rows, T, in], rows sorted by group (see Chunk).
@@ -446,22 +438,21 @@ class FusedBackend:
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
-            qkv, term = groups["qkv"].decode(h, self.batch_groups)
+            qkv = groups["qkv"].decode(h, self.batch_groups)
             if use_kernel(qkv) and not self.has_qk_norm:
                 q = rotary_to_cache(qkv[:, 0], cos[:, 0], sin[:, 0], self.k_cache[i], self.v_cache[i], slots,
-                                    position, self.heads, term)
+                                    position, self.heads)
             else:
-                q, k, v = self._qkv(layer, groups["qkv"], add_low_rank(qkv, term), cos, sin)
+                q, k, v = self._qkv(layer, groups["qkv"], qkv, cos, sin)
                 self.k_cache[i][slots, :, position] = k[:, :, 0]
                 self.v_cache[i][slots, :, position] = v[:, :, 0]
                 q = q[:, :, 0]
             attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling)
-            out, term = groups["o"].decode(attn.reshape(b, 1, -1), self.batch_groups)
-            x, h = add_rms_norm(x, out, layer.post_attention_layernorm, term)
-            up = silu_mul(*groups["gate_up"].decode(h, self.batch_groups))
+            x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), self.batch_groups),
+                                layer.post_attention_layernorm)
+            up = silu_mul(groups["gate_up"].decode(h, self.batch_groups))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
-            down, term = groups["down"].decode(up, self.batch_groups)
-            x, h = add_rms_norm(x, down, following, term)
+            x, h = add_rms_norm(x, groups["down"].decode(up, self.batch_groups), following)
         self.length[slots] = position + 1
         return self.model.lm_head(h[:, 0])
 
