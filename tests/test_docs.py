@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from evolm.config import ESRunConfig, read_source, validate
+from evolm.grpo.config import GRPORunConfig
 from evolm.runs import RunDir
 from evolm.search.config import SearchRunConfig
 
@@ -50,9 +51,10 @@ def test_every_run_folder_the_docs_name_is_in_git_and_loads_as_a_run(name):
     tracked = git("ls-files", "--", name).stdout.split()
     assert f"{name}/config.yaml" in tracked, f"{name} is named in the docs but not committed"
     run = RunDir.open(REPO / name)
-    schema = SearchRunConfig if run.database.is_file() else ESRunConfig
-    validate(read_source(run.config_file), schema)
-    if schema is ESRunConfig:
+    config = read_source(run.config_file)
+    schema = SearchRunConfig if run.database.is_file() else GRPORunConfig if "grpo" in config else ESRunConfig
+    validate(config, schema)
+    if schema is ESRunConfig:  # a GRPO run's checkpoint is the weights themselves: the docs say when it was kept
         assert run.load_checkpoint() is not None, f"{name} has no checkpoint to rebuild its model from"
 
 
