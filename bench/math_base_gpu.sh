@@ -7,7 +7,7 @@
 #   DATA_DIR  a folder of JSONL files, each one set named after its file (aime, amc, math500, minerva,
 #             olympiad_bench, gsm8k_heldout: what bench/suite_to_jsonl.py writes to .stage/data/suite)
 #   extra     e.g. --limit 50 for a quick look, --dtype bfloat16
-# Writes $OUT/math_base_<model>.json (per-set metrics and every completion), $OUT/math_base_<model>.txt
+# Writes $OUT/math_base_<model>.json (per-set metrics: accuracy, mean generated tokens, seconds; every completion), $OUT/math_base_<model>.txt
 # (the table and the wall time). OUT defaults to ./out.
 set -euo pipefail
 cd "$(dirname "$0")/.."

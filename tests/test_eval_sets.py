@@ -4,19 +4,28 @@ real model and the letter task (whose prompts a data file can give)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import build_tiny_model
 from test_es import LETTER_TASK, write_config
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from evolm.cli import app
-from evolm.config import ConfigError, load_config
+from evolm.config import ConfigError, ModelConfig, load_config
+from evolm.engine import PopulationEngine
+from evolm.engine.decoding import SamplingParams
 from evolm.es.runner import export_run, run_es
+from evolm.evaluation import EvalOptions, evaluate_adapter, load_data_sets
+from evolm.models import eos_token_ids, load_model
 from evolm.reports import evolution_figure
 from evolm.runs import evaluations_by_set, read_jsonl
+from evolm.scoring import render_all
 from evolm.tasks import TaskError
 
 NO_LETTER_TASK = "helpers.letter_task:NoLetterTask"
@@ -127,6 +136,50 @@ def test_evaluate_scores_each_data_set(tiny_llama, prompts_file, tmp_path):
     assert {name: r["examples"] for name, r in report["sets"].items()} == {"prompts": 4, "head": 2}
     assert "prompts" in result.output and "head" in result.output
     assert "adapter_metrics" not in report  # several sets: only under "sets"
+    assert "tokens" in result.output
+
+
+def mean_generated_tokens(model: Path, sets, options: EvalOptions) -> list[float]:
+    """What the engine itself generates per completion for each set's prompts (k samples each) under the
+    options' decoding."""
+    loaded = load_model(ModelConfig(name_or_path=str(model), device="cpu"))
+    engine = PopulationEngine(loaded.model, loaded.tokenizer, (), eos_token_ids=eos_token_ids(loaded.model,
+                                                                                               loaded.tokenizer))
+    params = SamplingParams(options.max_new_tokens, options.temperature, stop_strings=options.stop)
+    found = [engine.generate(render_all(loaded.tokenizer, s.examples) * options.samples, None, params).tokens[0]
+             for s in sets]
+    return [sum(map(len, tokens)) / len(tokens) for tokens in found]
+
+
+def test_evaluate_reports_each_models_mean_generated_tokens_and_seconds(tiny_llama, prompts_file, tmp_path):
+    """Per set and scored model, the mean tokens the engine generated per completion (over all k samples,
+    cut at the stop strings) and the seconds of that generation: for the base alone, base and adapter
+    together (a fresh LoRA, B = 0, writes what the base writes), and two models loaded one after the other."""
+    zero, other = tmp_path / "zero", build_tiny_model(tmp_path / "other", seed=3)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), lora).save_pretrained(zero)
+    options = EvalOptions(task=LETTER_TASK, max_new_tokens=12, stop=["j", "y"], device="cpu", model=str(tiny_llama))
+    sets = load_data_sets(options, {"all": str(prompts_file), "head": f"{prompts_file}[0:2]"})
+    expected, expected_other = mean_generated_tokens(tiny_llama, sets, options), mean_generated_tokens(other, sets,
+                                                                                                      options)
+    assert all(0 < n < options.max_new_tokens for n in expected)  # the stops cut some completions short
+    assert expected != expected_other  # so that each side of --against shows its own model's lengths
+    alone = evaluate_adapter(None, options, sets=sets)["sets"]
+    compared = evaluate_adapter(zero, options, compare=True, sets=sets)["sets"]
+    against = evaluate_adapter(other, options, sets=sets, against=tiny_llama)["sets"]
+    for data, base_tokens, other_tokens in zip(sets, expected, expected_other):
+        together, both = compared[data.name], against[data.name]
+        found = [alone[data.name]["adapter_metrics"], together["base_metrics"], together["adapter_metrics"],
+                 both["against_metrics"], both["adapter_metrics"]]
+        tokens = [base_tokens] * 4 + [other_tokens]
+        assert [m["completion_tokens"] for m in found] == [pytest.approx(n) for n in tokens]
+        assert all(m["generate_seconds"] > 0 for m in found)
+        # base and adapter are two members of one generate call: its seconds are both's
+        assert together["base_metrics"]["generate_seconds"] == together["adapter_metrics"]["generate_seconds"]
+    sampled = replace(options, temperature=1.0, samples=3)
+    report = evaluate_adapter(None, sampled, sets=sets[:1])
+    assert report["adapter_metrics"]["completion_tokens"] == pytest.approx(
+        mean_generated_tokens(tiny_llama, sets[:1], sampled)[0])
 
 
 def test_a_bad_set_source_stops_with_one_line_naming_the_set(tiny_llama, prompts_file, tmp_path):

@@ -184,6 +184,8 @@ def evaluate_command(
     pass_at = f"pass_at_{samples}"
     if samples > 1:
         table.add_column(f"pass@{samples}", justify="right")
+    table.add_column("tokens", justify="right")  # mean generated tokens per completion
+    table.add_column("s", justify="right")  # seconds generating the set
     for set_name, result in report["sets"].items():
         reference = ("base", result.get("base_metrics")) if against is None else (str(against),
                                                                                   result.get("against_metrics"))
@@ -191,7 +193,8 @@ def evaluate_command(
             if metrics:
                 cells = [metrics["accuracy"]] + ([metrics[pass_at]] if samples > 1 else [])
                 table.add_row(set_name, name, f"{metrics['reward']:.4f}",
-                              *("-" if c is None else f"{c:.2%}" for c in cells))
+                              *("-" if c is None else f"{c:.2%}" for c in cells),
+                              f"{metrics['completion_tokens']:.1f}", f"{metrics['generate_seconds']:.1f}")
     console.print(table)
     for set_name, result in report["sets"].items():
         if "comparison" in result:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +39,17 @@ class EvalOptions:
     stop: list[str] | None = None  # None = the task's own stop strings
 
 
+@dataclass
+class Answers:
+    """One scored model's completions of one set (k per example: row j answers example j % n), with what they
+    cost: the mean number of tokens generated per completion, and the wall seconds of the `generate` call
+    that wrote them (one call for the base and an adapter generated together, so shared)."""
+
+    texts: list[str]
+    completion_tokens: float
+    generate_seconds: float
+
+
 def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool = False,
                      sets: list[EvalSet] | None = None, against: Path | None = None) -> dict:
     """Metrics of an adapter folder, a model folder or a run folder (its exported result), or with None the
@@ -52,12 +64,12 @@ def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool =
     if sets is None:
         sets = load_data_sets(options, {set_name(options.data): options.data})
     kind = model_kind(adapter)
-    base_name, texts = _texts_of_sets(adapter, kind, options, sets, compare and against is None)
+    base_name, answers = _answers_of_sets(adapter, kind, options, sets, compare and against is None)
     if against is not None:  # the reference takes the base's place, first
-        _, reference_texts = _texts_of_sets(against, model_kind(against), options, sets, False)
-        texts = {name: reference_texts[name] + texts[name] for name in texts}
+        _, reference_answers = _answers_of_sets(against, model_kind(against), options, sets, False)
+        answers = {name: reference_answers[name] + answers[name] for name in answers}
     reference = "base" if against is None else "against"
-    reports = {s.name: _set_report(s, texts[s.name], options.samples, reference) for s in sets}
+    reports = {s.name: _set_report(s, answers[s.name], options.samples, reference) for s in sets}
     stops = {tuple(_sampling(options, s.task).stop_strings) for s in sets}
     report = {"adapter": None if adapter is None else str(adapter), "kind": kind, "model": base_name,
               "task": options.task, "samples": options.samples, "max_new_tokens": options.max_new_tokens,
@@ -105,20 +117,23 @@ def _sampling(options: EvalOptions, task: Task) -> SamplingParams:
                           stop_strings=task.stop_strings if options.stop is None else options.stop)
 
 
-def _set_report(data: EvalSet, texts: list[list[str]], k: int, reference: str = "base") -> dict:
+def _set_report(data: EvalSet, answers: list[Answers], k: int, reference: str = "base") -> dict:
     """One set's metrics per scored model (the last is the adapter), with the per-example comparison when
     a reference (the base, or the model compared against) was scored too, first; row j of each model's
     texts answers example j % n."""
     examples, task = data.examples, data.task
+    texts = [member.texts for member in answers]
     scores = [score_all(task, examples * k, member_texts) for member_texts in texts]
     best = [best_of(member_scores, len(examples)) for member_scores in scores]
 
     def metrics(member: int) -> dict:
         found = summarize(scores[member], task)
-        return found | ({f"pass_at_{k}": summarize(best[member])["accuracy"]} if k > 1 else {})
+        return (found | ({f"pass_at_{k}": summarize(best[member])["accuracy"]} if k > 1 else {})
+                | {"completion_tokens": answers[member].completion_tokens,
+                   "generate_seconds": answers[member].generate_seconds})
 
     report = {"examples": len(examples), "adapter_metrics": metrics(-1)}
-    if len(texts) == 2:
+    if len(answers) == 2:
         report[f"{reference}_metrics"] = metrics(0)
         report["comparison"] = compare_scores(best[0], best[1])
         report["sign_test_p"] = sign_test(report["comparison"])
@@ -131,12 +146,12 @@ def _set_report(data: EvalSet, texts: list[list[str]], k: int, reference: str = 
     return report
 
 
-def _texts_of_sets(adapter: Path | None, kind: str, options: EvalOptions, sets: list[EvalSet],
-                   compare: bool) -> tuple[str, dict[str, list[list[str]]]]:
-    """(base model name, {set: texts of each scored model, the base first when compared}); each model is
+def _answers_of_sets(adapter: Path | None, kind: str, options: EvalOptions, sets: list[EvalSet],
+                     compare: bool) -> tuple[str, dict[str, list[Answers]]]:
+    """(base model name, {set: answers of each scored model, the base first when compared}); each model is
     loaded once for all sets."""
     if kind == "adapter":
-        return _adapter_texts(Path(adapter), options, sets, compare)
+        return _adapter_answers(Path(adapter), options, sets, compare)
     model_path = options.model if adapter is None else str(adapter)
     if model_path is None:
         raise ValueError("give --adapter PATH (adapter, model or run folder) or --model NAME_OR_PATH")
@@ -144,14 +159,14 @@ def _texts_of_sets(adapter: Path | None, kind: str, options: EvalOptions, sets: 
     if adapter is not None and options.model is None:
         base_name = _recorded_base(Path(adapter))
     models = ([base_name] if compare and kind != "base" else []) + [model_path]
-    texts: dict[str, list[list[str]]] = {s.name: [] for s in sets}
+    answers: dict[str, list[Answers]] = {s.name: [] for s in sets}
     for name_or_path in models:
-        for name, member_texts in _model_texts(name_or_path, options, sets).items():
-            texts[name].append(member_texts)
-    return base_name, texts
+        for name, model_answers in _model_answers(name_or_path, options, sets).items():
+            answers[name].append(model_answers)
+    return base_name, answers
 
 
-def _adapter_texts(adapter: Path, options: EvalOptions, sets: list[EvalSet], compare: bool):
+def _adapter_answers(adapter: Path, options: EvalOptions, sets: list[EvalSet], compare: bool):
     """A zero adapter (the base) and the adapter as two members of one batched generation per set."""
     found = Adapter.of_folder(adapter)
     base_name = options.model or found.base_model
@@ -161,32 +176,38 @@ def _adapter_texts(adapter: Path, options: EvalOptions, sets: list[EvalSet], com
     engine = PopulationEngine(loaded.model, loaded.tokenizer, list(found.factors),
                               eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer))
     set_members(engine, [None, found] if compare else [found])
-    texts = _generate_sets(engine, loaded.tokenizer, sets, options, list(range(2 if compare else 1)),
-                           "base and adapter" if compare else "adapter")
+    answers = _generate_sets(engine, loaded.tokenizer, sets, options, list(range(2 if compare else 1)),
+                             "base and adapter" if compare else "adapter")
     del engine, loaded
     release_memory()
-    return base_name, texts
+    return base_name, answers
 
 
-def _model_texts(name_or_path: str, options: EvalOptions, sets: list[EvalSet]) -> dict[str, list[str]]:
+def _model_answers(name_or_path: str, options: EvalOptions, sets: list[EvalSet]) -> dict[str, Answers]:
     loaded = load_model(ModelConfig(name_or_path=name_or_path, device=options.device, dtype=options.dtype))
     engine = PopulationEngine(loaded.model, loaded.tokenizer, (),
                               eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer))
-    texts = {name: t[0] for name, t in _generate_sets(engine, loaded.tokenizer, sets, options, None,
-                                                       name_or_path).items()}
+    answers = {name: a[0] for name, a in _generate_sets(engine, loaded.tokenizer, sets, options, None,
+                                                         name_or_path).items()}
     del engine, loaded
     release_memory()
-    return texts
+    return answers
 
 
 def _generate_sets(engine: PopulationEngine, tokenizer, sets: list[EvalSet], options: EvalOptions,
-                   members: list[int] | None, what: str) -> dict[str, list[list[str]]]:
-    """Each set's completions (one list per member slot), with one progress bar over all of them."""
+                   members: list[int] | None, what: str) -> dict[str, list[Answers]]:
+    """Each set's answers (one per member slot), timed set by set, with one progress bar over all of them."""
     prompts = {s.name: render_all(tokenizer, s.examples) * options.samples for s in sets}
     slots = len(members) if members else 1
+    answers: dict[str, list[Answers]] = {}
     with rows_progress(slots * sum(map(len, prompts.values())), what) as bar:
-        return {s.name: engine.generate(prompts[s.name], members, _sampling(options, s.task), on_rows=bar.update).texts
-                for s in sets}
+        for s in sets:
+            start = time.perf_counter()
+            done = engine.generate(prompts[s.name], members, _sampling(options, s.task), on_rows=bar.update)
+            seconds = time.perf_counter() - start
+            answers[s.name] = [Answers(texts, sum(map(len, tokens)) / len(tokens), seconds)
+                               for texts, tokens in zip(done.texts, done.tokens)]
+    return answers
 
 
 def rows_progress(total: int, what: str) -> tqdm:
