@@ -76,6 +76,7 @@ if triton is not None:
 
     @triton.jit
     def _mix32_kernel(x):
+        """_mix32, line for line: Triton code cannot call the PyTorch one (the tests check every bit agrees)."""
         x = x ^ (x >> 16)
         x = _mul32_kernel(x, 0x7FEB352D)
         x = x ^ (x >> 15)
