@@ -182,6 +182,33 @@ def test_evaluate_reports_each_models_mean_generated_tokens_and_seconds(tiny_lla
         mean_generated_tokens(tiny_llama, sets[:1], sampled)[0])
 
 
+def test_evaluate_kl_is_zero_for_a_no_op_adapter_and_the_same_for_an_adapter_and_its_merged_model(
+        tiny_llama, prompts_file, tmp_path):
+    """KL(model ‖ base) along the model's own completions: 0 for a fresh LoRA (B = 0); for a random LoRA the
+    adapter path (the adapter switched off as the reference) and its merged model folder beside the base
+    agree; the base alone has nothing to measure."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "zero")
+    moved = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    moved.save_pretrained(tmp_path / "adapter")
+    moved.merge_and_unload().save_pretrained(tmp_path / "merged")
+    load_model(ModelConfig(name_or_path=str(tiny_llama), device="cpu")).tokenizer.save_pretrained(tmp_path / "merged")
+    options = EvalOptions(task=LETTER_TASK, max_new_tokens=8, device="cpu", model=str(tiny_llama), kl=True)
+    sets = load_data_sets(options, {"all": str(prompts_file)})
+    assert evaluate_adapter(tmp_path / "zero", options, sets=sets)["adapter_metrics"]["kl"] == 0.0
+    adapter = evaluate_adapter(tmp_path / "adapter", options, sets=sets)["adapter_metrics"]
+    merged = evaluate_adapter(tmp_path / "merged", options, sets=sets)["adapter_metrics"]
+    assert adapter["kl"] > 0.01 and merged["kl"] == pytest.approx(adapter["kl"], rel=1e-3)
+    assert merged["kl_per_token"] == pytest.approx(adapter["kl_per_token"], rel=1e-3)
+    with pytest.raises(ValueError, match="--kl"):
+        evaluate_adapter(None, options, sets=sets)
+    shown = CliRunner().invoke(app, ["evaluate", "--adapter", str(tmp_path / "adapter"), "--model", str(tiny_llama),
+                                     "--task", LETTER_TASK, "--data", str(prompts_file), "--max-new-tokens", "8",
+                                     "--kl"])
+    assert shown.exit_code == 0 and "KL to the base" in shown.output, shown.output
+
+
 def test_a_bad_set_source_stops_with_one_line_naming_the_set(tiny_llama, prompts_file, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run",
                           eval={"sets": {"broken": str(tmp_path / "missing.jsonl")}})

@@ -153,6 +153,8 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the full report (with texts) as JSON."),
+    kl: bool = typer.Option(False, "--kl", help="Also KL(model ‖ base) along the model's own completions, per "
+                            "set (adapter_metrics kl, kl_per_token): how far training moved it."),
 ) -> None:
     """Score an adapter on a task; with --compare (or --against B), list improvements, regressions and both-wrong
     cases against the base (or B)."""
@@ -164,7 +166,7 @@ def evaluate_command(
         options = EvalOptions(task=task, split=split, model=model, limit=limit,
                               max_new_tokens=max_new_tokens or 1024, temperature=temperature, samples=samples,
                               device=device, dtype=dtype, stop=stop or None,
-                              task_options=apply_overrides({}, option or []) or None)
+                              task_options=apply_overrides({}, option or []) or None, kl=kl)
         if adapter is not None and RunDir(adapter).config_file.is_file():
             adapter, options = resolve_run_folder(adapter, options)
             if max_new_tokens or stop:
@@ -201,6 +203,9 @@ def evaluate_command(
             p = result["sign_test_p"]
             console.print(f"{set_name}: " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in result["comparison"].items())
                           + ("" if p is None else f"; sign test p = {p:.3g}"))
+        if "kl" in result["adapter_metrics"]:
+            kl = result["adapter_metrics"]
+            console.print(f"{set_name}: KL to the base {kl['kl']:.4g} a completion, {kl['kl_per_token']:.4g} a token")
     if output:
         output.write_text(json.dumps(report, indent=2))
         console.print(f"report written to {output}")

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from evolm.adapters import Adapter, set_members
 from evolm.config import OLD_DECODING_NAME, SET_NAME, ModelConfig, read_source
 from evolm.engine import PopulationEngine
+from evolm.engine.population import sequence_kl
 from evolm.engine.decoding import SamplingParams
 from evolm.models import eos_token_ids, load_model, release_memory
 from evolm.runs import EXPORT_INFO, RunDir
@@ -37,6 +38,7 @@ class EvalOptions:
     dtype: str = "auto"
     task_options: dict | None = None
     stop: list[str] | None = None  # None = the task's own stop strings
+    kl: bool = False  # also KL(scored model ‖ base) along the scored model's completions, per set
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Answers:
     texts: list[str]
     completion_tokens: float
     generate_seconds: float
+    tokens: list[list[int]]  # the generated token ids of each completion
 
 
 def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool = False,
@@ -61,6 +64,8 @@ def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool =
     """
     if options.samples > 1 and options.temperature <= 0:
         raise ValueError("several samples per example need a temperature above 0 (greedy answers are all alike)")
+    if options.kl and adapter is None:
+        raise ValueError("--kl measures a trained model against its base: give --adapter")
     if sets is None:
         sets = load_data_sets(options, {set_name(options.data): options.data})
     kind = model_kind(adapter)
@@ -70,6 +75,10 @@ def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool =
         answers = {name: reference_answers[name] + answers[name] for name in answers}
     reference = "base" if against is None else "against"
     reports = {s.name: _set_report(s, answers[s.name], options.samples, reference) for s in sets}
+    if options.kl:
+        scored = {name: set_answers[-1].tokens for name, set_answers in answers.items()}
+        for name, kl in _kl_to_base(Path(adapter), kind, base_name, options, sets, scored).items():
+            reports[name]["adapter_metrics"] |= kl
     stops = {tuple(_sampling(options, s.task).stop_strings) for s in sets}
     report = {"adapter": None if adapter is None else str(adapter), "kind": kind, "model": base_name,
               "task": options.task, "samples": options.samples, "max_new_tokens": options.max_new_tokens,
@@ -205,9 +214,36 @@ def _generate_sets(engine: PopulationEngine, tokenizer, sets: list[EvalSet], opt
             start = time.perf_counter()
             done = engine.generate(prompts[s.name], members, _sampling(options, s.task), on_rows=bar.update)
             seconds = time.perf_counter() - start
-            answers[s.name] = [Answers(texts, sum(map(len, tokens)) / len(tokens), seconds)
+            answers[s.name] = [Answers(texts, sum(map(len, tokens)) / len(tokens), seconds, tokens)
                                for texts, tokens in zip(done.texts, done.tokens)]
     return answers
+
+
+def _kl_to_base(adapter: Path, kind: str, base_name: str, options: EvalOptions, sets: list[EvalSet],
+                completions: dict[str, list[list[int]]]) -> dict[str, dict]:
+    """Per set, KL(scored model ‖ base) along the scored model's own completions of the set's prompts: an
+    adapter on the base with the adapter off as the reference, or a model folder beside the base."""
+    from peft import PeftModel
+
+    base = load_model(ModelConfig(name_or_path=base_name, device=options.device, dtype=options.dtype))
+    if kind == "adapter":
+        policy = PeftModel.from_pretrained(base.model, str(adapter)).eval()
+
+        def reference_logits(ids):
+            with policy.disable_adapter():
+                return policy(input_ids=ids).logits
+    else:
+        policy = load_model(ModelConfig(name_or_path=str(adapter), device=options.device, dtype=options.dtype)).model
+
+        def reference_logits(ids):
+            return base.model(input_ids=ids).logits
+    device = next(policy.parameters()).device
+    kls = {s.name: sequence_kl(lambda ids: policy(input_ids=ids).logits, reference_logits,
+                               render_all(base.tokenizer, s.examples) * options.samples, completions[s.name], device)
+           for s in sets}
+    del policy, base
+    release_memory()
+    return kls
 
 
 def rows_progress(total: int, what: str) -> tqdm:

@@ -207,30 +207,17 @@ class PopulationEngine:
         """Within this context a plain forward of the model runs as population member `member`."""
         return _RowsAs(self, member)
 
-    @torch.inference_mode()
     def kl(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
            policy: Callable[[], AbstractContextManager], reference: Callable[[], AbstractContextManager]) -> dict:
-        """KL(policy ‖ reference) along the completions, summed over tokens per sequence.
-
-        `policy` and `reference` make contexts in which a plain forward of the model is that model (a
-        member's perturbation, or other weights swapped in). For each completion token position t:
-        Σ_v p(v) (log p(v) − log q(v)), with p the policy's next-token distribution.
-        """
-        totals, tokens = [], 0
-        for prompt, completion in zip(prompts, completions):
-            if not completion:
-                totals.append(0.0)
-                continue
-            ids = torch.as_tensor([list(prompt) + list(completion)], device=self.device)
-            logp = []
-            for state in (policy, reference):
+        """KL(policy ‖ reference) along the completions (see sequence_kl). `policy` and `reference` make
+        contexts in which a plain forward of the model is that model (a member's perturbation, or other
+        weights swapped in)."""
+        def forward_in(state):
+            def forward(ids):
                 with state():
-                    logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-                logp.append(torch.log_softmax(logits, dim=-1))
-            kl = (logp[0].exp() * (logp[0] - logp[1])).sum(-1)
-            totals.append(kl.sum().item())
-            tokens += kl.numel()
-        return {"kl": sum(totals) / max(len(totals), 1), "kl_per_token": sum(totals) / max(tokens, 1)}
+                    return self.model(input_ids=ids).logits
+            return forward
+        return sequence_kl(forward_in(policy), forward_in(reference), prompts, completions, self.device)
 
     def _budget_bytes(self) -> float:
         """Accelerator memory a generation may take (on a CPU a fixed 4 GiB)."""
@@ -280,3 +267,23 @@ class _RowsAs:
 
     def __exit__(self, *exc):
         self.engine.routing.route(None, self.engine.dtype)
+
+
+@torch.inference_mode()
+def sequence_kl(policy: Callable[[torch.Tensor], torch.Tensor], reference: Callable[[torch.Tensor], torch.Tensor],
+                prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], device: torch.device) -> dict:
+    """KL(policy ‖ reference) along the completions, summed over tokens per sequence; `policy` and `reference`
+    map token ids [1, T] to logits [1, T, vocab]. For each completion token position t:
+    Σ_v p(v) (log p(v) − log q(v)), with p the policy's next-token distribution."""
+    totals, tokens = [], 0
+    for prompt, completion in zip(prompts, completions):
+        if not completion:
+            totals.append(0.0)
+            continue
+        ids = torch.as_tensor([list(prompt) + list(completion)], device=device)
+        logp = [torch.log_softmax(forward(ids)[0, len(prompt) - 1 : -1].float(), dim=-1)
+                for forward in (policy, reference)]
+        kl = (logp[0].exp() * (logp[0] - logp[1])).sum(-1)
+        totals.append(kl.sum().item())
+        tokens += kl.numel()
+    return {"kl": sum(totals) / max(len(totals), 1), "kl_per_token": sum(totals) / max(tokens, 1)}
