@@ -48,9 +48,12 @@ class Answers:
     that wrote them (one call for the base and an adapter generated together, so shared)."""
 
     texts: list[str]
-    completion_tokens: float
-    generate_seconds: float
     tokens: list[list[int]]  # the generated token ids of each completion
+    generate_seconds: float
+
+    @property
+    def completion_tokens(self) -> float:
+        return sum(map(len, self.tokens)) / len(self.tokens)
 
 
 def evaluate_adapter(adapter: Path | None, options: EvalOptions, compare: bool = False,
@@ -214,7 +217,7 @@ def _generate_sets(engine: PopulationEngine, tokenizer, sets: list[EvalSet], opt
             start = time.perf_counter()
             done = engine.generate(prompts[s.name], members, _sampling(options, s.task), on_rows=bar.update)
             seconds = time.perf_counter() - start
-            answers[s.name] = [Answers(texts, sum(map(len, tokens)) / len(tokens), seconds, tokens)
+            answers[s.name] = [Answers(texts, tokens, seconds)
                                for texts, tokens in zip(done.texts, done.tokens)]
     return answers
 
