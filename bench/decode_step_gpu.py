@@ -84,7 +84,7 @@ def open_shape(engine: PopulationEngine, members: list[int] | None, per_group: i
 
 
 def step_seconds(backend, context: int) -> float:
-    graph = backend.graphs[backend.batch_groups, backend.batch_rows][0]
+    graph = backend._graph(backend.batch_groups, backend.batch_rows)[0]
 
     def replay():
         backend.length.fill_(context)  # keys stay at L: every replay reads the same amount
@@ -143,8 +143,7 @@ def profile(work, times: int = 3) -> str:
 
 
 def eager_step(backend) -> None:
-    logits = backend._forward(backend.batch_slots)
-    backend._advance(backend.batch_slots, logits.argmax(dim=-1))
+    backend._step(backend.batch_slots)
 
 
 def prefill_chunk(engine: PopulationEngine, members: list[int], rows_per_group: int, length: int, peak: dict) -> dict:
@@ -156,10 +155,9 @@ def prefill_chunk(engine: PopulationEngine, members: list[int], rows_per_group: 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 1000, (length,), generator=g).tolist() for _ in range(rows_per_group)]
     slots = [grp * rows_per_group + i for grp in range(len(members)) for i in range(rows_per_group)]
-    generator = torch.Generator(device="cuda")
 
     def chunk():
-        backend._prefill(slots, [p for _ in members for p in prompts], generator)
+        backend._prefill(slots, [p for _ in members for p in prompts])
     tokens = len(slots) * length
     linear = sum(i * o for i, o in engine.shapes().values())
     result = {"rows": len(slots), "length": length, "tokens": tokens, "seconds": timed(chunk, repeat=5),

@@ -10,6 +10,8 @@
 #     SECONDS training budget, default 1500 (25 minutes)
 #   e.g. bench/grpo_gpu.sh /models/qwen2.5-coder-1.5b-instruct countdown.json runs/grpo-cd 1500 grpo.beta=0.04
 #
+# A full-weight checkpoint is ~18 GB (fp32 weights and Adam's moments) and takes tens of seconds to write, so
+# the run saves only when it stops (SIGTERM or grpo.max_seconds: TRL saves that step).
 # Defaults are TRL's (lr 1e-6, beta 0, loss dapo, 8 completions per prompt), with 16 prompts a step so that a
 # step sees a batch (TRL's default batch holds one prompt); for the sweep pass grpo.learning_rate=… grpo.beta=….
 # The curves (every 10 steps, off the clock but on the machine's hold) use the first 200 test records; the
@@ -33,6 +35,6 @@ else
     task.options.chat=true "task.train=$data[:200]" "task.test=$data[-2000:]" task.test_size=200 \
     decoding.max_new_tokens=1024 eval.every=10 \
     grpo.steps=10000 "grpo.max_seconds=$seconds" grpo.prompts_per_step=16 grpo.group_size=8 \
-    grpo.gradient_accumulation_steps=8 grpo.save_every=10 logging.progress=false "$@"
+    grpo.gradient_accumulation_steps=8 grpo.save_every=100000 logging.progress=false "$@"
 fi
 python3 -m evolm.cli analyze "$run"

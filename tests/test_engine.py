@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from evolm.adapters import Adapter, layer_of, peft_key
 from evolm.engine import PopulationEngine, fused_backend
-from evolm.engine.decoding import SamplingParams, decode_texts, trim_at_stops
+from evolm.engine.decoding import decode_texts, trim_at_stops
+from evolm.engine.sampling import SamplingParams
 from evolm.es.lora_space import LoRASpace
 from evolm.models import load_tokenizer
 
@@ -169,6 +170,28 @@ def test_refill_gives_every_row_what_it_gets_alone(request, fixture, monkeypatch
     for name, out in results.items():
         assert out.tokens == results["waves"].tokens, f"{name}: tokens differ from the wave-by-wave reference"
         assert out.texts == results["waves"].texts, name
+
+
+def test_sampled_rows_do_not_depend_on_the_batch(tiny_llama):
+    """A sampled token is a function of (seed, prompt, position) and the logits: refilled slots, one slot a
+    group and the wave-by-wave path sample the very same completions."""
+    tokenizer = load_tokenizer(str(tiny_llama))
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    prompts = [tokenizer(p).input_ids for p in PROMPTS * 2]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=4)
+    results = {}
+    for name, backend, rows in [("waves", "transformers", None), ("all at once", "fused", None),
+                                ("refill", "fused", 4), ("one slot each", "fused", 1)]:
+        engine = PopulationEngine(copy.deepcopy(base), tokenizer, ["q_proj", "v_proj"],
+                                  eos_token_ids=[tokenizer.eos_token_id], max_batch_rows=rows, backend=backend)
+        space = LoRASpace(engine.shapes(), 2, 4.0)
+        engine.set_factors(space.unflatten(_members(space, 2, seed=9)), space.scale)
+        results[name] = engine.generate(prompts, [1, 0], params)
+    assert results["refill"].refills > 0
+    for name, out in results.items():
+        assert out.tokens == results["waves"].tokens, f"{name}: sampled tokens differ from the wave-by-wave path"
+    first = results["waves"].tokens[0]
+    assert first[:len(PROMPTS)] != first[len(PROMPTS):], "a repeated prompt draws anew"
 
 
 def test_sampling_is_reproducible_with_seed(tiny_llama):

@@ -200,16 +200,17 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tiny_llama, tmp_path):
 def test_evaluate_samples_report_pass_at_k(tiny_llama, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run")
     run, _ = run_es(str(config), ["es.generations=1"])
-    options = EvalOptions(task=LETTER_TASK, max_new_tokens=6, temperature=1.0, samples=5)
+    # a random tiny model writes an 'a' in a few % of its samples: 32 samples an example make some right
+    options = EvalOptions(task=LETTER_TASK, max_new_tokens=12, temperature=1.0, samples=32)
     report = evaluate_adapter(run.adapter_dir, options, compare=True)
-    assert report["samples"] == 5 and len(report["examples_detail"]) == 5 * report["examples"]
+    assert report["samples"] == 32 and len(report["examples_detail"]) == 32 * report["examples"]
     rows = report["examples_detail"]
     for side in ("base", "adapter"):
         right = {r["index"] for r in rows if r[f"{side}_correct"]}
         metrics = report[f"{side}_metrics"]
-        assert metrics["pass_at_5"] == len(right) / report["examples"]
+        assert metrics["pass_at_32"] == len(right) / report["examples"]
         assert metrics["accuracy"] == sum(r[f"{side}_correct"] for r in rows) / len(rows)
-    assert 0 < report["adapter_metrics"]["accuracy"] < report["adapter_metrics"]["pass_at_5"]
+    assert 0 < report["adapter_metrics"]["accuracy"] < report["adapter_metrics"]["pass_at_32"]
     assert sum(report["comparison"].values()) == report["examples"]  # compared per example, best of its samples
     with pytest.raises(ValueError, match="temperature above 0"):
         evaluate_adapter(run.adapter_dir, EvalOptions(task=LETTER_TASK, samples=2))

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from evolm.cli import app
 from evolm.config import ConfigError, ModelConfig, load_config
 from evolm.engine import PopulationEngine
-from evolm.engine.decoding import SamplingParams
+from evolm.engine.sampling import SamplingParams
 from evolm.es.runner import export_run, run_es
 from evolm.evaluation import EvalOptions, evaluate_adapter, load_data_sets
 from evolm.models import eos_token_ids, load_model
@@ -124,6 +124,12 @@ def test_full_space_best_is_the_replayed_generation(tiny_llama, prompts_file, tm
     exported = CliRunner().invoke(app, ["export", str(run.root), str(tmp_path / "best-again"), "--best"])
     assert exported.exit_code == 0, exported.output
     assert tensors_equal(tmp_path / "best-again" / weights, reference.root / "model" / weights)
+    exported = CliRunner().invoke(app, ["export", str(run.root), str(tmp_path / "at-g"), f"--generation={generation}"])
+    assert exported.exit_code == 0, exported.output
+    assert tensors_equal(tmp_path / "at-g" / weights, reference.root / "model" / weights)
+    for wrong in (["--generation=4"], ["--generation=-1"], ["--generation=1", "--best"]):
+        refused = CliRunner().invoke(app, ["export", str(run.root), str(tmp_path / "refused"), *wrong])
+        assert refused.exit_code == 2 and not (tmp_path / "refused").exists(), (wrong, refused.output)
 
 
 def test_evaluate_scores_each_data_set(tiny_llama, prompts_file, tmp_path):

@@ -6,14 +6,16 @@ import pytest
 import torch
 from helpers.interpreter import run_interpreted
 
-from evolm.es.noise import gaussian, stream_key
+from evolm.counter_hash import stream_key
+from evolm.es.noise import gaussian
 from evolm.es.strategy import EvolutionStrategy, shape_fitness
 
 NOISE_KERNEL = r"""
 import os
 import torch
+from evolm.counter_hash import stream_key
 from evolm.es import noise
-for key, start, count in [(noise.stream_key(7, 3, 1), 12345, 5000), (noise.stream_key(2**40 + 5, 2**33), 2**35 - 7, 3001)]:
+for key, start, count in [(stream_key(7, 3, 1), 12345, 5000), (stream_key(2**40 + 5, 2**33), 2**35 - 7, 3001)]:
     kernel = noise.gaussian(key, start, count)  # the interpreter runs the Triton kernel
     os.environ["TRITON_INTERPRET"] = "0"  # read at each call: the PyTorch ops
     assert torch.equal(kernel, noise.gaussian(key, start, count)), (kernel - noise.gaussian(key, start, count)).abs().max()

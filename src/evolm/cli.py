@@ -220,12 +220,15 @@ def export_command(
     model: Optional[str] = typer.Option(None, "--model", help="The run's base model, where it lives now "
                                         "(default: the path in the run's config)."),
     best: bool = typer.Option(False, "--best", help="The θ that scored best on eval.keep_best's set, not the last."),
+    generation: Optional[int] = typer.Option(None, "--generation", help="θ after this many generations, not the "
+                                             "last (e.g. at the training seconds another run had: see the "
+                                             "run's evaluations)."),
 ) -> None:
     """Rebuild a run's θ from its small checkpoint and write it as an adapter or a model folder."""
     from evolm.es.runner import export_run
 
     with reported_errors(user_errors=(ValueError,)):
-        console.print(f"wrote {export_run(run_dir, out, device, best=best, model=model)}")
+        console.print(f"wrote {export_run(run_dir, out, device, best=best, model=model, generation=generation)}")
 
 
 @app.command("search", cls=Command)

@@ -15,7 +15,7 @@ from evolm.adapters import Adapter, set_members
 from evolm.config import OLD_DECODING_NAME, SET_NAME, ModelConfig, read_source
 from evolm.engine import PopulationEngine
 from evolm.engine.population import sequence_kl
-from evolm.engine.decoding import SamplingParams
+from evolm.engine.sampling import SamplingParams
 from evolm.models import eos_token_ids, load_model, release_memory
 from evolm.runs import EXPORT_INFO, RunDir
 from evolm.scoring import render_all, score_all, summarize

@@ -6,8 +6,8 @@ loop; attention.py: decode attention over slots; transformers_backend.py (any mo
 fused_backend.py (Llama-family models: slots, batched member matmuls, CUDA graphs): the backends.
 """
 
-from evolm.engine.decoding import SamplingParams
 from evolm.engine.layer import LowRankWeights, Routing, find_target_linears
 from evolm.engine.population import Completions, PopulationEngine
+from evolm.engine.sampling import SamplingParams
 
 __all__ = ["Completions", "LowRankWeights", "PopulationEngine", "Routing", "SamplingParams", "find_target_linears"]

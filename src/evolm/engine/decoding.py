@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from evolm.engine.sampling import SamplingParams, pick_token
+
 STOP_CHECK_INTERVAL = 8  # decoding steps between stop-string checks (they need detokenising)
 STOP_WINDOW = STOP_CHECK_INTERVAL + 24  # trailing tokens detokenised per check: a stop string is shorter
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    stop_strings: Sequence[str] = ()
-    seed: int = 0  # sampled decoding draws from torch.Generator(seed): same seed, same device, same text
 
 
 class Backend(Protocol):
@@ -56,10 +48,11 @@ def decode(
     params: SamplingParams,
     eos_token_ids: Sequence[int],
     tokenizer: PreTrainedTokenizerBase,
-    generator: torch.Generator,
+    keys: torch.Tensor,
     sync_every: int = 1,
 ) -> tuple[list[list[int]], int]:
-    """Generated tokens per row (up to and including EOS), and how many decoding steps ran.
+    """Generated tokens per row (up to and including EOS), and how many decoding steps ran; `keys` [rows, 2]
+    are the rows' sampling keys (`sampling.row_keys`).
 
     The host looks at which rows finished only every `sync_every` steps, so that on a GPU the
     host can queue work ahead; rows that finished in between run on idly until then.
@@ -70,12 +63,13 @@ def decode(
     eos = torch.as_tensor(list(eos_token_ids), device=device)
     out = torch.full((n, params.max_new_tokens), -1, dtype=torch.long, device=device)
     live = torch.arange(n, device=device)  # original row of each live row
+    keys = keys.to(device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     steps = 0
     try:
         for step in range(params.max_new_tokens):
             steps = step + 1
-            token = pick_token(logits, params, generator)
+            token = pick_token(logits, params, keys[live], torch.full_like(live, step))
             out[live, step] = token
             finished |= torch.isin(token, eos)
             last = step + 1 == params.max_new_tokens
@@ -95,18 +89,6 @@ def decode(
     finally:
         backend.close()
     return [trim_at_eos(row, eos_token_ids) for row in out.tolist()], steps
-
-
-def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def decode_texts(tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sequence[int]]) -> list[str]:

@@ -8,7 +8,8 @@ Rows live in slots of a preallocated KV cache ([slots, kv_heads, capacity, head_
 every slot belongs to one member group for the whole call (engine/scheduler.py hands a finished row's
 slot to the next waiting row of the same member). The state of a slot — its last token, how many keys
 it holds, its generated tokens, whether it finished — lives on the device, so a decoding step needs
-nothing from the host: on a GPU it is a CUDA graph, captured once per batch-size bucket and replayed.
+nothing from the host: on a GPU it is a CUDA graph, captured once per batch-size bucket (and way of
+picking tokens: greedy, or sampled with counter-based noise, engine/sampling.py) and replayed.
 
 A decoding batch is laid out group-major, `per_group` rows for every member group, so a member's
 perturbation is a batched matmul over groups,
@@ -31,9 +32,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from evolm.engine.attention import decode_attention
-from evolm.engine.decoding import SamplingParams, pick_token
 from evolm.engine.layer import PopulationLinear, Routing
 from evolm.engine.rowwise import add_rms_norm, rotary_to_cache, silu_mul
+from evolm.engine.sampling import SamplingParams, pick_token, row_keys
 from evolm.kernels import use_kernel
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -249,7 +250,8 @@ class FusedBackend:
         self.kv_heads = self.config.num_key_value_heads
         self.scaling = attn.scaling
         self.has_qk_norm = hasattr(attn, "q_norm")
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (groups, rows)
+        # (groups, rows, temperature, top_p) -> a captured step and the slot index tensor it reads
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.layout: tuple | None = None  # what the buffers below were allocated for
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -295,6 +297,7 @@ class FusedBackend:
         self.length = torch.zeros(slots, dtype=torch.long, device=device)
         self.count = torch.zeros(slots, dtype=torch.long, device=device)
         self.done = torch.ones(slots, dtype=torch.bool, device=device)
+        self.keys = torch.zeros((slots, 2), dtype=torch.long, device=device)  # each row's sampling key
         self.out = torch.zeros((slots, self.width), dtype=torch.long, device=device)
         self.eos = torch.as_tensor(list(eos_token_ids), device=device)
         self.batch_slots: torch.Tensor | None = None
@@ -304,12 +307,15 @@ class FusedBackend:
         return slot // self.per_group
 
     @torch.inference_mode()
-    def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], generator: torch.Generator) -> None:
-        """Prefill these prompts into these (free) slots and pick each one's first token.
+    def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], prompt_indices: Sequence[int]) -> None:
+        """Prefill these prompts (the call's prompts number `prompt_indices`, which key their sampling) into
+        these (free) slots and pick each one's first token.
 
         A chunk holds rows of similar length. When every group admits the same prompts (a call's first
         admission), a chunk takes the same prompts for every group: equal segments, one bmm per matmul.
         """
+        device = self.last.device
+        self.keys[_on_device(slots, device)] = _on_device(row_keys(self.params.seed, prompt_indices), device)
         by_group: dict[int, list[int]] = {}
         for i, slot in enumerate(slots):
             by_group.setdefault(self.group_of(slot), []).append(i)
@@ -322,11 +328,11 @@ class FusedBackend:
             for part in _chunks(sorted(range(len(shared)), key=lambda j: len(shared[j])),
                                 lambda j: len(shared[j]), len(columns)):
                 chunk = [column[j] for column in columns for j in part]  # group-major
-                self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk], generator)
+                self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk])
             return
         for part in _chunks(sorted(range(len(slots)), key=lambda i: len(prompts[i])), lambda i: len(prompts[i]), 1):
             chunk = sorted(part, key=lambda i: slots[i])  # a group's rows together
-            self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk], generator)
+            self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk])
 
     @torch.inference_mode()
     def set_batch(self, slots_by_group: Sequence[Sequence[int]], per_group: int,
@@ -355,16 +361,13 @@ class FusedBackend:
             slots.copy_(self.batch_slots)
 
     @torch.inference_mode()
-    def decode(self, steps: int, generator: torch.Generator) -> None:
+    def decode(self, steps: int) -> None:
         """Run `steps` decoding steps of the current batch (finished rows run on idly until the next batch)."""
-        greedy = self.params.temperature == 0
         for _ in range(steps):
-            if self.pool is not None and greedy:
-                self.graphs[self.batch_groups, self.batch_rows][0].replay()
-                continue
-            slots = self.batch_slots
-            logits = self._forward(slots)
-            self._advance(slots, pick_token(logits, self.params, generator))
+            if self.pool is not None:
+                self._graph(self.batch_groups, self.batch_rows)[0].replay()
+            else:
+                self._step(self.batch_slots)
 
     def snapshot(self, last: int) -> Snapshot:
         """Done flags of the batch's rows (and their `last` generated tokens), copied to the host behind the
@@ -401,24 +404,26 @@ class FusedBackend:
     # -- pieces ---------------------------------------------------------------------------------
 
     def _graph(self, groups: int, per_group: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The decoding step of a batch of `per_group` rows a group, captured once (greedy decoding)."""
-        if (groups, per_group) not in self.graphs:
+        """The decoding step of a batch of `per_group` rows a group, captured once for each way of picking."""
+        key = (groups, per_group, self.params.temperature, self.params.top_p)
+        if key not in self.graphs:
             slots = torch.full((groups * per_group,), self.scratch, dtype=torch.long,
                                device=self.last.device)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS picks kernels) on the scratch slot
                 for _ in range(2):
-                    self._greedy_step(slots)
+                    self._step(slots)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._greedy_step(slots)
-            self.graphs[groups, per_group] = (graph, slots)
-        return self.graphs[groups, per_group]
+                self._step(slots)
+            self.graphs[key] = (graph, slots)
+        return self.graphs[key]
 
-    def _greedy_step(self, slots: torch.Tensor) -> None:
-        self._advance(slots, self._forward(slots).argmax(dim=-1))
+    def _step(self, slots: torch.Tensor) -> None:
+        """One decoding step: the next token of every row of these slots, from its key and position."""
+        self._advance(slots, pick_token(self._forward(slots), self.params, self.keys[slots], self.count[slots]))
 
     def _advance(self, slots: torch.Tensor, token: torch.Tensor) -> None:
         """Per-slot state after one step: the new token stored and counted, finished rows marked."""
@@ -456,7 +461,7 @@ class FusedBackend:
         self.length[slots] = position + 1
         return self.model.lm_head(h[:, 0])
 
-    def _prefill(self, slots: list[int], prompts: list[Sequence[int]], generator: torch.Generator) -> None:
+    def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
         """Right-padded prefill of a chunk of rows; their keys go to positions [0, len) of their slots."""
         device = self.last.device
         n, width = len(prompts), max(len(p) for p in prompts)
@@ -497,7 +502,7 @@ class FusedBackend:
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
             x, h = add_rms_norm(x, groups["down"].prefill(up, chunk), following)
         last = h[torch.arange(n, device=device), lengths - 1]
-        token = pick_token(self.model.lm_head(last), self.params, generator)
+        token = pick_token(self.model.lm_head(last), self.params, self.keys[index], torch.zeros_like(index))
         self.length[index] = lengths
         self.count[index] = 0
         self.done[index] = False

@@ -15,8 +15,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evolm.engine import fused_backend
-from evolm.engine.decoding import SamplingParams, cut_at_stop, decode, decode_texts, trim_at_stops
+from evolm.engine.decoding import cut_at_stop, decode, decode_texts, trim_at_stops
 from evolm.engine.layer import LowRankWeights, PopulationLinear, Routing, find_target_linears
+from evolm.engine.sampling import SamplingParams, row_keys
 from evolm.engine.scheduler import PhaseClock, stream
 from evolm.engine.transformers_backend import TransformersBackend
 
@@ -134,14 +135,13 @@ class PopulationEngine:
             raise ValueError(f"members must lie in [0, {self.population})")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seconds: dict[str, float] = {}
         host: dict[str, float] = {}
         if isinstance(self.backend, fused_backend.FusedBackend):
-            tokens, rows_at_once, steps, refills, seconds, host = self._stream(prompts, members, params,
-                                                                               generator, on_rows, keep_slots)
+            tokens, rows_at_once, steps, refills, seconds, host = self._stream(prompts, members, params, on_rows,
+                                                                               keep_slots)
         else:
-            tokens, rows_at_once, steps = self._waves(prompts, members, slots, params, generator, on_rows)
+            tokens, rows_at_once, steps = self._waves(prompts, members, slots, params, on_rows)
             refills = 0
         flat = trim_at_stops(self.tokenizer, [t for row in tokens for t in row], params.stop_strings)
         texts = [cut_at_stop(text, params.stop_strings)[0] for text in decode_texts(self.tokenizer, flat)]
@@ -151,7 +151,7 @@ class PopulationEngine:
         return Completions(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills,
                            seconds, host)
 
-    def _stream(self, prompts, members, params, generator, on_rows, keep_slots):
+    def _stream(self, prompts, members, params, on_rows, keep_slots):
         """The fused backend: every row through a fixed set of KV slots, finished rows refilled.
 
         Prompts seen before are admitted longest first by their last completion length (ES asks the
@@ -164,7 +164,7 @@ class PopulationEngine:
         self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids)
         try:
             result = stream(self.backend, groups, per_group, prompts, params, self.eos_token_ids, self.tokenizer,
-                            generator, self.sync_every, on_rows, order=self._longest_first(prompts),
+                            self.sync_every, on_rows, order=self._longest_first(prompts),
                             clock=PhaseClock(self.device))
         except BaseException:
             self.backend.release()
@@ -184,7 +184,7 @@ class PopulationEngine:
         for i, prompt in enumerate(prompts):
             self.last_lengths[tuple(prompt)] = sum(len(group[i]) for group in tokens) / len(tokens)
 
-    def _waves(self, prompts, members, slots, params, generator, on_rows):
+    def _waves(self, prompts, members, slots, params, on_rows):
         """The transformers backend: waves of rows that fit the memory budget, one after another."""
         rows = [(slot, p) for slot in range(len(slots)) for p in range(len(prompts))]
         tokens: list[list[list[int]]] = [[[] for _ in prompts] for _ in slots]
@@ -195,7 +195,8 @@ class PopulationEngine:
             member_ids = None if members is None else [slots[s] for s, _ in wave]
             members_tensor = None if member_ids is None else torch.as_tensor(member_ids, device=self.device)
             outputs, wave_steps = decode(self.backend, [prompts[p] for _, p in wave], members_tensor, params,
-                                         self.eos_token_ids, self.tokenizer, generator, self.sync_every)
+                                         self.eos_token_ids, self.tokenizer,
+                                         row_keys(params.seed, [p for _, p in wave]), self.sync_every)
             for (slot, p), out in zip(wave, outputs):
                 tokens[slot][p] = out
             steps += wave_steps

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from evolm.engine.decoding import STOP_CHECK_INTERVAL, STOP_WINDOW, SamplingParams, stopped, trim_at_eos
+from evolm.engine.decoding import STOP_CHECK_INTERVAL, STOP_WINDOW, stopped, trim_at_eos
+from evolm.engine.sampling import SamplingParams
 
 REBUILD_SHARE = 1 / 32  # rebuild the batch once this share of its rows finished (or nothing is left waiting)
 BUCKET_STEP = 8  # batch buckets above this many rows a group are its multiples (one CUDA graph each)
@@ -94,8 +95,7 @@ def group_bucket(active: int, groups: int) -> int:
 
 
 def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]], params: SamplingParams,
-           eos_token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, generator: torch.Generator,
-           sync_every: int, on_rows: Callable[[int], object] | None = None,
+           eos_token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, sync_every: int, on_rows: Callable[[int], object] | None = None,
            order: Sequence[int] | None = None, clock: PhaseClock | None = None) -> StreamResult:
     """Every (group, prompt) row through the backend's slots; tokens up to and including EOS.
 
@@ -121,10 +121,10 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
                 slot, prompt = free[g].pop(), waiting[g].popleft()
                 live[g][slot] = prompt
                 slots.append(slot)
-                chosen.append(prompts[prompt])
+                chosen.append(prompt)
         if slots:
             with clock.phase("prefill"):
-                backend.admit(slots, chosen, generator)
+                backend.admit(slots, [prompts[p] for p in chosen], chosen)
             refills += 1
 
     def rebuild() -> tuple[int, int]:
@@ -139,7 +139,7 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
     refill()
     count, rows = rebuild()
     with clock.phase("decode"):
-        backend.decode(sync_every, generator)
+        backend.decode(sync_every)
     steps = sync_every
     while any(live):
         # what the queued steps will have left, copied behind them; the next steps are queued before the host
@@ -147,7 +147,7 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
         check_stops = bool(params.stop_strings) and steps % STOP_CHECK_INTERVAL == 0
         snapshot = backend.snapshot(STOP_WINDOW if check_stops else 0)
         with clock.phase("decode"):
-            backend.decode(sync_every, generator)
+            backend.decode(sync_every)
         steps += sync_every
         with clock.host("waits"):  # the device runs the queued steps meanwhile
             done, tails = snapshot.wait()

@@ -20,14 +20,15 @@ from tqdm.auto import tqdm
 
 from evolm import distributed, reports
 from evolm.config import TEST_SET, ESRunConfig, SpaceConfig, dump_config
+from evolm.counter_hash import stream_key
 from evolm.engine import PopulationEngine
-from evolm.engine.decoding import SamplingParams
+from evolm.engine.sampling import SamplingParams
 from evolm.es.full_lowrank_space import FullLowRankSpace
 from evolm.es.full_space import FullSpace
 from evolm.es.lora_space import LoRASpace
-from evolm.es.noise import stream_key
 from evolm.es.space import Space
 from evolm.es.strategy import EvolutionStrategy, Population
+from evolm.metrics import FITNESS_STATISTICS, fitness_statistics, headline_metric
 from evolm.models import LoadedModel, eos_token_ids
 from evolm.runs import (
     RunDir,
@@ -40,7 +41,6 @@ from evolm.runs import (
     stop_signals_to,
     write_jsonl,
 )
-from evolm.metrics import FITNESS_STATISTICS, fitness_statistics, headline_metric
 from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks import Example, Task
 from evolm.tasks.splits import EvalSet

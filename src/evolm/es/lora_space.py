@@ -16,8 +16,9 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from evolm.adapters import WEIGHTS_FILE, peft_key
+from evolm.counter_hash import stream_key
 from evolm.engine import LowRankWeights, PopulationEngine
-from evolm.es.noise import gaussian, stream_key
+from evolm.es.noise import gaussian
 from evolm.es.space import Space
 from evolm.runs import EXPORT_INFO, fresh_dir_beside, replace_dir
 

@@ -102,11 +102,15 @@ def load_run(run_dir: str | Path, device: str | None = None, generation: int | N
 
 
 def export_run(run_dir: str | Path, out: str | Path, device: str | None = None, best: bool = False,
-               model: str | None = None) -> Path:
-    """`evolm export RUN DIR [--best]`: rebuild θ (the last, or the best on eval.keep_best's set) from the
-    run's small checkpoint by replaying its fitness log, and write it as a model or adapter."""
+               model: str | None = None, generation: int | None = None) -> Path:
+    """`evolm export RUN DIR [--best | --generation G]`: rebuild θ (the last, the best on eval.keep_best's
+    set, or θ_G: e.g. where the run's training clock matched another run's) from the run's small checkpoint
+    by replaying its fitness log, and write it as a model or adapter."""
+    if best and generation is not None:
+        raise ValueError("give --best or --generation, not both")
+    if generation is not None and generation < 0:
+        raise ValueError(f"--generation {generation}: a generation is 0 (the base) or more")
     refuse_foreign_export_dir(Path(out), RunDir.open(run_dir))
-    generation = None
     if best:
         best_file = RunDir.open(run_dir).best_file
         if not best_file.is_file():

@@ -21,7 +21,8 @@ from typing import Literal
 
 import torch
 
-from evolm.es.noise import gaussian, stream_key
+from evolm.counter_hash import stream_key
+from evolm.es.noise import gaussian
 
 Shaping = Literal["zscore", "centered_rank", "raw"]
 Optimizer = Literal["es", "adam"]

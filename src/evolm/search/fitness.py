@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from evolm.adapters import Adapter, set_members
 from evolm.config import ModelConfig
 from evolm.engine import PopulationEngine
-from evolm.engine.decoding import SamplingParams
+from evolm.engine.sampling import SamplingParams
 from evolm.metrics import headline_metric
 from evolm.models import load_model
 from evolm.scoring import score_all, summarize

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from evolm.adapters import Adapter, set_members
 from evolm.engine import PopulationEngine
-from evolm.engine.decoding import SamplingParams
+from evolm.engine.sampling import SamplingParams
 from evolm.search.config import TrainingConfig
 from evolm.search.splits import write_once
 from evolm.tasks import Example, Task, TaskError
