@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The ES-against-GRPO head-to-head (issue 20), both optimizers at once on a machine of two GPUs, one each,
-# so the pair costs one machine's hold: Qwen2.5-Coder-1.5B-Instruct on countdown through the chat template,
-# train countdown.json[:200], curves on the first 200 of the 2,000 test records, 1,024 new tokens, each
-# training for SECONDS of its own clock (evaluation excluded), resumed on every call until both are done.
+# so the pair costs one machine's hold: Qwen2.5-Coder-1.5B-Instruct on the task of head_to_head_tasks.sh
+# (TASK=countdown, the default: through the chat template, train countdown.json[:200], curves on the first 200
+# of the 2,000 test records, 1,024 new tokens; or TASK=conciseness, DATA its folder), each training for SECONDS
+# of its own clock (evaluation excluded), resumed on every call until both are done.
 #
 #   bench/es_vs_grpo_gpu.sh MODEL DATA RUNS [SECONDS] [CALL_SECONDS] [WHICH]
 #     RUNS          folder of the two run folders (es/, grpo/); a run already there is resumed
@@ -28,10 +29,9 @@ mkdir -p "$runs"
 if [ -f "$runs/es/config.yaml" ]; then
   es=(python3 -m evolm.cli es --resume "$runs/es" "es.max_seconds=$seconds")
 else
-  es=(python3 -m evolm.cli es countdown "output_dir=$runs/es" "model.name_or_path=$model" model.dtype=bfloat16
-      task.options.chat=true "task.train=$data[:200]" "task.test=$data[-2000:]" task.test_size=200
-      decoding.max_new_tokens=1024 es.prompts_per_generation=50 "es.max_seconds=$seconds" eval.every=10
-      export=false logging.progress=false)
+  . "$(dirname "$0")/head_to_head_tasks.sh"
+  es=(python3 -m evolm.cli es "${shared[@]}" "${es_only[@]}" "output_dir=$runs/es" "model.name_or_path=$model"
+      model.dtype=bfloat16 "es.max_seconds=$seconds" export=false logging.progress=false)
 fi
 grpo=(bash "$(dirname "$0")/grpo_gpu.sh" "$model" "$data" "$runs/grpo" "$seconds")
 gpu=0

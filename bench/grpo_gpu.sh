@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GRPO side of the ES-against-GRPO head-to-head (issue 20): Qwen2.5-Coder-1.5B-Instruct on countdown through
-# the chat template, train countdown.json[:200], test countdown.json[-2000:], 1024 new tokens, training stopped at
-# a wall-clock budget (grpo.max_seconds counts training only, summed over resumes; evaluation is excluded).
+# The GRPO side of the ES-against-GRPO head-to-head (issue 20): Qwen2.5-Coder-1.5B-Instruct on the task of
+# head_to_head_tasks.sh (TASK=countdown, the default: through the chat template, train countdown.json[:200], test
+# countdown.json[-2000:], 1024 new tokens; or TASK=conciseness), training stopped at a wall-clock budget
+# (grpo.max_seconds counts training only, summed over resumes; evaluation is excluded).
 #
 #   bench/grpo_gpu.sh MODEL DATA RUN [SECONDS] [key=value …]
 #     MODEL   the model folder (no hub on the device machine)
-#     DATA    countdown.json of the ES paper
+#     DATA    countdown.json of the ES paper (TASK=conciseness: its conciseness folder)
 #     RUN     the run folder; when it holds a run, that run is resumed (another machine, same budget)
 #     SECONDS training budget, default 1500 (25 minutes)
 #   e.g. bench/grpo_gpu.sh /models/qwen2.5-coder-1.5b-instruct countdown.json runs/grpo-cd 1500 grpo.beta=0.04
@@ -30,11 +31,9 @@ if [ -f "$run/config.yaml" ]; then
   # the same budget on a new machine: the clock continues from the checkpoint's
   python3 -m evolm.cli grpo --resume "$run" "grpo.max_seconds=$seconds" "$@"
 else
-  python3 -m evolm.cli grpo countdown \
-    "output_dir=$run" "model.name_or_path=$model" model.dtype=bfloat16 \
-    task.options.chat=true "task.train=$data[:200]" "task.test=$data[-2000:]" task.test_size=200 \
-    decoding.max_new_tokens=1024 eval.every=10 \
-    grpo.steps=10000 "grpo.max_seconds=$seconds" grpo.prompts_per_step=16 grpo.group_size=8 \
-    grpo.gradient_accumulation_steps=8 grpo.save_every=100000 logging.progress=false "$@"
+  . "$(dirname "$0")/head_to_head_tasks.sh"
+  python3 -m evolm.cli grpo "${shared[@]}" "${grpo_only[@]}" "output_dir=$run" "model.name_or_path=$model" \
+    model.dtype=bfloat16 grpo.steps=10000 "grpo.max_seconds=$seconds" grpo.group_size=8 grpo.save_every=100000 \
+    logging.progress=false "$@"
 fi
 python3 -m evolm.cli analyze "$run"

@@ -73,6 +73,18 @@ def test_grpo_writes_an_evolm_run_folder_and_its_rewards_are_the_tasks(tiny_llam
     assert report["adapter_metrics"]["reward"] == pytest.approx(summary["final"]["reward"])
 
 
+def test_grpo_eval_kl_measures_how_far_theta_moved(tiny_llama, tmp_path):
+    """eval.kl in a GRPO run: KL(θ ‖ base) on the test prompts, none at step 0, some once θ moved (conciseness:
+    a reward that differs between any two lengths, so every group has an advantage)."""
+    config = runs.write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", GRPO_RUN,
+                               task={"name": "conciseness", "train_size": 2, "test_size": 2, "options": {}},
+                               decoding={"max_new_tokens": 8, "stop": []}, eval={"every": 2, "kl": True})
+    run, summary = run_grpo(str(config), [])
+    evaluations = read_jsonl(run.evaluations_file)
+    assert [e["step"] for e in evaluations] == [0, 2]
+    assert evaluations[0]["kl"] == pytest.approx(0, abs=1e-6) and evaluations[1]["kl"] > 1e-4, evaluations
+
+
 def test_lora_grpo_resumes_from_its_checkpoint_and_continues_the_step_count(tiny_llama, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", steps=1,
                           space={"kind": "lora", "rank": 2, "target_modules": ["q_proj", "v_proj"]})

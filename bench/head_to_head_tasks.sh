@@ -1,0 +1,20 @@
+# The task side of the ES-against-GRPO head-to-head, sourced by es_vs_grpo_gpu.sh and grpo_gpu.sh after they set
+# `data`. TASK picks it (default countdown) and sets three arrays of `evolm es|grpo` arguments:
+#   shared     the preset and what both optimizers share: data and splits, decoding, evaluation
+#   es_only    ES's own settings
+#   grpo_only  GRPO's own settings (TRL's defaults otherwise; see grpo_gpu.sh)
+case ${TASK:-countdown} in
+  countdown)  # DATA: the paper's countdown.json. Through the chat template (the model reasons), 1,024 tokens;
+              # curves on the first 200 of the 2,000 test records, which are scored in full at the end
+    shared=(countdown task.options.chat=true "task.train=$data[:200]" "task.test=$data[-2000:]" task.test_size=200
+            decoding.max_new_tokens=1024 eval.every=10)
+    es_only=(es.prompts_per_generation=50)
+    grpo_only=(grpo.prompts_per_step=16 grpo.gradient_accumulation_steps=8) ;;
+  conciseness)  # DATA: the paper's conciseness folder: its 2 training and 8 test questions, 100 tokens, KL to
+                # the base on the test prompts at every evaluation (the paper's Table 2 reports reward and KL)
+    shared=(conciseness "task.train=$data/train.jsonl" "task.test=$data/eval.jsonl" decoding.max_new_tokens=100
+            eval.every=5 eval.kl=true)
+    es_only=()
+    grpo_only=(grpo.prompts_per_step=2 grpo.gradient_accumulation_steps=2) ;;
+  *) echo "TASK=$TASK: countdown or conciseness" >&2; exit 2 ;;
+esac
