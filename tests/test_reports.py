@@ -1,4 +1,4 @@
-"""Run-folder figures from a small synthetic history."""
+"""Run-folder figures and the evaluation table from a small synthetic history."""
 
 from __future__ import annotations
 
@@ -8,14 +8,27 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from matplotlib.image import imread
+from typer.testing import CliRunner
 
-from evolm.reports import evolution_figure, plot_evolution, plot_time_breakdown, time_breakdown_figure, write_figures
+from evolm.cli import app
+from evolm.reports import (
+    evaluations_table,
+    evolution_figure,
+    plot_evolution,
+    plot_time_breakdown,
+    time_breakdown_figure,
+    update_norm_figure,
+    write_figures,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(run_dir: Path, generations: int = 6, accuracy: bool = True) -> None:
+def write_run(run_dir: Path, generations: int = 6, accuracy: bool = True, norms: bool = True) -> None:
+    """An ES run's results: evaluations at even generations and the final one; `norms`: the history rows carry
+    the update's norms (step_norm = 0.5 + g, gradient_norm = 1000 · (0.5 + g))."""
     results = run_dir / "results"
     results.mkdir(parents=True)
     lines, evaluations = [], []
@@ -27,6 +40,8 @@ def write_run(run_dir: Path, generations: int = 6, accuracy: bool = True) -> Non
             "tokens": 1000, "tokens_per_s": 500.0,
             "time": {"generate": 1.5, "score": 0.1, "update": 0.2, "eval": 0.7 if g % 2 == 0 else 0.0},
         }
+        if norms:
+            row |= {"step_norm": 0.5 + g, "gradient_norm": 1000 * (0.5 + g)}
         if g % 2 == 0:
             evaluations.append({"generation": g, "reward": 0.2 * g, "accuracy": 0.1 * g if accuracy else None})
             row["test"] = {"reward": 0.2 * g, "accuracy": evaluations[-1]["accuracy"]}
@@ -54,7 +69,7 @@ def bar_heights(ax) -> dict[str, list[float]]:
 def test_figures_are_written_and_draw_the_history(tmp_path):
     write_run(tmp_path)
     paths = write_figures(tmp_path)
-    assert paths == [tmp_path / "figures" / "evolution.png", tmp_path / "figures" / "time_breakdown.png"]
+    assert paths == [tmp_path / "figures" / name for name in ("evolution.png", "update_norm.png", "time_breakdown.png")]
     for path in paths:
         assert_small_png(path)
     fitness_ax, test_ax = evolution_figure(tmp_path).axes
@@ -136,3 +151,59 @@ def test_figure_modules_leave_matplotlibs_backend_alone():
             "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
             "assert 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_update_norm_is_plotted_per_generation(tmp_path):
+    write_run(tmp_path)
+    step_ax, gradient_ax = update_norm_figure(tmp_path).axes
+    assert drawn(step_ax) == {"update ‖Δθ‖": (list(range(6)), pytest.approx([0.5 + g for g in range(6)]))}
+    assert drawn(gradient_ax) == {"gradient estimate": (list(range(6)), pytest.approx([1000 * (0.5 + g)
+                                                                                      for g in range(6)]))}
+    assert step_ax.get_shared_x_axes().joined(step_ax, gradient_ax)
+
+
+def test_a_history_without_update_norms_draws_no_norm_figure(tmp_path):
+    write_run(tmp_path, norms=False)  # a GRPO run, or an ES run from before the norms were recorded
+    assert update_norm_figure(tmp_path) is None
+    assert [p.name for p in write_figures(tmp_path)] == ["evolution.png", "time_breakdown.png"]
+
+
+def write_sets_run(run_dir: Path) -> Path:
+    """A run folder with a test split (accuracy, KL), a set scored by reward only, evaluated at 0, 10 and 20,
+    and a best θ at generation 10 on `val`; `late` was first scored at generation 10."""
+    (run_dir / "results").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"es": {}, "task": {"name": "gsm8k-boxed"}}))
+    rows = []
+    for g, accuracy, reward, kl in [(0, 0.625, 0.5, 0.0), (10, 0.70, 0.25, 1.5), (20, 0.60, 0.75, 3.0)]:
+        rows += [{"generation": g, "set": "test", "reward": accuracy, "accuracy": accuracy, "kl": kl},
+                 {"generation": g, "set": "val", "reward": accuracy + 0.1, "accuracy": accuracy + 0.1},
+                 {"generation": g, "set": "plain", "reward": reward, "accuracy": None}]
+    rows += [{"generation": g, "set": "late", "reward": 0.5, "accuracy": 0.5} for g in (10, 20)]
+    (run_dir / "results" / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = {"set": "val", "metric": "accuracy", "value": 0.8, "generation": 10}
+    (run_dir / "results" / "best.json").write_text(json.dumps(best))
+    return run_dir
+
+
+def test_the_evaluation_table_gives_every_set_at_base_last_and_best(tmp_path):
+    table = evaluations_table(write_sets_run(tmp_path)).splitlines()
+    assert table[0] == "| set | metric | base (generation 0) | last (generation 20) | best on val (generation 10) |"
+    assert table[2:] == [
+        "| test | accuracy | 62.5 %, KL 0 | 60.0 % (-2.5 pt), KL 3 | 70.0 % (+7.5 pt), KL 1.5 |",
+        "| val | accuracy | 72.5 % | 70.0 % (-2.5 pt) | 80.0 % (+7.5 pt) |",
+        "| plain | reward | 0.5 | 0.75 (+0.25) | 0.25 (-0.25) |",
+        "| late | accuracy | — | 50.0 % | 50.0 % |",
+    ]
+    (tmp_path / "results" / "best.json").unlink()  # a run without eval.keep_best
+    assert evaluations_table(tmp_path).splitlines()[0] == "| set | metric | base (generation 0) | last (generation 20) |"
+
+
+def test_analyze_prints_the_evaluation_table_of_a_run(tmp_path):
+    run = write_sets_run(tmp_path / "run")
+    result = CliRunner().invoke(app, ["analyze", str(run)])
+    assert result.exit_code == 0, result.output
+    assert evaluations_table(run) in result.output  # whole lines, unwrapped
+    empty = tmp_path / "empty"
+    (empty / "results").mkdir(parents=True)
+    (empty / "config.yaml").write_text("es: {}\n")
+    assert "| set |" not in CliRunner().invoke(app, ["analyze", str(empty)]).output

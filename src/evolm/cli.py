@@ -260,8 +260,9 @@ def analyze_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Write compare_time.png, compare_completions.png and "
                                        "compare.md of the runs here."),
 ):
-    """Figures of a run; for a search also the family tree, survival, mutation effects and a Markdown report;
-    for several runs, their test metric against training seconds and sampled completions."""
+    """Figures of a run and a table of each evaluation set at the base, the last and the best θ; for a search the
+    family tree, survival, mutation effects and a Markdown report; for several runs, their test metric against
+    training seconds and sampled completions."""
     from evolm.runs import RunDir
 
     with reported_errors():
@@ -279,11 +280,14 @@ def analyze_command(
 
             console.print(f"report: {analyze(run_dir)}")
             return
-        from evolm.reports import write_figures
+        from evolm.reports import evaluations_table, write_figures
 
         RunDir.open(run_dir)
         for path in write_figures(run_dir):
             console.print(f"wrote {path}")
+        table = evaluations_table(run_dir)
+        if table:
+            console.print(table, markup=False, highlight=False, soft_wrap=True)
 
 
 @runs_app.command("list", cls=Command)

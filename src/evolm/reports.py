@@ -1,4 +1,5 @@
-"""Figures for an ES or GRPO run folder: how fitness (reward) evolved and where the time went.
+"""Figures for an ES or GRPO run folder: how fitness (reward) evolved, how large each update was and where the
+time went; and a table of where each evaluation set started, ended and stood at the best θ.
 
 Figures are drawn on bare `matplotlib.figure.Figure` objects (Agg rendering, no pyplot), so making
 them never changes the caller's matplotlib backend or global state.
@@ -6,6 +7,7 @@ them never changes the caller's matplotlib backend or global state.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,28 @@ def time_breakdown_figure(run_dir: str | Path) -> Figure | None:
     return fig
 
 
+def update_norm_figure(run_dir: str | Path) -> Figure | None:
+    """The L2 norm of each generation's update of θ (step_norm) above that of the gradient estimate it came from
+    (gradient_norm), over all evolving weights: how far each generation moved the model, the drift that
+    forgetting on other tasks would come from. None for a history without them (GRPO, runs before the norms)."""
+    history = [h for h in read_jsonl(RunDir(run_dir).history_file) if "step_norm" in h]
+    if not history:
+        return None
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    step_ax, gradient_ax = fig.subplots(2, 1, sharex=True)
+    generations = [h["generation"] for h in history]
+    step_ax.plot(generations, [h["step_norm"] for h in history], color="C0", label="update ‖Δθ‖")
+    gradient_ax.plot(generations, [h["gradient_norm"] for h in history], color="C1", label="gradient estimate")
+    step_ax.set_ylabel("update norm")
+    gradient_ax.set_ylabel("gradient norm")
+    fig.suptitle("Norm of each generation's update")
+    for ax in (step_ax, gradient_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    _integer_generations(gradient_ax)
+    return fig
+
+
 def plot_evolution(run_dir: str | Path) -> Path | None:
     """figures/evolution.png, or None before the run has any history or evaluation."""
     fig = evolution_figure(run_dir)
@@ -133,6 +157,52 @@ def plot_time_breakdown(run_dir: str | Path) -> Path | None:
     return None if fig is None else _save(fig, Path(run_dir), "time_breakdown.png")
 
 
+def plot_update_norm(run_dir: str | Path) -> Path | None:
+    """figures/update_norm.png, or None for a history without update norms."""
+    fig = update_norm_figure(run_dir)
+    return None if fig is None else _save(fig, Path(run_dir), "update_norm.png")
+
+
 def write_figures(run_dir: str | Path) -> list[Path]:
     """Every figure the run's results allow; none (and no error) for a run with no history yet."""
-    return [path for path in (plot_evolution(run_dir), plot_time_breakdown(run_dir)) if path is not None]
+    paths = (plot_evolution(run_dir), plot_update_norm(run_dir), plot_time_breakdown(run_dir))
+    return [path for path in paths if path is not None]
+
+
+def evaluations_table(run_dir: str | Path) -> str | None:
+    """Each evaluation set's headline metric at the base (step 0), at the last evaluation and, where the run keeps
+    a best θ (eval.keep_best), at the best one, with the change from the base: a Markdown table, None before any
+    evaluation. KL to the base follows where the run measured it (eval.kl)."""
+    run = RunDir(run_dir)
+    by_set = evaluations_by_set(read_jsonl(run.evaluations_file))
+    if not by_set:
+        return None
+    key = step_key(next(iter(by_set.values())))
+    last = max(row[key] for rows in by_set.values() for row in rows)
+    columns = [("base", 0), ("last", last)]
+    if run.best_file.is_file():
+        best = json.loads(run.best_file.read_text())
+        columns.append((f"best on {best['set']}", best["generation"]))
+    lines = ["| set | metric | " + " | ".join(f"{name} ({key} {step})" for name, step in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for name, rows in by_set.items():
+        metric = headline_metric_name(rows)
+        at = {row[key]: row for row in rows}
+        base = at.get(0, {}).get(metric)
+        cells = [_metric_cell(at.get(step), metric, base if step else None) for _, step in columns]
+        lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _metric_cell(row: dict[str, Any] | None, metric: str, base: float | None) -> str:
+    """An evaluation's metric (accuracy in percent), its change from `base`, and its KL to the base if measured."""
+    if row is None or row.get(metric) is None:
+        return "—"
+    value = row[metric]
+    percent = metric == "accuracy"
+    text = f"{100 * value:.1f} %" if percent else f"{value:.4g}"
+    if base is not None:
+        text += f" ({100 * (value - base):+.1f} pt)" if percent else f" ({value - base:+.4g})"
+    if row.get("kl") is not None:
+        text += f", KL {row['kl']:.3g}"
+    return text
