@@ -86,20 +86,23 @@ if triton is not None:
 
     @triton.jit
     def _gumbel_argmax(Logits, Temperature, Keys, Positions, Out, vocab, BLOCK: tl.constexpr):
+        """Each lane keeps the best score it saw (strictly better only: its first maximum); the row's token is
+        the smallest index among the lanes that hold the maximum, torch.argmax's first maximum."""
         row = tl.program_id(0).to(tl.int64)
         k1, k2 = tl.load(Keys + 2 * row), tl.load(Keys + 2 * row + 1)
         high = tl.load(Positions + row).to(tl.int64) << 32
         temperature = tl.load(Temperature)
-        best_score = tl.full((), float("-inf"), tl.float64)
-        best_index = tl.full((), 0, tl.int64)
+        lanes = tl.arange(0, BLOCK).to(tl.int64)
+        best_score = tl.full([BLOCK], float("-inf"), tl.float64)
+        best_index = tl.zeros([BLOCK], dtype=tl.int64)
         for start in range(0, vocab, BLOCK):
-            index = start + tl.arange(0, BLOCK).to(tl.int64)
+            index = start + lanes
             inside = index < vocab
             logit = tl.load(Logits + row * vocab + index, mask=inside, other=float("-inf")).to(tl.float64)
             u = (uniform_bits_kernel(high | index, k1, k2).to(tl.float64) + 0.5) / 4294967296.0
             score = tl.where(inside, logit / temperature - tl.log(-tl.log(u)), float("-inf"))
-            block_best = tl.max(score, axis=0)
-            better = block_best > best_score  # strictly: the first maximum wins, as in torch.argmax
-            best_index = tl.where(better, tl.argmax(score, axis=0).to(tl.int64) + start, best_index)
-            best_score = tl.where(better, block_best, best_score)
-        tl.store(Out + row, best_index)
+            better = score > best_score
+            best_score = tl.where(better, score, best_score)
+            best_index = tl.where(better, index, best_index)
+        top = tl.max(best_score, axis=0)
+        tl.store(Out + row, tl.min(tl.where(best_score == top, best_index, vocab), axis=0))
