@@ -37,8 +37,10 @@ class SamplingParams:
 
 
 def row_keys(seed: int, prompt_indices: Sequence[int]) -> torch.Tensor:
-    """[rows, 2] int64 on the host: the stream key of each row, from the call's seed and the row's prompt."""
-    return torch.tensor([stream_key(seed, i) for i in prompt_indices], dtype=torch.long).reshape(-1, 2)
+    """[rows, 2] int64 on the host: the stream key of each row, from the call's seed and the row's prompt (every
+    member's row of a prompt has the same key, so each distinct prompt's is hashed once)."""
+    keys = {i: stream_key(seed, i) for i in set(prompt_indices)}
+    return torch.tensor([keys[i] for i in prompt_indices], dtype=torch.long).reshape(-1, 2)
 
 
 def pick_token(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor,
@@ -51,7 +53,7 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor,
         logits = nucleus(logits, params)
     if use_kernel(logits):
         return _gumbel_argmax_kernel(logits, params.temperature, keys, positions)
-    return (logits.double() / params.temperature + gumbel(keys, positions, logits.shape[-1])).argmax(dim=-1)
+    return gumbel_argmax(logits, params.temperature, keys, positions)
 
 
 def nucleus(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -60,6 +62,12 @@ def nucleus(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
     return logits.float().masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, keys: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """The draw as PyTorch ops (float64 scores): what the kernel computes without storing the noise."""
+    return (logits.double() / temperature + gumbel(keys, positions, logits.shape[-1])).argmax(dim=-1)
 
 
 def gumbel(keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -71,7 +79,7 @@ def gumbel(keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Ten
 
 def _gumbel_argmax_kernel(logits: torch.Tensor, temperature: float, keys: torch.Tensor,
                           positions: torch.Tensor) -> torch.Tensor:
-    """The same argmax as the PyTorch ops, one program a row, the noise never stored."""
+    """gumbel_argmax in one Triton program a row, the noise never stored."""
     rows, vocab = logits.shape
     logits = logits.contiguous()
     out = torch.empty(rows, dtype=torch.long, device=logits.device)

@@ -95,8 +95,9 @@ def group_bucket(active: int, groups: int) -> int:
 
 
 def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]], params: SamplingParams,
-           eos_token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, sync_every: int, on_rows: Callable[[int], object] | None = None,
-           order: Sequence[int] | None = None, clock: PhaseClock | None = None) -> StreamResult:
+           eos_token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, sync_every: int,
+           on_rows: Callable[[int], object] | None = None, order: Sequence[int] | None = None,
+           clock: PhaseClock | None = None) -> StreamResult:
     """Every (group, prompt) row through the backend's slots; tokens up to and including EOS.
 
     `order` is the order in which each group admits its prompts (default: as given).
