@@ -85,6 +85,25 @@ def test_grpo_eval_kl_measures_how_far_theta_moved(tiny_llama, tmp_path):
     assert evaluations[0]["kl"] == pytest.approx(0, abs=1e-6) and evaluations[1]["kl"] > 1e-4, evaluations
 
 
+def test_only_completions_max_new_tokens_cut_count_as_truncated(tiny_llama, tmp_path):
+    """TRL's clipped_ratio takes every completion without a final EOS for cut, those ending at a stop string too;
+    truncated_ratio counts those that reached max_new_tokens unended (one ending at a stop string on its last
+    token is not). TRL's mask_truncated_completions would mask them all: refused before any model loads."""
+    stops = ["a", "e", "i", "o", "u", "t", "n", "s", "r", " "]  # common bytes: some completions end at one
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run")
+    with pytest.raises(ConfigError, match="mask_truncated_completions"):
+        run_grpo(str(config), ["grpo.trl.mask_truncated_completions=true"])
+    assert not (tmp_path / "run").exists()
+    run, _ = run_grpo(str(config), [f"decoding.stop={json.dumps(stops)}"])
+    ratios = []
+    for step, h in enumerate(read_jsonl(run.history_file), 1):
+        logged = pd.read_parquet(run.root / "checkpoints" / "completions" / f"completions_{step:05d}.parquet")
+        texts = [c[-1]["content"] if not isinstance(c, str) else c for c in logged["completion"]]
+        ratios.append(h["truncated_ratio"])
+        assert h["truncated_ratio"] == sum(not any(s in t for s in stops) for t in texts) / len(texts), texts
+    assert 0 < min(ratios) and max(ratios) < 1  # both kinds of ending occurred
+
+
 def test_lora_grpo_resumes_from_its_checkpoint_and_continues_the_step_count(tiny_llama, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", steps=1,
                           space={"kind": "lora", "rank": 2, "target_modules": ["q_proj", "v_proj"]})
@@ -136,6 +155,9 @@ def test_analyze_puts_es_and_grpo_runs_on_one_clock(tmp_path):
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| es-run | es | accuracy 0.3 | 50.0 | 2400 | 10 |" in table
     assert "| grpo-run | grpo | accuracy 0.25 | 45.0 | 160 | 10 |" in table
+    equal_time = table.split("At equal training time")[1]  # ES's evaluation at 50 s is past GRPO's 45 s
+    assert "| es-run | es | accuracy 0.1 | 0.0 | 0 | 0 |" in equal_time
+    assert "| grpo-run | grpo | accuracy 0.25 | 45.0 | 160 | 10 |" in equal_time
     curves = [read_curve(es), read_curve(grpo)]
     for clock, es_x, grpo_x in (("time", [0, 50], [0, 20, 45]), ("completions", [0, 2400], [0, 80, 160])):
         ax = comparison_figure(curves, clock).axes[0]

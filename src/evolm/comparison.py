@@ -67,6 +67,20 @@ def comparison_table(curves: list[RunCurve]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def equal_time_table(curves: list[RunCurve]) -> str:
+    """Each run at the clock the shortest one stopped at: its last evaluation at or before those seconds, so
+    no run is credited with training time another did not get."""
+    shared = min(curve.rows[-1]["seconds"] for curve in curves)
+    lines = [f"At equal training time: each run's last test evaluation at or before {shared:.1f} s, the "
+             "shortest run's clock.", "",
+             "| run | optimizer | test metric | seconds | completions | step |", "|---|---|---|---|---|---|"]
+    for curve in curves:
+        row = [r for r in curve.rows if r["seconds"] <= shared][-1]
+        lines.append(f"| {curve.label} | {curve.optimizer} | {curve.metric} {row[curve.metric]:.4g} | "
+                     f"{row['seconds']:.1f} | {row['completions']} | {row[step_key([row])]} |")
+    return "\n".join(lines) + "\n"
+
+
 def compare_runs(run_dirs: list[Path], out: Path) -> list[Path]:
     """DIR/compare_time.png, DIR/compare_completions.png and DIR/compare.md for the runs."""
     curves = [read_curve(Path(r)) for r in run_dirs]
@@ -81,5 +95,6 @@ def compare_runs(run_dirs: list[Path], out: Path) -> list[Path]:
         comparison_figure(curves, clock).savefig(path, dpi=DPI)
         written.append(path)
     table = out / "compare.md"
-    atomic_write_text(table, "# Runs on one clock\n\n" + comparison_table(curves))
+    atomic_write_text(table, "# Runs on one clock\n\n" + comparison_table(curves) + "\n"
+                      + equal_time_table(curves))
     return written + [table]

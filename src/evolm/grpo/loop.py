@@ -110,6 +110,11 @@ def prepare_run(config_source: str | None, overrides: list[str], *, resume: str 
     return config, run, {key: [flat_before.get(key), flat_after.get(key)] for key in changed}
 
 
+def stop_strings(config: GRPORunConfig, task: Task) -> tuple[str, ...]:
+    """The stop strings rollouts end at: decoding.stop, else the task's own (as evaluation's)."""
+    return tuple(task.stop_strings if config.decoding.stop is None else config.decoding.stop)
+
+
 def completion_text(completion: str | list[dict]) -> str:
     """TRL hands a chat prompt's completion as [{"role": "assistant", "content": …}]."""
     return completion if isinstance(completion, str) else completion[-1]["content"]
@@ -124,9 +129,10 @@ class GRPORun:
         self.evaluator = ESRun(evaluation_config(config), run, loaded, task, [], test, eval_sets)
         self.evaluator.step_key = STEP
         self.tokenizer = self.evaluator.loaded.tokenizer
-        self.stops = tuple(task.stop_strings if config.decoding.stop is None else config.decoding.stop)
+        self.stops = stop_strings(config, task)
         self.phase = {"generate": 0.0, "score": 0.0}  # seconds of the step in progress
         self.scores: list = []  # the step's training scores
+        self.truncated = 0  # the step's completions that hit max_new_tokens before EOS or a stop string
         self.step_started = self.step_seconds = 0.0
         self.tracker: Tracker | None = None
         self.bar: tqdm | None = None
@@ -179,8 +185,16 @@ class GRPORun:
                            top_p=grpo.top_p)
         out = self.evaluator.space.generate_center(self.evaluator.strategy.params, prompt_ids, sampling)
         completion_ids = out.tokens[0]  # the engine cuts each row's tokens at its first stop string
+        self.truncated += sum(self.is_truncated(ids) for ids in completion_ids)
         self.phase["generate"] += time.perf_counter() - start
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    def is_truncated(self, ids: list[int]) -> bool:
+        """Cut by max_new_tokens, not ended by the model (TRL's own clipped_ratio counts every completion
+        without a final EOS, so one that ends at a stop string such as countdown's </answer> counts too)."""
+        if len(ids) < self.config.decoding.max_new_tokens or ids[-1] in self.evaluator.engine.eos_token_ids:
+            return False
+        return not cut_at_stop(self.tokenizer.decode(ids), self.stops)[1]
 
     def reward(self, prompts: list, completions: list, index: list[int], **_) -> list[float]:
         """The task's score of each completion (cut at the stop strings, as evaluation cuts them)."""
@@ -197,6 +211,7 @@ class GRPORun:
         self.step_started = time.perf_counter()
         self.phase = {"generate": 0.0, "score": 0.0}
         self.scores = []
+        self.truncated = 0
 
     def step_end(self, control) -> None:
         """Onto the clock; stop (with a checkpoint) at grpo.max_seconds or on a requested stop."""
@@ -228,7 +243,7 @@ class GRPORun:
             "kl": logs.get("kl"), "loss": logs.get("loss"), "grad_norm": logs.get("grad_norm"),
             "learning_rate": logs.get("learning_rate"), "entropy": logs.get("entropy"),
             "completion_length": logs.get("completions/mean_length"),
-            "clipped_ratio": logs.get("completions/clipped_ratio"),
+            "truncated_ratio": self.truncated / len(self.scores) if self.scores else None,
             "frac_reward_zero_std": logs.get("frac_reward_zero_std"),
             "completions": len(self.scores),
             "tokens": round((logs.get("completions/mean_length") or 0.0) * len(self.scores)),
@@ -384,6 +399,11 @@ def run_grpo(config_source: str | None, overrides: list[str], *, resume: str | N
     """Validate, load data and the model; only then create (or continue) the run folder; train; summarise."""
     config, run, changes = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
     task, train, test, eval_sets = load_examples(config)
+    if stop_strings(config, task) and config.grpo.trl.get("mask_truncated_completions"):
+        raise ConfigError(f"grpo.trl.mask_truncated_completions: TRL takes every completion without a final EOS "
+                          f"for truncated, so it would also mask those ending at the stop strings "
+                          f"{list(stop_strings(config, task))}; leave it off (history's truncated_ratio counts "
+                          "the completions max_new_tokens cut)")
     torch.manual_seed(config.seed)
     loaded = load_model(config.model)  # the evaluator's copy; GRPORun.trainable_model loads TRL's
     check_targets(loaded.model, config.grpo.space.target_modules, "grpo.space.target_modules", config.grpo.space.layers)
