@@ -8,10 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_model
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from conftest import build_tiny_model
 from test_es import LETTER_TASK, write_config
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -80,6 +80,49 @@ def test_sets_are_recorded_under_their_names_at_the_evaluated_generations(lora_r
     assert {"test/accuracy", "words/accuracy", "plain/reward"} <= set(events.Tags()["scalars"])
     labels = [line.get_label() for line in evolution_figure(run.root).axes[-1].get_lines()]
     assert sorted(labels) == ["plain accuracy", "test accuracy", "words accuracy"]
+
+
+def test_final_sets_are_scored_at_the_base_and_the_end_only_and_analyze_compares_runs_per_example(
+        tiny_llama, prompts_file, tmp_path):
+    """eval.final_sets: scored at the base and the final θ (even when a due evaluation, here at the generation
+    es.max_seconds stopped at, already scored the others), their completions kept; `evolm analyze` then
+    sign-tests the runs per example from those files, and refuses to pair sets of different records."""
+    full = sets_config(tmp_path, tiny_llama, prompts_file, out="full", every=1, es={"generations": 3},
+                       eval={"every": 1, "sets": {"words": f"{prompts_file}[0:3]", "all": str(prompts_file)},
+                             "final_sets": ["all"]})
+    run, _ = run_es(str(full), [])
+    by_set = {name: [r["generation"] for r in rows]
+              for name, rows in evaluations_by_set(read_jsonl(run.evaluations_file)).items()}
+    assert by_set == {"test": [0, 1, 2, 3], "words": [0, 1, 2, 3], "all": [0, 3]}
+    assert [len(read_jsonl(run.results / f"completions_all_gen{g:05d}.jsonl")) for g in (0, 3)] == [4, 4]
+    stopped, _ = run_es(str(full), ["output_dir=" + str(tmp_path / "stopped"), "es.max_seconds=1e-9"])
+    by_set = {name: [r["generation"] for r in rows]
+              for name, rows in evaluations_by_set(read_jsonl(stopped.evaluations_file)).items()}
+    assert by_set == {"test": [0, 1], "words": [0, 1], "all": [0, 1]}  # generation 1: due, then final
+    other, _ = run_es(str(full), ["output_dir=" + str(tmp_path / "other"), f"eval.sets.all={prompts_file}[1:]"])
+    result = CliRunner().invoke(app, ["analyze", str(run.root), str(stopped.root), str(other.root),
+                                      "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "cmp" / "compare.md").read_text().split("Per example")[1]
+
+    def outcomes(root, name, g):
+        prefix = "completions" if name == "test" else f"completions_{name}"
+        return [r["correct"] for r in read_jsonl(root / "results" / f"{prefix}_gen{g:05d}.jsonl")]
+
+    first, second = outcomes(run.root, "all", 3), outcomes(stopped.root, "all", 1)
+    up = sum(b and not a for a, b in zip(first, second))
+    down = sum(a and not b for a, b in zip(first, second))
+    both = sum(a and b for a, b in zip(first, second))
+    assert f"| all | stopped against full | {up} | {down} | {both} | {4 - up - down - both} |" in table
+    assert "| all | other against full | not the same records |" in table  # prompts [1:], not all four
+    base, final = outcomes(run.root, "test", 0), outcomes(run.root, "test", 3)
+    assert (f"| test | full | 3 | accuracy {sum(base) / len(base):.4g} → accuracy {sum(final) / len(final):.4g} | "
+            f"{sum(b and not a for a, b in zip(base, final))} / {sum(a and not b for a, b in zip(base, final))} |"
+            in table)
+    with pytest.raises(ConfigError, match="eval.final_sets nope: not in eval.sets"):
+        load_config(str(full), ["eval.final_sets=[nope]"])
+    with pytest.raises(ConfigError, match="scored only at the end"):
+        load_config(str(full), ["eval.keep_best=all"])
 
 
 def test_keep_best_saves_the_best_generation_and_export_best_rebuilds_it(tiny_llama, prompts_file, tmp_path):

@@ -1,18 +1,22 @@
 """Several runs (ES and GRPO alike) on one clock: the test metric against training seconds and against sampled
-completions, and a table of where each run ended (`evolm analyze RUN RUN … --out DIR`)."""
+completions, a table of where each run ended and where each stood at equal training time, and per-example
+sign tests from the completions the runs kept (`evolm analyze RUN RUN … --out DIR`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import yaml
 from matplotlib.figure import Figure
 
 from evolm.config import TEST_SET
-from evolm.metrics import headline_metric_name
+from evolm.metrics import compare_scores, headline_metric_name, sign_test
 from evolm.reports import DPI, step_key
 from evolm.runs import RunDir, RunDirError, atomic_write_text, evaluations_by_set, read_jsonl
+from evolm.tasks import Score
 
 CLOCKS = {"time": ("seconds", "training seconds (evaluation excluded)"),
           "completions": ("completions", "sampled completions")}
@@ -26,6 +30,8 @@ class RunCurve:
     optimizer: str
     metric: str  # accuracy where the task gives verdicts, else reward
     rows: list[dict]
+    root: Path
+    config: dict
 
 
 def read_curve(run_dir: Path) -> RunCurve:
@@ -37,7 +43,7 @@ def read_curve(run_dir: Path) -> RunCurve:
                           "before evolm recorded one cannot be compared on it")
     metric = headline_metric_name(rows)
     return RunCurve(label=Path(run_dir).name, optimizer="grpo" if "grpo" in config else "es", metric=metric,
-                    rows=rows)
+                    rows=rows, root=Path(run_dir), config=config)
 
 
 def comparison_figure(curves: list[RunCurve], clock: str) -> Figure:
@@ -81,6 +87,86 @@ def equal_time_table(curves: list[RunCurve]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMPLETIONS_FILE = re.compile(r"completions_(?:(?P<set>.+)_)?gen(?P<step>\d+)\.jsonl")
+
+
+@dataclass
+class KeptSet:
+    """One set's per-example outcomes that a run kept: its base's and its final θ's."""
+
+    step: int  # the final evaluation's generation or step
+    base: list[Score]
+    final: list[Score]
+    definition: dict  # what decides which records these are (the task for the test split, else the set's entry)
+
+
+def kept_sets(curve: RunCurve) -> dict[str, KeptSet]:
+    """{set: KeptSet} for each set (the test split, eval.final_sets, …) whose base and final completions the
+    run folder holds (results/completions[_SET]_genNNNNN.jsonl, written at the base and the final θ)."""
+    steps: dict[str, list[int]] = {}
+    for path in (curve.root / "results").glob("completions_*gen*.jsonl"):
+        match = COMPLETIONS_FILE.fullmatch(path.name)
+        if match:
+            steps.setdefault(match["set"] or TEST_SET, []).append(int(match["step"]))
+    kept = {}
+    for name, found in sorted(steps.items(), key=lambda item: (item[0] != TEST_SET, item[0])):  # test first
+        final = max(found)
+        if 0 not in found or final == 0:
+            continue
+        prefix = "completions" if name == TEST_SET else f"completions_{name}"
+        base, last = (read_jsonl(curve.root / "results" / f"{prefix}_gen{g:05d}.jsonl") for g in (0, final))
+        if [r["index"] for r in base] != [r["index"] for r in last]:
+            continue
+        definition = curve.config.get("task", {}) if name == TEST_SET else {
+            "set": (curve.config.get("eval", {}).get("sets") or {}).get(name), "task": curve.config.get("task", {})}
+        kept[name] = KeptSet(final, *([Score(r["reward"], r["correct"]) for r in rows] for rows in (base, last)),
+                             definition=definition)
+    return kept
+
+
+def _score_of(scores: list[Score]) -> str:
+    if all(s.correct is not None for s in scores):
+        return f"accuracy {sum(s.correct for s in scores) / len(scores):.4g}"
+    return f"reward {sum(s.reward for s in scores) / len(scores):.4g}"
+
+
+def _p(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def per_example_table(curves: list[RunCurve]) -> str:
+    """Each run's final θ against its base, and each pair of runs' final θs against each other, per example
+    with the sign test, on every set the runs kept completions of for the same records (same task or set
+    definition, same indices)."""
+    kept = [kept_sets(curve) for curve in curves]
+    lines = ["Per example, at each run's final evaluation (the sets whose base and final completions the runs "
+             "kept: the test split's, and eval.final_sets'). Each run's final clock is in the first table: "
+             "equal training time only where the runs' budgets were equal.", ""]
+    rows = [f"| {name} | {curve.label} | {sets[name].step} | {_score_of(sets[name].base)} → "
+            f"{_score_of(sets[name].final)} | {c['improvements']} / {c['regressions']} | {_p(sign_test(c))} |"
+            for curve, sets in zip(curves, kept) for name in sets
+            for c in [compare_scores(sets[name].base, sets[name].final)]]
+    if not rows:
+        return "\n".join(lines + ["No run kept both its base's and a final θ's completions of a set "
+                                   "(a run keeps them when it finishes)."]) + "\n"
+    lines += ["| set | run | final step | base → final | improved / regressed | sign test p |",
+              "|---|---|---|---|---|---|", *rows, ""]
+    pairs = []
+    for (i, a), (j, b) in combinations(enumerate(curves), 2):
+        for name in [n for n in kept[i] if n in kept[j]]:
+            first, second = kept[i][name], kept[j][name]
+            if first.definition != second.definition or len(first.final) != len(second.final):
+                pairs.append(f"| {name} | {b.label} against {a.label} | not the same records | | | | |")
+                continue
+            c = compare_scores(first.final, second.final)
+            pairs.append(f"| {name} | {b.label} against {a.label} | {c['improvements']} | {c['regressions']} | "
+                         f"{c['both_right']} | {c['both_wrong']} | {_p(sign_test(c))} |")
+    if pairs:
+        lines += ["| set | runs | second right, first wrong | first right, second wrong | both right | "
+                  "both wrong | sign test p |", "|---|---|---|---|---|---|---|", *pairs]
+    return "\n".join(lines) + "\n"
+
+
 def compare_runs(run_dirs: list[Path], out: Path) -> list[Path]:
     """DIR/compare_time.png, DIR/compare_completions.png and DIR/compare.md for the runs."""
     curves = [read_curve(Path(r)) for r in run_dirs]
@@ -96,5 +182,5 @@ def compare_runs(run_dirs: list[Path], out: Path) -> list[Path]:
         written.append(path)
     table = out / "compare.md"
     atomic_write_text(table, "# Runs on one clock\n\n" + comparison_table(curves) + "\n"
-                      + equal_time_table(curves))
+                      + equal_time_table(curves) + "\n" + per_example_table(curves))
     return written + [table]

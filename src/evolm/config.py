@@ -151,6 +151,10 @@ class EvalConfig(EvalSetsSection):
     every: int = Field(10, ge=0, description="Evaluate θ on the test split and eval.sets every N generations (0 = "
                        "only base and final).")
     max_new_tokens: int | None = Field(None, ge=1, description="None = decoding.max_new_tokens.")
+    final_sets: list[str] = Field(default_factory=list, description="Names of eval.sets scored only on the base "
+                                  "and the final θ (e.g. a large test set the curve cannot afford), with their "
+                                  "per-example completions kept in the run folder, so runs compare per example "
+                                  "without their models (`evolm analyze`).")
     kl: bool = Field(False, description="Also report KL(θ ‖ base) on each set's prompts along θ's completions.")
     keep_best: str | None = Field(None, description="A set name or 'test': keep the θ that scored best on it "
                                   "(accuracy where the task gives verdicts, else mean reward) beside the last one.")
@@ -160,6 +164,12 @@ class EvalConfig(EvalSetsSection):
         if self.keep_best is not None and self.keep_best != TEST_SET and self.keep_best not in self.sets:
             known = ", ".join([TEST_SET, *self.sets])
             raise ValueError(f"eval.keep_best {self.keep_best!r} is not an evaluation set; known: {known}")
+        unknown = [name for name in self.final_sets if name not in self.sets]
+        if unknown:
+            raise ValueError(f"eval.final_sets {', '.join(unknown)}: not in eval.sets ({', '.join(self.sets) or 'none'})")
+        if self.keep_best in self.final_sets:
+            raise ValueError(f"eval.keep_best {self.keep_best!r} is scored only at the end (eval.final_sets): "
+                             "nothing to pick a best θ from")
         return self
 
 

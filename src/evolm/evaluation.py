@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -16,6 +15,7 @@ from evolm.config import OLD_DECODING_NAME, SET_NAME, ModelConfig, read_source
 from evolm.engine import PopulationEngine
 from evolm.engine.population import sequence_kl
 from evolm.engine.sampling import SamplingParams
+from evolm.metrics import compare_scores, sign_test
 from evolm.models import eos_token_ids, load_model, release_memory
 from evolm.runs import EXPORT_INFO, RunDir
 from evolm.scoring import render_all, score_all, summarize
@@ -276,16 +276,6 @@ def resolve_run_folder(path: Path, options: EvalOptions) -> tuple[Path, EvalOpti
     return target, replace(options, **changes)
 
 
-def sign_test(comparison: dict[str, int]) -> float | None:
-    """Two-sided exact sign test of improvements against regressions (ties left out)."""
-    up, down = comparison["improvements"], comparison["regressions"]
-    n = up + down
-    if n == 0:
-        return None
-    tail = sum(math.comb(n, i) for i in range(min(up, down) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
 def best_of(scores: list[Score], n_examples: int) -> list[Score]:
     """Per example, the best of its samples (rows i, i + n, i + 2n, …): the highest reward, and right if
     any sample is."""
@@ -294,14 +284,3 @@ def best_of(scores: list[Score], n_examples: int) -> list[Score]:
                   None if group[0].correct is None else any(s.correct for s in group)) for group in samples]
 
 
-def compare_scores(base, adapted) -> dict[str, int]:
-    """Per-example outcome counts: verdicts where the task gives them, else reward up / down / equal."""
-    counts = {"improvements": 0, "regressions": 0, "both_right": 0, "both_wrong": 0, "unchanged": 0}
-    for b, a in zip(base, adapted):
-        if b.correct is not None and a.correct is not None:
-            key = {(False, True): "improvements", (True, False): "regressions",
-                   (True, True): "both_right", (False, False): "both_wrong"}[(b.correct, a.correct)]
-        else:
-            key = "improvements" if a.reward > b.reward else "regressions" if a.reward < b.reward else "unchanged"
-        counts[key] += 1
-    return counts

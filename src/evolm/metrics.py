@@ -3,6 +3,7 @@ a set is judged by, and a generation's fitness statistics. Plain numbers only, n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -27,3 +28,26 @@ def fitness_statistics(fitness: Sequence[float] | np.ndarray) -> dict[str, float
     f = np.asarray(fitness)
     return {"mean": float(f.mean()), "std": float(f.std()), "min": float(f.min()), "max": float(f.max()),
             "p20": float(np.percentile(f, 20)), "p80": float(np.percentile(f, 80))}
+
+
+def compare_scores(base, adapted) -> dict[str, int]:
+    """Per-example outcome counts: verdicts where the task gives them, else reward up / down / equal."""
+    counts = {"improvements": 0, "regressions": 0, "both_right": 0, "both_wrong": 0, "unchanged": 0}
+    for b, a in zip(base, adapted):
+        if b.correct is not None and a.correct is not None:
+            key = {(False, True): "improvements", (True, False): "regressions",
+                   (True, True): "both_right", (False, False): "both_wrong"}[(b.correct, a.correct)]
+        else:
+            key = "improvements" if a.reward > b.reward else "regressions" if a.reward < b.reward else "unchanged"
+        counts[key] += 1
+    return counts
+
+
+def sign_test(comparison: dict[str, int]) -> float | None:
+    """Two-sided exact sign test of improvements against regressions (ties left out)."""
+    up, down = comparison["improvements"], comparison["regressions"]
+    n = up + down
+    if n == 0:
+        return None
+    tail = sum(math.comb(n, i) for i in range(min(up, down) + 1)) / 2**n
+    return min(1.0, 2 * tail)

@@ -151,14 +151,26 @@ class ESRun:
         ]
         return metrics, rows
 
-    def evaluate_all(self, generation: int, keep_completions: bool) -> dict[str, dict]:
-        """Score θ on every evaluation set and record each; {set name: metrics}."""
+    def evaluate_all(self, generation: int, base_or_final: bool) -> dict[str, dict]:
+        """Score θ on the evaluation sets and record each; {set name: metrics}. The base and the final θ get
+        every set, their completions kept; the evaluations in between skip eval.final_sets."""
         results = {}
         for name in self.eval_sets:
-            metrics, rows = self.evaluate_theta(generation, name)
-            self.record_evaluation(generation, name, metrics, rows, keep_completions)
-            results[name] = metrics
+            if base_or_final or name not in self.config.eval.final_sets:
+                metrics, rows = self.evaluate_theta(generation, name)
+                self.record_evaluation(generation, name, metrics, rows, base_or_final)
+                results[name] = metrics
         return results
+
+    def evaluate_final(self, generation: int) -> None:
+        """The final θ on the sets not yet scored at its generation (one due anyway, at a multiple of
+        eval.every, scored the others without eval.final_sets)."""
+        done = {row.get("set", TEST_SET) for row in read_jsonl(self.run.evaluations_file)
+                if row[self.step_key] == generation}
+        for name in self.eval_sets:
+            if name not in done:
+                metrics, rows = self.evaluate_theta(generation, name)
+                self.record_evaluation(generation, name, metrics, rows, keep_completions=True)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -256,7 +268,7 @@ class ESRun:
         try:
             with _sigterm_as_interrupt():
                 if start == 0 and 0 not in evaluated:
-                    for name, metrics in self.evaluate_all(0, keep_completions=True).items():
+                    for name, metrics in self.evaluate_all(0, base_or_final=True).items():
                         log.info("base model %s metrics: %s", name, format_metrics(metrics))
                 for g in range(start, es.generations):
                     if self.out_of_time():
@@ -317,7 +329,7 @@ class ESRun:
         if not (every and done % every == 0 and done < self.config.es.generations):
             return {}
         t0 = time.perf_counter()
-        evaluations = self.evaluate_all(done, keep_completions=False)
+        evaluations = self.evaluate_all(done, base_or_final=False)
         cost.eval = time.perf_counter() - t0
         return evaluations
 
@@ -372,8 +384,8 @@ class ESRun:
 
     def finish(self, status: str, wall_time: float) -> dict:
         g = self.strategy.generation
-        if status == "finished" and g not in {r["generation"] for r in read_jsonl(self.run.evaluations_file)}:
-            self.evaluate_all(g, keep_completions=True)
+        if status == "finished":
+            self.evaluate_final(g)
         if not self.is_main:
             return {}
         if self.config.export:

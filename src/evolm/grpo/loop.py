@@ -232,7 +232,7 @@ class GRPORun:
         t_eval, evaluations = 0.0, {}
         if every and step % every == 0 and step < self.config.grpo.steps:
             start = time.perf_counter()
-            evaluations = self.evaluate(step, model, keep_completions=False)
+            evaluations = self.evaluate(step, model, base_or_final=False)
             t_eval = time.perf_counter() - start
         verdicts = [s.correct for s in self.scores if s.correct is not None]
         clock = self.evaluator.clock
@@ -264,9 +264,9 @@ class GRPORun:
             test = headline_metric(row["test"])[1] if row.get("test") else None
             self.bar.set_postfix_str(f"reward={row['mean']:.4g}" + ("" if test is None else f" test={test:.4g}"))
 
-    def evaluate(self, step: int, model, keep_completions: bool) -> dict[str, dict]:
+    def evaluate(self, step: int, model, base_or_final: bool) -> dict[str, dict]:
         self.sync_theta(model)
-        return self.evaluator.evaluate_all(step, keep_completions)
+        return self.evaluator.evaluate_all(step, base_or_final)
 
     # -- the run ----------------------------------------------------------------------------------------
 
@@ -323,7 +323,7 @@ class GRPORun:
         try:
             with self.stops_after_the_step():
                 if start == 0 and 0 not in {r[STEP] for r in read_jsonl(self.run.evaluations_file)}:
-                    for name, metrics in self.evaluate(0, trainer.model, keep_completions=True).items():
+                    for name, metrics in self.evaluate(0, trainer.model, base_or_final=True).items():
                         log.info("base model %s metrics: %s", name, format_metrics(metrics))
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             if self.stop_requested:
@@ -349,9 +349,9 @@ class GRPORun:
 
     def finish(self, trainer, status: str, wall_time: float) -> dict:
         step = trainer.state.global_step
-        evaluated = {r[STEP] for r in read_jsonl(self.run.evaluations_file)}
-        if status == "finished" and step not in evaluated:
-            self.evaluate(step, trainer.model, keep_completions=True)
+        if status == "finished":
+            self.sync_theta(trainer.model)
+            self.evaluator.evaluate_final(step)
         if not self.abandoned:  # θ is a whole step's: export it
             self.sync_theta(trainer.model)
             self.evaluator.export(self.run.export_dir(self.config.grpo.space.kind))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from evolm.evaluation import compare_scores, sign_test
+from evolm.metrics import compare_scores, sign_test
 from evolm.scoring import score_all, summarize
 from evolm.search.config import DEFAULT_LORA, DEFAULT_LORA_MODULES, SearchSpace, TrainingConfig
 from evolm.search.genes import Genes
