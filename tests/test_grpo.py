@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -184,3 +185,53 @@ def test_evaluate_against_counts_improvements_and_regressions_of_one_model_over_
     assert [d["adapter"] for d in alone["examples_detail"]] == [d["against"] for d in detail]
     assert alone["comparison"]["improvements"] == down and alone["comparison"]["regressions"] == up
     assert report["against_metrics"]["reward"] == pytest.approx(alone["adapter_metrics"]["reward"])
+
+
+def test_compare_pairs_saved_reports_and_run_completions_per_example_without_a_model(tiny_llama, tmp_path):
+    """`evolm compare A B` from what was saved: two reports give the counts `evaluate --against` computes
+    with both models loaded; a run folder's completions file pairs on the indices both answered; results of
+    different recorded sources are refused. (Conciseness: a reward that differs between any two lengths.)"""
+    other = build_tiny_model(tmp_path / "other", seed=3)
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "Yes"}) + "\n"
+                            for q in ["Is water wet?", "Name a fruit.", "Hi?", "Two plus two?", "Sky colour?"]))
+    options = EvalOptions(task="conciseness", max_new_tokens=8, device="cpu", model=str(tiny_llama))
+    sets = load_data_sets(options, {"questions": str(data)})
+    base_report, other_report = tmp_path / "base.json", tmp_path / "other.json.gz"
+    base_report.write_text(json.dumps(evaluate_adapter(tiny_llama, options, sets=sets)))
+    with gzip.open(other_report, "wt") as file:
+        json.dump(evaluate_adapter(other, options, sets=sets), file)
+    against = evaluate_adapter(other, options, sets=sets, against=tiny_llama)
+    assert against["comparison"]["improvements"] + against["comparison"]["regressions"] > 0
+    result = CliRunner().invoke(app, ["compare", str(base_report), str(other_report), "--output",
+                                      str(tmp_path / "cmp.json")])
+    assert result.exit_code == 0, result.output
+    compared = json.loads((tmp_path / "cmp.json").read_text())
+    assert compared["comparison"] == against["comparison"] and compared["examples"] == 5
+    assert compared["sources_recorded"] and compared["second"]["label"] == "other"
+
+    # a run of the same task on the first 3 of those questions: its final completions pair on indices 0-2
+    config = runs.write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", GRPO_RUN,
+                               task={"name": "conciseness", "train_size": 2, "test": str(data), "test_size": 3,
+                                     "options": {}},
+                               decoding={"max_new_tokens": 8, "stop": []}, grpo={"steps": 1})
+    run, _ = run_grpo(str(config), [])
+    completions = run.results / "completions_gen00001.jsonl"
+    result = CliRunner().invoke(app, ["compare", str(completions), str(other_report), "--output",
+                                      str(tmp_path / "cmp2.json")])
+    assert result.exit_code == 0, result.output
+    compared = json.loads((tmp_path / "cmp2.json").read_text())
+    with gzip.open(other_report, "rt") as file:
+        detail = json.load(file)["examples_detail"][:3]
+    rows = read_jsonl(completions)
+    up = sum(d["adapter_reward"] > r["reward"] for r, d in zip(rows, detail))
+    down = sum(d["adapter_reward"] < r["reward"] for r, d in zip(rows, detail))
+    assert compared["examples"] == 3 and compared["first"]["label"] == "run test at 1"
+    assert (compared["comparison"]["improvements"], compared["comparison"]["regressions"]) == (up, down)
+
+    elsewhere = tmp_path / "elsewhere.jsonl"  # other records: refused, whatever their indices
+    elsewhere.write_text(data.read_text())
+    report = evaluate_adapter(other, options, sets=load_data_sets(options, {"questions": str(elsewhere)}))
+    (tmp_path / "elsewhere.json").write_text(json.dumps(report))
+    result = CliRunner().invoke(app, ["compare", str(base_report), str(tmp_path / "elsewhere.json")])
+    assert result.exit_code == 2 and "not the same records" in result.output

@@ -290,6 +290,35 @@ def analyze_command(
             console.print(table, markup=False, highlight=False, soft_wrap=True)
 
 
+@app.command("compare", cls=Command)
+def compare_command(
+    first: Path = typer.Argument(..., help="An `evolm evaluate --output` report (.json or .json.gz) or a run "
+                                 "folder's completions file (RUN/results/completions[_SET]_genG.jsonl)."),
+    second: Path = typer.Argument(..., help="The same kinds; compared against FIRST."),
+    set_name: Optional[str] = typer.Option(None, "--set", help="The set of a report that has several."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the comparison as JSON."),
+) -> None:
+    """Two scored models per example, from what was saved (no model loads): the examples both answered, each
+    one's metric there, and SECOND against FIRST with the sign test (e.g. an ES model's report against a GRPO
+    run's completions, after the GRPO model is gone)."""
+    from evolm.comparison import compare_outcomes, read_outcomes
+
+    with reported_errors(user_errors=(ValueError, FileNotFoundError)):
+        result = compare_outcomes(read_outcomes(first, set_name), read_outcomes(second, set_name))
+    if not result["sources_recorded"]:
+        console.print("the data source is not recorded on both sides: paired by example index alone")
+    for side in ("first", "second"):
+        found = result[side]
+        console.print(f"{side}: {found['label']}: {found['metric']} on the {result['examples']} shared examples "
+                      f"(of {found['examples']})")
+    counts, p = result["comparison"], result["sign_test_p"]
+    console.print("second against first: " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
+                  + ("" if p is None else f"; sign test p = {p:.3g}"))
+    if output:
+        output.write_text(json.dumps(result, indent=2))
+        console.print(f"comparison written to {output}")
+
+
 @runs_app.command("list", cls=Command)
 def runs_list_command(
     root: Path = typer.Argument(Path("runs"), help="Folder holding run folders."),

@@ -1,9 +1,12 @@
 """Several runs (ES and GRPO alike) on one clock: the test metric against training seconds and against sampled
 completions, a table of where each run ended and where each stood at equal training time, and per-example
-sign tests from the completions the runs kept (`evolm analyze RUN RUN … --out DIR`)."""
+sign tests from the completions the runs kept (`evolm analyze RUN RUN … --out DIR`); and two scored result
+files, reports or run folders' completions, paired per example without any model (`evolm compare A B`)."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 from dataclasses import dataclass
 from itertools import combinations
@@ -17,6 +20,7 @@ from evolm.metrics import compare_scores, headline_metric_name, sign_test
 from evolm.reports import DPI, step_key
 from evolm.runs import RunDir, RunDirError, atomic_write_text, evaluations_by_set, read_jsonl
 from evolm.tasks import Score
+from evolm.tasks.base import split_slice
 
 CLOCKS = {"time": ("seconds", "training seconds (evaluation excluded)"),
           "completions": ("completions", "sampled completions")}
@@ -184,3 +188,89 @@ def compare_runs(run_dirs: list[Path], out: Path) -> list[Path]:
     atomic_write_text(table, "# Runs on one clock\n\n" + comparison_table(curves) + "\n"
                       + equal_time_table(curves) + "\n" + per_example_table(curves))
     return written + [table]
+
+
+@dataclass
+class Outcomes:
+    """One model's scored answers per example, as an evaluation report or a run folder recorded them."""
+
+    label: str
+    scores: dict[int, Score]  # example index -> the best of its samples
+    source: str | None  # the data it answered, where recorded
+
+
+def _source_name(source: str | None) -> str | None:
+    """A source without its folder (the same file lives in different folders on different machines)."""
+    if source is None:
+        return None
+    location, part = split_slice(source)
+    return Path(location.rstrip("/")).name + ("" if part == slice(None) else source[len(location):])
+
+
+def _best_per_index(rows: list[tuple[int, float, bool | None]]) -> dict[int, Score]:
+    grouped: dict[int, list[tuple[float, bool | None]]] = {}
+    for index, reward, correct in rows:
+        grouped.setdefault(index, []).append((reward, correct))
+    return {i: Score(max(r for r, _ in g), None if g[0][1] is None else any(c for _, c in g))
+            for i, g in grouped.items()}
+
+
+def read_outcomes(path: Path, set_name: str | None = None) -> Outcomes:
+    """Per-example outcomes of an `evolm evaluate --output` report (.json, or .json.gz; the scored model's,
+    of `set_name` where it has several sets) or of a run folder's completions file
+    (RUN/results/completions[_SET]_genG.jsonl, which the run's config says the source of)."""
+    path = Path(path)
+    match = COMPLETIONS_FILE.fullmatch(path.name)
+    if match:
+        run_root = path.parent.parent
+        config = yaml.safe_load(RunDir.open(run_root).config_file.read_text()) or {}
+        name = match["set"] or TEST_SET
+        if name == TEST_SET:
+            source = (config.get("task") or {}).get("test")
+        else:
+            spec = ((config.get("eval") or {}).get("sets") or {}).get(name)
+            source = spec.get("source") if isinstance(spec, dict) else spec
+        rows = read_jsonl(path)
+        if not rows:
+            raise ValueError(f"{path}: no completions")
+        return Outcomes(f"{run_root.name} {name} at {int(match['step'])}",
+                        _best_per_index([(r["index"], r["reward"], r["correct"]) for r in rows]), source)
+    try:
+        with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as file:
+            report = json.load(file)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not an evaluation report (evolm evaluate --output) nor a run folder's "
+                         f"completions file: {exc}") from None
+    sets = report.get("sets") or {}
+    if set_name is None and len(sets) != 1:
+        raise ValueError(f"{path} has the sets {', '.join(sets)}: pick one with --set")
+    name = set_name or next(iter(sets))
+    if name not in sets:
+        raise ValueError(f"{path} has no set {name!r} (it has {', '.join(sets)})")
+    detail = sets[name].get("examples_detail")
+    if not detail:
+        raise ValueError(f"{path}: set {name!r} has no per-example results (a report of evolm before 2026-12-01 "
+                         "keeps them only with --compare or --against)")
+    label = Path(report.get("adapter") or report.get("model") or path.name).name
+    return Outcomes(label, _best_per_index([(d["index"], d["adapter_reward"], d["adapter_correct"]) for d in detail]),
+                    sets[name].get("source"))
+
+
+def compare_outcomes(first: Outcomes, second: Outcomes) -> dict:
+    """The two paired on the examples both answered: each one's metric there, and the second against the
+    first per example (improvements: the second right, or better, where the first was not) with the sign test.
+    Outcomes of different recorded sources are not the same records: a ValueError."""
+    a, b = _source_name(first.source), _source_name(second.source)
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"{first.label} answered {first.source}, {second.label} {second.source}: not the same "
+                         "records")
+    shared = sorted(first.scores.keys() & second.scores.keys())
+    if not shared:
+        raise ValueError(f"{first.label} and {second.label} share no example index")
+    pairs = [(first.scores[i], second.scores[i]) for i in shared]
+    counts = compare_scores([x for x, _ in pairs], [y for _, y in pairs])
+    return {"examples": len(shared), "sources_recorded": a is not None and b is not None,
+            "first": {"label": first.label, "examples": len(first.scores), "metric": _score_of([x for x, _ in pairs])},
+            "second": {"label": second.label, "examples": len(second.scores),
+                       "metric": _score_of([y for _, y in pairs])},
+            "comparison": counts, "sign_test_p": sign_test(counts)}

@@ -144,7 +144,11 @@ def _set_report(data: EvalSet, answers: list[Answers], k: int, reference: str = 
                 | {"completion_tokens": answers[member].completion_tokens,
                    "generate_seconds": answers[member].generate_seconds})
 
-    report = {"examples": len(examples), "adapter_metrics": metrics(-1)}
+    report = {"examples": len(examples), "source": data.source, "adapter_metrics": metrics(-1)}
+    if len(answers) == 1:  # the model's own answers, per example, so that `evolm compare` can pair them later
+        report["examples_detail"] = [
+            {"index": i % len(examples), "sample": i // len(examples), "adapter": text, "adapter_reward": a.reward,
+             "adapter_correct": a.correct} for i, (text, a) in enumerate(zip(texts[0], scores[0]))]
     if len(answers) == 2:
         report[f"{reference}_metrics"] = metrics(0)
         report["comparison"] = compare_scores(best[0], best[1])

@@ -16,6 +16,7 @@ class EvalSet:
     name: str
     task: Task
     examples: list[Example]
+    source: str | None = None  # where the examples came from (None: the task's built-in data), for reports
 
 
 def load_splits(task: Task, config: TaskConfig) -> tuple[list[Example], list[Example]]:
@@ -78,7 +79,7 @@ def load_eval_set(name: str, task: Task, source: str | None, size: int | None, w
         raise TaskError(f"{where}: {_one_line(exc)}") from exc
     if not examples:
         raise TaskError(f"{where}: no examples in {source or f'the built-in {split} data'}")
-    return EvalSet(name, task, examples)
+    return EvalSet(name, task, examples, source)
 
 
 def _one_line(exc: Exception) -> str:
