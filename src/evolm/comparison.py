@@ -166,8 +166,9 @@ def per_example_table(curves: list[RunCurve]) -> str:
             pairs.append(f"| {name} | {b.label} against {a.label} | {c['improvements']} | {c['regressions']} | "
                          f"{c['both_right']} | {c['both_wrong']} | {_p(sign_test(c))} |")
     if pairs:
-        lines += ["| set | runs | second right, first wrong | first right, second wrong | both right | "
-                  "both wrong | sign test p |", "|---|---|---|---|---|---|---|", *pairs]
+        lines += ["Better: right where the other was wrong (tasks with verdicts), else a higher reward.", "",
+                  "| set | runs | second better | first better | both right | both wrong | sign test p |",
+                  "|---|---|---|---|---|---|---|", *pairs]
     return "\n".join(lines) + "\n"
 
 
