@@ -2,8 +2,9 @@
 # Short runs of one optimizer on the head-to-head's task, one per setting, to choose its settings (issue 20: "ES:
 # choose σ, N, es.prompts_per_generation by short runs; GRPO: TRL's defaults, then a short sweep of learning rate
 # and β"). Each run trains SECONDS of its own clock on the task of head_to_head_tasks.sh (TASK=countdown or
-# conciseness) with the head-to-head's settings plus its own overrides, one after another on GPU 0; then
-# `evolm analyze` puts them all on one clock in RUNS/compare/ (compare.md: final and at equal training time).
+# conciseness) with the head-to-head's settings (less its full-set scoring at the end) plus its own overrides, one
+# after another on GPU 0; then `evolm analyze` puts them all on one clock in RUNS/compare/ (compare.md: final and
+# at equal training time).
 #
 #   bench/short_runs_gpu.sh MODEL DATA RUNS SECONDS es|grpo "SETTING" ["SETTING" …]
 #     SETTING  space-separated overrides of one run, e.g. "es.learning_rate=0.002" or
@@ -19,6 +20,7 @@ model=$1 data=$2 runs=$3 seconds=$4 optimizer=$5
 shift 5
 case $optimizer in es|grpo) ;; *) echo "optimizer '$optimizer': es or grpo" >&2; exit 2 ;; esac
 . "$(dirname "$0")/head_to_head_tasks.sh"
+shared+=("eval.sets={}" "eval.final_sets=[]")  # short runs compare on the curve's records; the full set is the head-to-head's
 mkdir -p "$runs"
 folders=()
 for setting in "$@"; do
