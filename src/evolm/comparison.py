@@ -101,7 +101,7 @@ class KeptSet:
     step: int  # the final evaluation's generation or step
     base: list[Score]
     final: list[Score]
-    definition: dict  # what decides which records these are (the task for the test split, else the set's entry)
+    definition: dict  # what decides which records these are (set_records)
 
 
 def kept_sets(curve: RunCurve) -> dict[str, KeptSet]:
@@ -121,11 +121,32 @@ def kept_sets(curve: RunCurve) -> dict[str, KeptSet]:
         base, last = (read_jsonl(curve.root / "results" / f"{prefix}_gen{g:05d}.jsonl") for g in (0, final))
         if [r["index"] for r in base] != [r["index"] for r in last]:
             continue
-        definition = curve.config.get("task", {}) if name == TEST_SET else {
-            "set": (curve.config.get("eval", {}).get("sets") or {}).get(name), "task": curve.config.get("task", {})}
         kept[name] = KeptSet(final, *([Score(r["reward"], r["correct"]) for r in rows] for rows in (base, last)),
-                             definition=definition)
+                             definition=set_records(curve.config, name))
     return kept
+
+
+def _source_name(source: str | None) -> str | None:
+    """A source without its folder (the same file lives in different folders on different machines)."""
+    if source is None:
+        return None
+    location, part = split_slice(source)
+    return Path(location.rstrip("/")).name + ("" if part == slice(None) else source[len(location):])
+
+
+def set_records(config: dict, name: str) -> dict:
+    """What decides which records a run's set holds, from its config: the task and its options, the source's
+    file name and slice (not its folder: the same file lives in different folders on different machines), and
+    the cut (task.test_size for the test split, or the set's size)."""
+    task = config.get("task") or {}
+    if name == TEST_SET:
+        return {"task": task.get("name"), "options": task.get("options"), "source": _source_name(task.get("test")),
+                "size": task.get("test_size")}
+    spec = ((config.get("eval") or {}).get("sets") or {}).get(name)
+    spec = {"source": spec} if isinstance(spec, str) else spec or {}
+    return {"task": spec.get("task") or task.get("name"),
+            "options": spec.get("options") if spec.get("task") or spec.get("options") else task.get("options"),
+            "source": _source_name(spec.get("source")), "size": spec.get("size")}
 
 
 def _score_of(scores: list[Score]) -> str:
@@ -200,14 +221,6 @@ class Outcomes:
     source: str | None  # the data it answered, where recorded
 
 
-def _source_name(source: str | None) -> str | None:
-    """A source without its folder (the same file lives in different folders on different machines)."""
-    if source is None:
-        return None
-    location, part = split_slice(source)
-    return Path(location.rstrip("/")).name + ("" if part == slice(None) else source[len(location):])
-
-
 def _best_per_index(rows: list[tuple[int, float, bool | None]]) -> dict[int, Score]:
     grouped: dict[int, list[tuple[float, bool | None]]] = {}
     for index, reward, correct in rows:
@@ -226,11 +239,7 @@ def read_outcomes(path: Path, set_name: str | None = None) -> Outcomes:
         run_root = path.parent.parent
         config = yaml.safe_load(RunDir.open(run_root).config_file.read_text()) or {}
         name = match["set"] or TEST_SET
-        if name == TEST_SET:
-            source = (config.get("task") or {}).get("test")
-        else:
-            spec = ((config.get("eval") or {}).get("sets") or {}).get(name)
-            source = spec.get("source") if isinstance(spec, dict) else spec
+        source = set_records(config, name)["source"]
         rows = read_jsonl(path)
         if not rows:
             raise ValueError(f"{path}: no completions")
