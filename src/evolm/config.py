@@ -166,7 +166,8 @@ class EvalConfig(EvalSetsSection):
             raise ValueError(f"eval.keep_best {self.keep_best!r} is not an evaluation set; known: {known}")
         unknown = [name for name in self.final_sets if name not in self.sets]
         if unknown:
-            raise ValueError(f"eval.final_sets {', '.join(unknown)}: not in eval.sets ({', '.join(self.sets) or 'none'})")
+            known = ", ".join(self.sets) or "none"
+            raise ValueError(f"eval.final_sets {', '.join(unknown)}: not in eval.sets ({known})")
         if self.keep_best in self.final_sets:
             raise ValueError(f"eval.keep_best {self.keep_best!r} is scored only at the end (eval.final_sets): "
                              "nothing to pick a best θ from")
