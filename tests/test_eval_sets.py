@@ -98,7 +98,8 @@ def test_final_sets_are_scored_at_the_base_and_the_end_only_and_analyze_compares
     stopped, _ = run_es(str(full), ["output_dir=" + str(tmp_path / "stopped"), "es.max_seconds=1e-9"])
     by_set = {name: [r["generation"] for r in rows]
               for name, rows in evaluations_by_set(read_jsonl(stopped.evaluations_file)).items()}
-    assert by_set == {"test": [0, 1], "words": [0, 1], "all": [0, 1]}  # generation 1: due, then final
+    assert by_set == {"test": [0, 1], "words": [0, 1], "all": [0, 1]}  # generation 1: due, and the final
+    assert (stopped.results / "completions_gen00001.jsonl").is_file()  # scored as the final: completions kept
     other, _ = run_es(str(full), ["output_dir=" + str(tmp_path / "other"), f"eval.sets.all={prompts_file}[1:]"])
     result = CliRunner().invoke(app, ["analyze", str(run.root), str(stopped.root), str(other.root),
                                       "--out", str(tmp_path / "cmp")])

@@ -210,12 +210,14 @@ def test_compare_pairs_saved_reports_and_run_completions_per_example_without_a_m
     assert compared["comparison"] == against["comparison"] and compared["examples"] == 5
     assert compared["sources_recorded"] and compared["second"]["label"] == "other"
 
-    # a run of the same task on the first 3 of those questions: its final completions pair on indices 0-2
+    # a run of the same task on the first 3 of those questions: its final completions pair on indices 0-2.
+    # grpo.max_seconds ends it after step 1, which eval.every=1 makes due as well: scored once, as the final
     config = runs.write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", GRPO_RUN,
                                task={"name": "conciseness", "train_size": 2, "test": str(data), "test_size": 3,
                                      "options": {}},
-                               decoding={"max_new_tokens": 8, "stop": []}, grpo={"steps": 1})
-    run, _ = run_grpo(str(config), [])
+                               decoding={"max_new_tokens": 8, "stop": []}, grpo={"steps": 3, "max_seconds": 1e-9})
+    run, summary = run_grpo(str(config), [])
+    assert summary["steps"] == 1 and [e["step"] for e in read_jsonl(run.evaluations_file)] == [0, 1]
     completions = run.results / "completions_gen00001.jsonl"
     result = CliRunner().invoke(app, ["compare", str(completions), str(other_report), "--output",
                                       str(tmp_path / "cmp2.json")])

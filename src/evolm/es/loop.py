@@ -291,15 +291,17 @@ class ESRun:
             self.record_failure(exc, time.time() - started)
             raise
 
-    def out_of_time(self) -> bool:
+    def budget_spent(self) -> bool:
         """Whether es.max_seconds of training are spent (on the clock that counts every session's)."""
         budget = self.config.es.max_seconds
-        if budget is None:
+        # the clock rank 0 records
+        return budget is not None and distributed.main_value(self.clock["seconds"], self.loaded.device) >= budget
+
+    def out_of_time(self) -> bool:
+        if not self.budget_spent():
             return False
-        seconds = distributed.main_value(self.clock["seconds"], self.loaded.device)  # the clock rank 0 records
-        if seconds < budget:
-            return False
-        log.info("es.max_seconds=%g reached after %.1f training seconds", budget, seconds)
+        log.info("es.max_seconds=%g reached after %.1f training seconds", self.config.es.max_seconds,
+                 self.clock["seconds"])
         return True
 
     def one_generation(self, g: int) -> dict:
@@ -324,9 +326,10 @@ class ESRun:
             raise FloatingPointError(f"θ became non-finite in generation {g} (e.g. {bad[0]}): {self.step_advice()}")
 
     def evaluate_when_due(self, cost: Cost) -> dict[str, dict]:
-        """θ after the update on every evaluation set, every eval.every generations (the last one is finish's)."""
+        """θ after the update on every evaluation set, every eval.every generations. The last θ is finish's to
+        score, whether es.generations or es.max_seconds ends the run, so its completions are kept."""
         every, done = self.config.eval.every, self.strategy.generation
-        if not (every and done % every == 0 and done < self.config.es.generations):
+        if not (every and done % every == 0 and done < self.config.es.generations) or self.budget_spent():
             return {}
         t0 = time.perf_counter()
         evaluations = self.evaluate_all(done, base_or_final=False)

@@ -137,6 +137,7 @@ class GRPORun:
         self.tracker: Tracker | None = None
         self.bar: tqdm | None = None
         self.stop_requested = False
+        self.budget_spent = False  # grpo.max_seconds reached: the last step's θ is finish's to score
 
     # -- θ: the trained model -> the evaluator's copy ---------------------------------------------------
 
@@ -223,6 +224,7 @@ class GRPORun:
         if (budget is not None and clock["seconds"] >= budget) or self.stop_requested:
             if not self.stop_requested:
                 log.info("grpo.max_seconds=%g reached after %.1f training seconds", budget, clock["seconds"])
+                self.budget_spent = True  # this step's θ is the final one: finish scores it
             control.should_training_stop = True
             control.should_save = True
 
@@ -230,7 +232,7 @@ class GRPORun:
         """A history row (and an evaluation when it is due), written before TRL's checkpoint of the step."""
         every = self.config.eval.every
         t_eval, evaluations = 0.0, {}
-        if every and step % every == 0 and step < self.config.grpo.steps:
+        if every and step % every == 0 and step < self.config.grpo.steps and not self.budget_spent:
             start = time.perf_counter()
             evaluations = self.evaluate(step, model, base_or_final=False)
             t_eval = time.perf_counter() - start
