@@ -7,10 +7,11 @@ case ${TASK:-countdown} in
   countdown)  # DATA: the paper's countdown.json. Through the chat template (the model reasons), 1,024 tokens;
               # curves on the first 200 of the 2,000 test records; all 2,000 (set `all`) scored on the base and
               # the final θ only, their completions kept in the run folder (per-example comparisons need no
-              # model: a full-weight GRPO model never leaves its machine); KL to the base at every evaluation
+              # model: a full-weight GRPO model never leaves its machine); KL to the base at every evaluation,
+              # and each evaluation's 200 completions kept (per-example tests at equal training time)
     shared=(countdown task.options.chat=true "task.train=$data[:200]" "task.test=$data[-2000:]" task.test_size=200
             decoding.max_new_tokens=1024 eval.every=10 eval.kl=true "eval.sets.all=$data[-2000:]"
-            "eval.final_sets=[all]")
+            "eval.final_sets=[all]" eval.keep_completions=every)
     es_only=(es.prompts_per_generation=50)
     grpo_only=(grpo.prompts_per_step=16 grpo.gradient_accumulation_steps=8) ;;
   conciseness)  # DATA: the paper's conciseness folder: its 2 training and 8 test questions, 100 tokens, KL to

@@ -126,6 +126,32 @@ def test_final_sets_are_scored_at_the_base_and_the_end_only_and_analyze_compares
         load_config(str(full), ["eval.keep_best=all"])
 
 
+def test_runs_that_keep_every_evaluations_completions_compare_per_example_at_equal_training_time(
+        tiny_llama, tmp_path):
+    """eval.keep_completions=every: a completions file per evaluation, and analyze's equal-time table pairs the
+    two runs' evaluations at the shortest run's clock per example."""
+    sections = {"es": {"generations": 3}, "eval": {"every": 1, "keep_completions": "every"}}
+    first, _ = run_es(str(write_config(tmp_path / "a.yaml", tiny_llama, tmp_path / "a", **sections)), [])
+    second, _ = run_es(str(write_config(tmp_path / "b.yaml", tiny_llama, tmp_path / "b", **sections)),
+                       ["seed=1"])
+    assert sorted(p.name for p in first.results.glob("completions_gen*.jsonl")) == [
+        f"completions_gen{g:05d}.jsonl" for g in range(4)]
+    result = CliRunner().invoke(app, ["analyze", str(first.root), str(second.root), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    equal_time = table.split("At equal training time")[1].split("Per example,")[0]
+    steps = {line.split("|")[1].strip(): int(line.split("|")[6]) for line in equal_time.splitlines()
+             if line.startswith("| a |") or line.startswith("| b |")}
+
+    def correct(run, g):
+        return [r["correct"] for r in read_jsonl(run.results / f"completions_gen{g:05d}.jsonl")]
+
+    x, y = correct(first, steps["a"]), correct(second, steps["b"])
+    up, down = sum(b and not a for a, b in zip(x, y)), sum(a and not b for a, b in zip(x, y))
+    both = sum(a and b for a, b in zip(x, y))
+    assert f"| b against a | {up} | {down} | {both} | {len(x) - up - down - both} |" in equal_time
+
+
 def test_keep_best_saves_the_best_generation_and_export_best_rebuilds_it(tiny_llama, prompts_file, tmp_path):
     run, summary = run_es(str(sets_config(tmp_path, tiny_llama, prompts_file, every=1)), [])
     tests = evaluations_by_set(read_jsonl(run.evaluations_file))["test"]

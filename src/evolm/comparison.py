@@ -84,11 +84,37 @@ def equal_time_table(curves: list[RunCurve]) -> str:
     lines = [f"At equal training time: each run's last test evaluation at or before {shared:.1f} s, the "
              "shortest run's clock.", "",
              "| run | optimizer | test metric | seconds | completions | step |", "|---|---|---|---|---|---|"]
+    at = []
     for curve in curves:
         row = [r for r in curve.rows if r["seconds"] <= shared][-1]
+        at.append(row[step_key([row])])
         lines.append(f"| {curve.label} | {curve.optimizer} | {curve.metric} {row[curve.metric]:.4g} | "
-                     f"{row['seconds']:.1f} | {row['completions']} | {row[step_key([row])]} |")
+                     f"{row['seconds']:.1f} | {row['completions']} | {at[-1]} |")
+    pairs = []
+    for (i, a), (j, b) in combinations(enumerate(curves), 2):
+        first, second = kept_scores(a, TEST_SET, at[i]), kept_scores(b, TEST_SET, at[j])
+        if first is None or second is None or len(first) != len(second):
+            continue
+        if set_records(a.config, TEST_SET) != set_records(b.config, TEST_SET):
+            pairs.append(f"| {b.label} against {a.label} | not the same records | | | | |")
+            continue
+        c = compare_scores(first, second)
+        pairs.append(f"| {b.label} against {a.label} | {c['improvements']} | {c['regressions']} | "
+                     f"{c['both_right']} | {c['both_wrong']} | {_p(sign_test(c))} |")
+    if pairs:  # where both runs kept those evaluations' completions (eval.keep_completions=every)
+        lines += ["", "Per example at equal training time (the test split; better: right where the other was "
+                  "wrong, or a higher reward):", "",
+                  "| runs | second better | first better | both right | both wrong | sign test p |",
+                  "|---|---|---|---|---|---|", *pairs]
     return "\n".join(lines) + "\n"
+
+
+def kept_scores(curve: RunCurve, name: str, step: int) -> list[Score] | None:
+    """The per-example outcomes of one evaluation of a set, where the run folder kept its completions."""
+    prefix = "completions" if name == TEST_SET else f"completions_{name}"
+    path = curve.root / "results" / f"{prefix}_gen{step:05d}.jsonl"
+    rows = read_jsonl(path)
+    return [Score(r["reward"], r["correct"]) for r in rows] if rows else None
 
 
 COMPLETIONS_FILE = re.compile(r"completions_(?:(?P<set>.+)_)?gen(?P<step>\d+)\.jsonl")
@@ -117,12 +143,10 @@ def kept_sets(curve: RunCurve) -> dict[str, KeptSet]:
         final = max(found)
         if 0 not in found or final == 0:
             continue
-        prefix = "completions" if name == TEST_SET else f"completions_{name}"
-        base, last = (read_jsonl(curve.root / "results" / f"{prefix}_gen{g:05d}.jsonl") for g in (0, final))
-        if [r["index"] for r in base] != [r["index"] for r in last]:
+        base, last = kept_scores(curve, name, 0), kept_scores(curve, name, final)
+        if base is None or last is None or len(base) != len(last):
             continue
-        kept[name] = KeptSet(final, *([Score(r["reward"], r["correct"]) for r in rows] for rows in (base, last)),
-                             definition=set_records(curve.config, name))
+        kept[name] = KeptSet(final, base, last, definition=set_records(curve.config, name))
     return kept
 
 

@@ -158,7 +158,8 @@ class ESRun:
         for name in self.eval_sets:
             if base_or_final or name not in self.config.eval.final_sets:
                 metrics, rows = self.evaluate_theta(generation, name)
-                self.record_evaluation(generation, name, metrics, rows, base_or_final)
+                self.record_evaluation(generation, name, metrics, rows,
+                                       base_or_final or self.config.eval.keep_completions == "every")
                 results[name] = metrics
         return results
 
