@@ -104,7 +104,7 @@ def test_final_sets_are_scored_at_the_base_and_the_end_only_and_analyze_compares
     result = CliRunner().invoke(app, ["analyze", str(run.root), str(stopped.root), str(other.root),
                                       "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
-    table = (tmp_path / "cmp" / "compare.md").read_text().split("Per example")[1]
+    table = (tmp_path / "cmp" / "compare.md").read_text().split("Per example, at each run's final evaluation")[1]
 
     def outcomes(root, name, g):
         prefix = "completions" if name == "test" else f"completions_{name}"
