@@ -85,6 +85,12 @@ def split_config_and_overrides(config: str | None, overrides: list[str] | None) 
     return config, rest
 
 
+def comparison_line(counts: dict[str, int], p: float | None) -> str:
+    """Per-example counts and the sign test, as `evaluate` and `compare` print them."""
+    return ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()) + (
+        "" if p is None else f"; sign test p = {p:.3g}")
+
+
 @app.command("es", cls=Command)
 def es_command(
     config: Optional[str] = typer.Argument(None, help=CONFIG_HELP),
@@ -200,9 +206,7 @@ def evaluate_command(
     console.print(table)
     for set_name, result in report["sets"].items():
         if "comparison" in result:
-            p = result["sign_test_p"]
-            console.print(f"{set_name}: " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in result["comparison"].items())
-                          + ("" if p is None else f"; sign test p = {p:.3g}"))
+            console.print(f"{set_name}: {comparison_line(result['comparison'], result['sign_test_p'])}")
         if "kl" in result["adapter_metrics"]:
             kl = result["adapter_metrics"]
             console.print(f"{set_name}: KL to the base {kl['kl']:.4g} a completion, {kl['kl_per_token']:.4g} a token")
@@ -311,9 +315,7 @@ def compare_command(
         found = result[side]
         console.print(f"{side}: {found['label']}: {found['metric']} on the {result['examples']} shared examples "
                       f"(of {found['examples']})")
-    counts, p = result["comparison"], result["sign_test_p"]
-    console.print("second against first: " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
-                  + ("" if p is None else f"; sign test p = {p:.3g}"))
+    console.print(f"second against first: {comparison_line(result['comparison'], result['sign_test_p'])}")
     if output:
         output.write_text(json.dumps(result, indent=2))
         console.print(f"comparison written to {output}")

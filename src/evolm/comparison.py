@@ -16,7 +16,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from evolm.config import TEST_SET
-from evolm.metrics import compare_scores, headline_metric_name, sign_test
+from evolm.metrics import best_of, compare_scores, headline_metric_name, sign_test
 from evolm.reports import DPI, step_key
 from evolm.runs import RunDir, RunDirError, atomic_write_text, evaluations_by_set, read_jsonl
 from evolm.tasks import Score
@@ -98,9 +98,7 @@ def equal_time_table(curves: list[RunCurve]) -> str:
         if set_records(a.config, TEST_SET) != set_records(b.config, TEST_SET):
             pairs.append(f"| {b.label} against {a.label} | not the same records | | | | |")
             continue
-        c = compare_scores(first, second)
-        pairs.append(f"| {b.label} against {a.label} | {c['improvements']} | {c['regressions']} | "
-                     f"{c['both_right']} | {c['both_wrong']} | {_p(sign_test(c))} |")
+        pairs.append(f"| {b.label} against {a.label} | {_pair_cells(first, second)} |")
     if pairs:  # where both runs kept those evaluations' completions (eval.keep_completions=every)
         lines += ["", "Per example at equal training time (the test split; better: right where the other was "
                   "wrong, or a higher reward):", "",
@@ -183,6 +181,13 @@ def _p(value: float | None) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
+def _pair_cells(first: list[Score], second: list[Score]) -> str:
+    """Table cells of the second against the first per example: second better, first better, both right,
+    both wrong, sign test p."""
+    c = compare_scores(first, second)
+    return f"{c['improvements']} | {c['regressions']} | {c['both_right']} | {c['both_wrong']} | {_p(sign_test(c))}"
+
+
 def per_example_table(curves: list[RunCurve]) -> str:
     """Each run's final θ against its base, and each pair of runs' final θs against each other, per example
     with the sign test, on every set the runs kept completions of for the same records (same task or set
@@ -207,9 +212,7 @@ def per_example_table(curves: list[RunCurve]) -> str:
             if first.definition != second.definition or len(first.final) != len(second.final):
                 pairs.append(f"| {name} | {b.label} against {a.label} | not the same records | | | | |")
                 continue
-            c = compare_scores(first.final, second.final)
-            pairs.append(f"| {name} | {b.label} against {a.label} | {c['improvements']} | {c['regressions']} | "
-                         f"{c['both_right']} | {c['both_wrong']} | {_p(sign_test(c))} |")
+            pairs.append(f"| {name} | {b.label} against {a.label} | {_pair_cells(first.final, second.final)} |")
     if pairs:
         lines += ["Better: right where the other was wrong (tasks with verdicts), else a higher reward.", "",
                   "| set | runs | second better | first better | both right | both wrong | sign test p |",
@@ -246,11 +249,11 @@ class Outcomes:
 
 
 def _best_per_index(rows: list[tuple[int, float, bool | None]]) -> dict[int, Score]:
-    grouped: dict[int, list[tuple[float, bool | None]]] = {}
-    for index, reward, correct in rows:
-        grouped.setdefault(index, []).append((reward, correct))
-    return {i: Score(max(r for r, _ in g), None if g[0][1] is None else any(c for _, c in g))
-            for i, g in grouped.items()}
+    """{example index: the best of its samples} of rows laid out as reports and run folders write them:
+    every example once, then again for each further sample."""
+    n = len({index for index, _, _ in rows})
+    return dict(zip((index for index, _, _ in rows[:n]),
+                    best_of([Score(reward, correct) for _, reward, correct in rows], n)))
 
 
 def read_outcomes(path: Path, set_name: str | None = None) -> Outcomes:

@@ -15,11 +15,11 @@ from evolm.config import OLD_DECODING_NAME, SET_NAME, ModelConfig, read_source
 from evolm.engine import PopulationEngine
 from evolm.engine.population import sequence_kl
 from evolm.engine.sampling import SamplingParams
-from evolm.metrics import compare_scores, sign_test
+from evolm.metrics import best_of, compare_scores, sign_test
 from evolm.models import eos_token_ids, load_model, release_memory
 from evolm.runs import EXPORT_INFO, RunDir
 from evolm.scoring import render_all, score_all, summarize
-from evolm.tasks import Score, Task, load_task
+from evolm.tasks import Task, load_task
 from evolm.tasks.base import split_slice
 from evolm.tasks.splits import EvalSet, load_eval_set
 
@@ -144,21 +144,17 @@ def _set_report(data: EvalSet, answers: list[Answers], k: int, reference: str = 
                 | {"completion_tokens": answers[member].completion_tokens,
                    "generate_seconds": answers[member].generate_seconds})
 
-    report = {"examples": len(examples), "source": data.source, "adapter_metrics": metrics(-1)}
-    if len(answers) == 1:  # the model's own answers, per example, so that `evolm compare` can pair them later
-        report["examples_detail"] = [
-            {"index": i % len(examples), "sample": i // len(examples), "adapter": text, "adapter_reward": a.reward,
-             "adapter_correct": a.correct} for i, (text, a) in enumerate(zip(texts[0], scores[0]))]
+    # every answer of the scored model per example (`evolm compare` pairs saved reports), and the reference's
+    detail = [{"index": i % len(examples), "sample": i // len(examples), "adapter": text, "adapter_reward": a.reward,
+               "adapter_correct": a.correct} for i, (text, a) in enumerate(zip(texts[-1], scores[-1]))]
+    report = {"examples": len(examples), "source": data.source, "adapter_metrics": metrics(-1),
+              "examples_detail": detail}
     if len(answers) == 2:
         report[f"{reference}_metrics"] = metrics(0)
         report["comparison"] = compare_scores(best[0], best[1])
         report["sign_test_p"] = sign_test(report["comparison"])
-        report["examples_detail"] = [
-            {"index": i % len(examples), "sample": i // len(examples), reference: base_text, "adapter": text,
-             f"{reference}_reward": b.reward, "adapter_reward": a.reward, f"{reference}_correct": b.correct,
-             "adapter_correct": a.correct}
-            for i, (base_text, text, b, a) in enumerate(zip(texts[0], texts[1], scores[0], scores[1]))
-        ]
+        for row, text, b in zip(detail, texts[0], scores[0]):
+            row |= {reference: text, f"{reference}_reward": b.reward, f"{reference}_correct": b.correct}
     return report
 
 
@@ -278,13 +274,3 @@ def resolve_run_folder(path: Path, options: EvalOptions) -> tuple[Path, EvalOpti
     changes = {"max_new_tokens": decoding.get("max_new_tokens", options.max_new_tokens),
                "stop": decoding.get("stop"), "task_options": saved["task"].get("options") or None}
     return target, replace(options, **changes)
-
-
-def best_of(scores: list[Score], n_examples: int) -> list[Score]:
-    """Per example, the best of its samples (rows i, i + n, i + 2n, …): the highest reward, and right if
-    any sample is."""
-    samples = [scores[i::n_examples] for i in range(n_examples)]
-    return [Score(max(s.reward for s in group),
-                  None if group[0].correct is None else any(s.correct for s in group)) for group in samples]
-
-

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from evolm.tasks.base import Score
+
 FITNESS_STATISTICS = ("mean", "std", "min", "max", "p20", "p80")
 
 
@@ -28,6 +30,14 @@ def fitness_statistics(fitness: Sequence[float] | np.ndarray) -> dict[str, float
     f = np.asarray(fitness)
     return {"mean": float(f.mean()), "std": float(f.std()), "min": float(f.min()), "max": float(f.max()),
             "p20": float(np.percentile(f, 20)), "p80": float(np.percentile(f, 80))}
+
+
+def best_of(scores: list[Score], n_examples: int) -> list[Score]:
+    """Per example, the best of its samples (rows i, i + n, i + 2n, …): the highest reward, and right if
+    any sample is."""
+    samples = [scores[i::n_examples] for i in range(n_examples)]
+    return [Score(max(s.reward for s in group),
+                  None if group[0].correct is None else any(s.correct for s in group)) for group in samples]
 
 
 def compare_scores(base, adapted) -> dict[str, int]:

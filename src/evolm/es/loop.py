@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,12 +152,12 @@ class ESRun:
         ]
         return metrics, rows
 
-    def evaluate_all(self, generation: int, base_or_final: bool) -> dict[str, dict]:
-        """Score θ on the evaluation sets and record each; {set name: metrics}. The base and the final θ get
-        every set, their completions kept; the evaluations in between skip eval.final_sets."""
+    def evaluate_all(self, generation: int, base_or_final: bool, skip: Collection[str] = ()) -> dict[str, dict]:
+        """Score θ on the evaluation sets (but `skip`) and record each; {set name: metrics}. The base and the
+        final θ get every set, their completions kept; the evaluations in between skip eval.final_sets."""
         results = {}
         for name in self.eval_sets:
-            if base_or_final or name not in self.config.eval.final_sets:
+            if name not in skip and (base_or_final or name not in self.config.eval.final_sets):
                 metrics, rows = self.evaluate_theta(generation, name)
                 self.record_evaluation(generation, name, metrics, rows,
                                        base_or_final or self.config.eval.keep_completions == "every")
@@ -168,10 +169,7 @@ class ESRun:
         eval.every, scored the others without eval.final_sets)."""
         done = {row.get("set", TEST_SET) for row in read_jsonl(self.run.evaluations_file)
                 if row[self.step_key] == generation}
-        for name in self.eval_sets:
-            if name not in done:
-                metrics, rows = self.evaluate_theta(generation, name)
-                self.record_evaluation(generation, name, metrics, rows, keep_completions=True)
+        self.evaluate_all(generation, base_or_final=True, skip=done)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 

@@ -186,16 +186,17 @@ class GRPORun:
                            top_p=grpo.top_p)
         out = self.evaluator.space.generate_center(self.evaluator.strategy.params, prompt_ids, sampling)
         completion_ids = out.tokens[0]  # the engine cuts each row's tokens at its first stop string
-        self.truncated += sum(self.is_truncated(ids) for ids in completion_ids)
+        self.truncated += sum(map(self.is_truncated, completion_ids, out.texts[0]))
         self.phase["generate"] += time.perf_counter() - start
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
 
-    def is_truncated(self, ids: list[int]) -> bool:
+    def is_truncated(self, ids: list[int], text: str) -> bool:
         """Cut by max_new_tokens, not ended by the model (TRL's own clipped_ratio counts every completion
-        without a final EOS, so one that ends at a stop string such as countdown's </answer> counts too)."""
+        without a final EOS, so one that ends at a stop string such as countdown's </answer> counts too);
+        `text` is the engine's decoded completion of `ids`."""
         if len(ids) < self.config.decoding.max_new_tokens or ids[-1] in self.evaluator.engine.eos_token_ids:
             return False
-        return not cut_at_stop(self.tokenizer.decode(ids), self.stops)[1]
+        return not cut_at_stop(text, self.stops)[1]
 
     def reward(self, prompts: list, completions: list, index: list[int], **_) -> list[float]:
         """The task's score of each completion (cut at the stop strings, as evaluation cuts them)."""
