@@ -2,7 +2,8 @@
 # ES on GSM8K with a forgetting check (issue 21): Qwen2.5-Coder-1.5B-Instruct on `gsm8k-boxed` (the math tasks
 # always prompt through the chat template: the problem and "Please reason step by step, and put your final
 # answer within \boxed{}" as the user turn; graded by math-verify), full-lowrank rank 8, N = 30, σ = 0.001,
-# α = 0.0005, 1,024 new tokens, training for SECONDS of its own clock (evaluation excluded), then scored on the
+# α = 0.002 (four times the paper's: on the chat countdown's 300-s short runs it reached in 188 s what the paper's
+# α reached in 800 s, docs/results.md), 1,024 new tokens, training for SECONDS of its own clock (evaluation excluded), then scored on the
 # full sets against the base.
 #
 #   bench/es_gsm8k_gpu.sh MODEL DATA_DIR SUITE_DIR RUN [SECONDS] [CALL_SECONDS] [key=value …]
@@ -82,7 +83,7 @@ output_dir: "$run"
 model: {name_or_path: "$model", dtype: bfloat16}
 task: {name: gsm8k-boxed, train: "$data/gsm8k_train.jsonl[:-700]", test: "$suite/gsm8k_heldout.jsonl", test_size: 200}
 space: {kind: full-lowrank, rank: 8}
-es: {population: 30, sigma: 0.001, learning_rate: 0.0005, prompts_per_generation: 50, max_seconds: $seconds}
+es: {population: 30, sigma: 0.001, learning_rate: 0.002, prompts_per_generation: 50, max_seconds: $seconds}
 decoding: {max_new_tokens: 1024}
 eval:
   every: 10

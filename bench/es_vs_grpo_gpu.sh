@@ -21,8 +21,8 @@
 #   evolm evaluate --adapter MODEL_ES --task countdown --option chat=true --data "DATA[-2000:]" --compare
 #   evolm evaluate --adapter MODEL_ES --task countdown --option chat=true --data "DATA[-2000:]" --against RUNS/grpo/model
 #   evolm analyze RUNS/es RUNS/grpo --out OUT
-# ES: N = 30, σ = 0.001, α = 0.0005 (the paper's), 50 prompts a generation (a 3-minute trial: ~19 s a
-# generation, so ~77 generations in 25 minutes). GRPO: TRL's defaults (bench/grpo_gpu.sh).
+# ES: N = 30, σ = 0.001 (the paper's), α = 0.002 (four times the paper's: chosen by short runs), 50 prompts a
+# generation (~19 s a generation, so ~77 generations in 25 minutes). GRPO: TRL's defaults (bench/grpo_gpu.sh).
 set -u
 model=$1 data=$2 runs=$3 seconds=${4:-1500} call=${5:-540} which=${6:-es grpo}
 mkdir -p "$runs"
