@@ -133,13 +133,16 @@ def test_the_grpo_presets_share_the_es_presets_task_and_bad_fields_are_named():
                                          "grpo.gradient_accumulation_steps=2"])
 
 
-def write_run(root: Path, optimizer: str, rows: list[tuple[int, float, int, float]]) -> Path:
-    """A run folder as `evolm es` or `evolm grpo` leaves it, with the given (step, seconds, completions, accuracy)."""
+def write_run(root: Path, optimizer: str, rows: list[tuple[int, float, int, float]],
+              kl: dict[int, tuple[float, float]] | None = None) -> Path:
+    """A run folder as `evolm es` or `evolm grpo` leaves it, with the given (step, seconds, completions, accuracy)
+    and, where `kl` has the step, the test prompts' KL to the base (a completion, a token) as eval.kl records it."""
     step = "generation" if optimizer == "es" else "step"
     root.mkdir(parents=True)
     (root / "config.yaml").write_text(yaml.safe_dump({optimizer: {}, "task": {"name": "countdown"}}))
     (root / "results").mkdir()
-    lines = [{step: s, "set": "test", "seconds": t, "completions": c, "reward": a, "accuracy": a}
+    lines = [{step: s, "set": "test", "seconds": t, "completions": c, "reward": a, "accuracy": a,
+              **(dict(zip(("kl", "kl_per_token"), kl[s])) if kl and s in kl else {})}
              for s, t, c, a in rows]
     lines.append({step: 0, "set": "other", "seconds": 0.0, "completions": 0, "reward": 9.0, "accuracy": 0.9})
     (root / "results" / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -147,18 +150,19 @@ def write_run(root: Path, optimizer: str, rows: list[tuple[int, float, int, floa
 
 
 def test_analyze_puts_es_and_grpo_runs_on_one_clock(tmp_path):
-    es = write_run(tmp_path / "es-run", "es", [(0, 0.0, 0, 0.1), (10, 50.0, 2400, 0.3)])
+    es = write_run(tmp_path / "es-run", "es", [(0, 0.0, 0, 0.1), (10, 50.0, 2400, 0.3)],
+                   kl={0: (0.0, 0.0), 10: (2.5, 0.004)})
     grpo = write_run(tmp_path / "grpo-run", "grpo", [(0, 0.0, 0, 0.1), (5, 20.0, 80, 0.2), (10, 45.0, 160, 0.25)])
     result = CliRunner().invoke(app, ["analyze", str(es), str(grpo), "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
     for name in ("compare_time.png", "compare_completions.png", "compare.md"):
         assert (tmp_path / "cmp" / name).is_file()
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| es-run | es | accuracy 0.3 | 50.0 | 2400 | 10 |" in table
-    assert "| grpo-run | grpo | accuracy 0.25 | 45.0 | 160 | 10 |" in table
-    equal_time = table.split("At equal training time")[1]  # ES's evaluation at 50 s is past GRPO's 45 s
-    assert "| es-run | es | accuracy 0.1 | 0.0 | 0 | 0 |" in equal_time
-    assert "| grpo-run | grpo | accuracy 0.25 | 45.0 | 160 | 10 |" in equal_time
+    final, equal_time = table.split("At equal training time")  # ES's evaluation at 50 s is past GRPO's 45 s
+    assert "| es-run | es | accuracy 0.3 | 50.0 | 2400 | 10 | 2.5; 0.004 |" in final
+    assert "| grpo-run | grpo | accuracy 0.25 | 45.0 | 160 | 10 | — |" in final  # this run measured no KL
+    assert "| es-run | es | accuracy 0.1 | 0.0 | 0 | 0 | 0; 0 |" in equal_time
+    assert "| grpo-run | grpo | accuracy 0.25 | 45.0 | 160 | 10 | — |" in equal_time
     curves = [read_curve(es), read_curve(grpo)]
     for clock, es_x, grpo_x in (("time", [0, 50], [0, 20, 45]), ("completions", [0, 2400], [0, 80, 160])):
         ax = comparison_figure(curves, clock).axes[0]

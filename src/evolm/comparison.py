@@ -67,13 +67,22 @@ def comparison_figure(curves: list[RunCurve], clock: str) -> Figure:
     return fig
 
 
+KL_HEADER = "KL to the base (a completion; a token)"
+
+
+def _kl_cell(row: dict) -> str:
+    """The test prompts' KL to the base at that evaluation (eval.kl), or a dash where the run did not measure it:
+    what a metric cost in distance from the base model, the paper's reward-against-KL view."""
+    return f"{row['kl']:.3g}; {row['kl_per_token']:.3g}" if "kl" in row and "kl_per_token" in row else "—"
+
+
 def comparison_table(curves: list[RunCurve]) -> str:
-    lines = ["| run | optimizer | final test metric | seconds | completions | last step |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| run | optimizer | final test metric | seconds | completions | last step | {KL_HEADER} |",
+             "|---|---|---|---|---|---|---|"]
     for curve in curves:
         last = curve.rows[-1]
         lines.append(f"| {curve.label} | {curve.optimizer} | {curve.metric} {last[curve.metric]:.4g} | "
-                     f"{last['seconds']:.1f} | {last['completions']} | {last[step_key([last])]} |")
+                     f"{last['seconds']:.1f} | {last['completions']} | {last[step_key([last])]} | {_kl_cell(last)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -83,13 +92,14 @@ def equal_time_table(curves: list[RunCurve]) -> str:
     shared = min(curve.rows[-1]["seconds"] for curve in curves)
     lines = [f"At equal training time: each run's last test evaluation at or before {shared:.1f} s, the "
              "shortest run's clock.", "",
-             "| run | optimizer | test metric | seconds | completions | step |", "|---|---|---|---|---|---|"]
+             f"| run | optimizer | test metric | seconds | completions | step | {KL_HEADER} |",
+             "|---|---|---|---|---|---|---|"]
     at = []
     for curve in curves:
         row = [r for r in curve.rows if r["seconds"] <= shared][-1]
         at.append(row[step_key([row])])
         lines.append(f"| {curve.label} | {curve.optimizer} | {curve.metric} {row[curve.metric]:.4g} | "
-                     f"{row['seconds']:.1f} | {row['completions']} | {at[-1]} |")
+                     f"{row['seconds']:.1f} | {row['completions']} | {at[-1]} | {_kl_cell(row)} |")
     pairs = []
     for (i, a), (j, b) in combinations(enumerate(curves), 2):
         first, second = kept_scores(a, TEST_SET, at[i]), kept_scores(b, TEST_SET, at[j])
