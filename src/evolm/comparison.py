@@ -76,14 +76,16 @@ def _kl_cell(row: dict) -> str:
     return f"{row['kl']:.3g}; {row['kl_per_token']:.3g}" if "kl" in row and "kl_per_token" in row else "—"
 
 
+def _clock_row(curve: RunCurve, row: dict) -> str:
+    """A run's evaluation as a row of the clock tables: run, optimizer, metric, seconds, completions, step, KL."""
+    return (f"| {curve.label} | {curve.optimizer} | {curve.metric} {row[curve.metric]:.4g} | {row['seconds']:.1f} | "
+            f"{row['completions']} | {row[step_key([row])]} | {_kl_cell(row)} |")
+
+
 def comparison_table(curves: list[RunCurve]) -> str:
     lines = [f"| run | optimizer | final test metric | seconds | completions | last step | {KL_HEADER} |",
              "|---|---|---|---|---|---|---|"]
-    for curve in curves:
-        last = curve.rows[-1]
-        lines.append(f"| {curve.label} | {curve.optimizer} | {curve.metric} {last[curve.metric]:.4g} | "
-                     f"{last['seconds']:.1f} | {last['completions']} | {last[step_key([last])]} | {_kl_cell(last)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [_clock_row(curve, curve.rows[-1]) for curve in curves]) + "\n"
 
 
 def equal_time_table(curves: list[RunCurve]) -> str:
@@ -98,8 +100,7 @@ def equal_time_table(curves: list[RunCurve]) -> str:
     for curve in curves:
         row = [r for r in curve.rows if r["seconds"] <= shared][-1]
         at.append(row[step_key([row])])
-        lines.append(f"| {curve.label} | {curve.optimizer} | {curve.metric} {row[curve.metric]:.4g} | "
-                     f"{row['seconds']:.1f} | {row['completions']} | {at[-1]} | {_kl_cell(row)} |")
+        lines.append(_clock_row(curve, row))
     pairs = []
     for (i, a), (j, b) in combinations(enumerate(curves), 2):
         first, second = kept_scores(a, TEST_SET, at[i]), kept_scores(b, TEST_SET, at[j])

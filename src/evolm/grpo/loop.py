@@ -352,11 +352,10 @@ class GRPORun:
 
     def finish(self, trainer, status: str, wall_time: float) -> dict:
         step = trainer.state.global_step
-        if status == "finished":
+        if not self.abandoned:  # θ is a whole step's: scored where the run finished, and exported
             self.sync_theta(trainer.model)
-            self.evaluator.evaluate_final(step)
-        if not self.abandoned:  # θ is a whole step's: export it
-            self.sync_theta(trainer.model)
+            if status == "finished":
+                self.evaluator.evaluate_final(step)
             self.evaluator.export(self.run.export_dir(self.config.grpo.space.kind))
         history = read_jsonl(self.run.history_file)
         summary = {
