@@ -3,6 +3,7 @@ real model and the letter task (whose prompts a data file can give)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -150,6 +151,17 @@ def test_runs_that_keep_every_evaluations_completions_compare_per_example_at_equ
     up, down = sum(b and not a for a, b in zip(x, y)), sum(a and not b for a, b in zip(x, y))
     both = sum(a and b for a, b in zip(x, y))
     assert f"| b against a | {up} | {down} | {both} | {len(x) - up - down - both} |" in equal_time
+
+    for path in second.results.glob("completions_gen*.jsonl"):  # gzipped by hand, as a committed run folder's are
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    result = CliRunner().invoke(app, ["analyze", str(first.root), str(second.root), "--out", str(tmp_path / "gz")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "gz" / "compare.md").read_text() == table
+    cut = second.results / "completions_gen00001.jsonl.gz"
+    cut.write_bytes(cut.read_bytes()[:-9])
+    with pytest.raises(ValueError, match="not a whole gzip file"):
+        read_jsonl(cut)
 
 
 def test_keep_best_saves_the_best_generation_and_export_best_rebuilds_it(tiny_llama, prompts_file, tmp_path):

@@ -122,11 +122,11 @@ def kept_scores(curve: RunCurve, name: str, step: int) -> list[Score] | None:
     """The per-example outcomes of one evaluation of a set, where the run folder kept its completions."""
     prefix = "completions" if name == TEST_SET else f"completions_{name}"
     path = curve.root / "results" / f"{prefix}_gen{step:05d}.jsonl"
-    rows = read_jsonl(path)
+    rows = read_jsonl(path) or read_jsonl(path.with_name(path.name + ".gz"))
     return [Score(r["reward"], r["correct"]) for r in rows] if rows else None
 
 
-COMPLETIONS_FILE = re.compile(r"completions_(?:(?P<set>.+)_)?gen(?P<step>\d+)\.jsonl")
+COMPLETIONS_FILE = re.compile(r"completions_(?:(?P<set>.+)_)?gen(?P<step>\d+)\.jsonl(?:\.gz)?")  # gzipped or not
 
 
 @dataclass
@@ -143,7 +143,7 @@ def kept_sets(curve: RunCurve) -> dict[str, KeptSet]:
     """{set: KeptSet} for each set (the test split, eval.final_sets, …) whose base and final completions the
     run folder holds (results/completions[_SET]_genNNNNN.jsonl, written at the base and the final θ)."""
     steps: dict[str, list[int]] = {}
-    for path in (curve.root / "results").glob("completions_*gen*.jsonl"):
+    for path in (curve.root / "results").glob("completions_*gen*.jsonl*"):
         match = COMPLETIONS_FILE.fullmatch(path.name)
         if match:
             steps.setdefault(match["set"] or TEST_SET, []).append(int(match["step"]))

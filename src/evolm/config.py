@@ -158,7 +158,8 @@ class EvalConfig(EvalSetsSection):
     keep_completions: Literal["ends", "every"] = Field("ends", description="Whose completions the run folder "
                                                        "keeps per example (results/completions[_SET]_genG.jsonl): "
                                                        "the base's and the final θ's, or every evaluation's (runs "
-                                                       "then compare per example at equal training time too).")
+                                                       "then compare per example at equal training time too; gzip "
+                                                       "the files to keep a folder small, evolm reads either).")
     kl: bool = Field(False, description="Also report KL(θ ‖ base) on each set's prompts along θ's completions.")
     keep_best: str | None = Field(None, description="A set name or 'test': keep the θ that scored best on it "
                                   "(accuracy where the task gives verdicts, else mean reward) beside the last one.")
