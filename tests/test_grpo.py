@@ -171,6 +171,15 @@ def test_analyze_puts_es_and_grpo_runs_on_one_clock(tmp_path):
         assert lines["es-run (es)"].get_xdata().tolist() == es_x
         assert lines["grpo-run (grpo)"].get_xdata().tolist() == grpo_x
         assert lines["grpo-run (grpo)"].get_ydata().tolist() == [0.1, 0.2, 0.25]
+    assert (tmp_path / "cmp" / "compare_kl.png").is_file()
+    kl = {line.get_label(): line for line in comparison_figure(curves, "kl").axes[0].get_lines()}
+    assert list(kl) == ["es-run (es)"]  # metric against KL: only the run that measured it has a line
+    assert kl["es-run (es)"].get_xdata().tolist() == [0.0, 2.5]
+    assert kl["es-run (es)"].get_ydata().tolist() == [0.1, 0.3]
+    other = write_run(tmp_path / "grpo-other", "grpo", [(0, 0.0, 0, 0.1), (10, 40.0, 160, 0.2)])
+    result = CliRunner().invoke(app, ["analyze", str(grpo), str(other), "--out", str(tmp_path / "no-kl")])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "no-kl" / "compare_kl.png").exists()  # neither measured KL: no empty figure
     assert CliRunner().invoke(app, ["analyze", str(es), str(grpo)]).exit_code == 2  # several runs need --out
 
 

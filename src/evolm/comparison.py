@@ -24,6 +24,8 @@ from evolm.tasks.base import split_slice
 
 CLOCKS = {"time": ("seconds", "training seconds (evaluation excluded)"),
           "completions": ("completions", "sampled completions")}
+# what a metric cost in distance from the base (the ES paper's reward-against-KL view), where eval.kl measured it
+KL_AXIS = {"kl": ("kl", "KL to the base on the test prompts (a completion)")}
 
 
 @dataclass
@@ -50,15 +52,21 @@ def read_curve(run_dir: Path) -> RunCurve:
                     rows=rows, root=Path(run_dir), config=config)
 
 
-def comparison_figure(curves: list[RunCurve], clock: str) -> Figure:
-    """The test metric of each run (a line per run) against one clock: 'time' or 'completions'."""
-    field, label = CLOCKS[clock]
+def comparison_figure(curves: list[RunCurve], axis: str) -> Figure:
+    """The test metric of each run (a line per run, its evaluations in order) against one clock, 'time' or
+    'completions', or against 'kl', the KL to the base (only the evaluations that measured it: a run without
+    any has no line, keeping its colour)."""
+    field, label = {**CLOCKS, **KL_AXIS}[axis]
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for k, curve in enumerate(curves):
-        ax.plot([r[field] for r in curve.rows], [r[curve.metric] for r in curve.rows], marker="o", markersize=3,
-                color=f"C{k}", label=f"{curve.label} ({curve.optimizer})")
+        rows = [r for r in curve.rows if field in r]
+        if rows:
+            ax.plot([r[field] for r in rows], [r[curve.metric] for r in rows], marker="o", markersize=3,
+                    color=f"C{k}", label=f"{curve.label} ({curve.optimizer})")
     metrics = sorted({c.metric for c in curves})
+    if axis in KL_AXIS:
+        ax.set_xscale("symlog", linthresh=0.1)  # from 0 at the base to tens of nats
     ax.set_xlabel(label)
     ax.set_ylabel(f"test {' / '.join(metrics)}")
     ax.set_title(f"Test {' / '.join(metrics)} against {label}")
@@ -232,7 +240,8 @@ def per_example_table(curves: list[RunCurve]) -> str:
 
 
 def compare_runs(run_dirs: list[Path], out: Path) -> list[Path]:
-    """DIR/compare_time.png, DIR/compare_completions.png and DIR/compare.md for the runs."""
+    """DIR/compare_time.png, DIR/compare_completions.png, DIR/compare_kl.png (where a run measured KL) and
+    DIR/compare.md for the runs."""
     curves = [read_curve(Path(r)) for r in run_dirs]
     labels = [c.label for c in curves]
     if len(set(labels)) < len(labels):  # folders of one name from different places: their paths tell them apart
@@ -240,9 +249,10 @@ def compare_runs(run_dirs: list[Path], out: Path) -> list[Path]:
             curve.label = str(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for clock in CLOCKS:
-        path = out / f"compare_{clock}.png"
-        comparison_figure(curves, clock).savefig(path, dpi=DPI)
+    measured_kl = any("kl" in r for c in curves for r in c.rows)
+    for axis in [*CLOCKS, *(KL_AXIS if measured_kl else [])]:
+        path = out / f"compare_{axis}.png"
+        comparison_figure(curves, axis).savefig(path, dpi=DPI)
         written.append(path)
     table = out / "compare.md"
     atomic_write_text(table, "# Runs on one clock\n\n" + comparison_table(curves) + "\n"
