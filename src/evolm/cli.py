@@ -297,7 +297,8 @@ def analyze_command(
 @app.command("compare", cls=Command)
 def compare_command(
     first: Path = typer.Argument(..., help="An `evolm evaluate --output` report (.json or .json.gz) or a run "
-                                 "folder's completions file (RUN/results/completions[_SET]_genG.jsonl)."),
+                                 "folder's completions file (RUN/results/completions[_SET]_genG.jsonl, or "
+                                 ".jsonl.gz)."),
     second: Path = typer.Argument(..., help="The same kinds; compared against FIRST."),
     set_name: Optional[str] = typer.Option(None, "--set", help="The set of a report that has several."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the comparison as JSON."),

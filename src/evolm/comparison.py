@@ -280,7 +280,7 @@ def _best_per_index(rows: list[tuple[int, float, bool | None]]) -> dict[int, Sco
 def read_outcomes(path: Path, set_name: str | None = None) -> Outcomes:
     """Per-example outcomes of an `evolm evaluate --output` report (.json, or .json.gz; the scored model's,
     of `set_name` where it has several sets) or of a run folder's completions file
-    (RUN/results/completions[_SET]_genG.jsonl, which the run's config says the source of)."""
+    (RUN/results/completions[_SET]_genG.jsonl[.gz], which the run's config says the source of)."""
     path = Path(path)
     match = COMPLETIONS_FILE.fullmatch(path.name)
     if match:
