@@ -25,7 +25,7 @@ from evolm.es.runner import export_run, run_es
 from evolm.evaluation import EvalOptions, evaluate_adapter, load_data_sets
 from evolm.models import eos_token_ids, load_model
 from evolm.reports import evolution_figure
-from evolm.runs import evaluations_by_set, read_jsonl
+from evolm.runs import RunDirError, evaluations_by_set, read_jsonl
 from evolm.scoring import render_all
 from evolm.tasks import TaskError
 
@@ -158,10 +158,12 @@ def test_runs_that_keep_every_evaluations_completions_compare_per_example_at_equ
     result = CliRunner().invoke(app, ["analyze", str(first.root), str(second.root), "--out", str(tmp_path / "gz")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "gz" / "compare.md").read_text() == table
-    cut = second.results / "completions_gen00001.jsonl.gz"
+    cut = second.results / "completions_gen00003.jsonl.gz"  # the final evaluation's: analyze reads it
     cut.write_bytes(cut.read_bytes()[:-9])
-    with pytest.raises(ValueError, match="not a whole gzip file"):
+    with pytest.raises(RunDirError, match="not a whole gzip file"):
         read_jsonl(cut)
+    result = CliRunner().invoke(app, ["analyze", str(first.root), str(second.root), "--out", str(tmp_path / "cut")])
+    assert result.exit_code == 2 and "not a whole gzip file" in result.output  # the user's file, not our bug
 
 
 def test_keep_best_saves_the_best_generation_and_export_best_rebuilds_it(tiny_llama, prompts_file, tmp_path):

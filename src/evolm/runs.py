@@ -99,7 +99,7 @@ def read_jsonl(path: Path) -> list[dict]:
     try:
         text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text("utf-8")
     except (EOFError, gzip.BadGzipFile) as exc:
-        raise ValueError(f"{path}: not a whole gzip file ({exc})") from None
+        raise RunDirError(f"{path}: not a whole gzip file ({exc})") from None
     rows = []
     for line in text.splitlines():
         try:
