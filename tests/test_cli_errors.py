@@ -189,6 +189,21 @@ def test_an_unreachable_hub_fails_at_the_first_connection_with_one_line(config, 
     assert "(hf download nobody/no-such-model --local-dir DIR)" in line and "huggingface-cli" not in line
 
 
+def assert_only_the_main_thread_takes_ctrl_c(pid: int) -> None:
+    """Every thread of the process but its main one blocks SIGINT and SIGTERM (Linux's /proc says so), so the
+    kernel delivers them to the main thread (the one a blocking read holds)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return  # no /proc here: nothing to look at
+    wanted = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    others = [t for t in tasks.iterdir() if t.name != str(pid)]
+    assert others, "torch starts a thread at import: this check would look at nothing"
+    for thread in others:
+        blocked = next(int(line.split()[1], 16) for line in (thread / "status").read_text().splitlines()
+                       if line.startswith("SigBlk:"))
+        assert blocked & wanted == wanted, f"thread {thread.name} can take Ctrl-C or SIGTERM"
+
+
 def test_ctrl_c_while_loading_keeps_the_old_run_and_says_nothing_started(finished_run, tmp_path):
     """The new run reads its data from a named pipe that never delivers, so Ctrl-C lands while loading."""
     run = tmp_path / "run"
@@ -206,6 +221,7 @@ def test_ctrl_c_while_loading_keeps_the_old_run_and_says_nothing_started(finishe
         except OSError:
             assert time.time() < deadline and process.poll() is None, process.communicate()
             time.sleep(0.05)
+    assert_only_the_main_thread_takes_ctrl_c(process.pid)  # else the signal may land where it interrupts nothing
     process.send_signal(signal.SIGINT)
     code, stderr = finished(process)
     os.close(writer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,25 @@ class Command(TyperCommand):
 class Group(TyperGroup):
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         return flags_as_flags(super().get_params(ctx))
+
+    def invoke(self, ctx: click.Context):
+        import_torch_keeping_signals_on_the_main_thread()
+        return super().invoke(ctx)
+
+
+def import_torch_keeping_signals_on_the_main_thread() -> None:
+    """Import torch with Ctrl-C and SIGTERM blocked, so that the thread its import starts inherits them blocked
+    and the kernel hands those signals to the main thread. There they interrupt what blocks (a read of a named
+    pipe that never delivers); taken by torch's thread they would only set Python's flag, and the main thread
+    would stay blocked for good. Threads started later, by the main thread, keep its (unblocked) mask."""
+    if not hasattr(signal, "pthread_sigmask"):
+        import torch  # noqa: F401
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True,
