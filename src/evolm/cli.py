@@ -32,13 +32,18 @@ class Command(TyperCommand):
         return flags_as_flags(super().get_params(ctx))
 
 
-class Group(TyperGroup):
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        return flags_as_flags(super().get_params(ctx))
+class TorchCommand(Command):
+    """A command whose work imports torch: imported first, once its arguments are parsed (--help stays fast),
+    keeping Ctrl-C and SIGTERM on the main thread."""
 
     def invoke(self, ctx: click.Context):
         import_torch_keeping_signals_on_the_main_thread()
         return super().invoke(ctx)
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return flags_as_flags(super().get_params(ctx))
 
 
 def import_torch_keeping_signals_on_the_main_thread() -> None:
@@ -111,7 +116,7 @@ def comparison_line(counts: dict[str, int], p: float | None) -> str:
         "" if p is None else f"; sign test p = {p:.3g}")
 
 
-@app.command("es", cls=Command)
+@app.command("es", cls=TorchCommand)
 def es_command(
     config: Optional[str] = typer.Argument(None, help=CONFIG_HELP),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
@@ -134,7 +139,7 @@ def es_command(
     console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
 
 
-@app.command("grpo", cls=Command)
+@app.command("grpo", cls=TorchCommand)
 def grpo_command(
     config: Optional[str] = typer.Argument(None, help="YAML config file or preset name (countdown, conciseness: "
                                            "the es preset's model, task, decoding and eval)"),
@@ -154,7 +159,7 @@ def grpo_command(
     console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
 
 
-@app.command("evaluate", cls=Command)
+@app.command("evaluate", cls=TorchCommand)
 def evaluate_command(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder, evolved model folder, "
                                            "or run folder (its export, with the run's settings); none: --model alone."),
@@ -235,7 +240,7 @@ def evaluate_command(
         console.print(f"report written to {output}")
 
 
-@app.command("export", cls=Command)
+@app.command("export", cls=TorchCommand)
 def export_command(
     run_dir: Path = typer.Argument(..., help="An ES run folder."),
     out: Path = typer.Argument(..., help="Folder to write: a PEFT adapter (lora) or a Hugging Face model folder."),
@@ -255,7 +260,7 @@ def export_command(
         console.print(f"wrote {export_run(run_dir, out, device, best=best, model=model, generation=generation)}")
 
 
-@app.command("search", cls=Command)
+@app.command("search", cls=TorchCommand)
 def search_command(
     config: Optional[str] = typer.Argument(None, help="YAML config file or search preset name (gsm8k, …)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. evolution.population=8"),
@@ -277,7 +282,7 @@ def search_command(
     console.print(f"run folder: {run_dir}")
 
 
-@app.command("analyze", cls=Command)
+@app.command("analyze", cls=TorchCommand)
 def analyze_command(
     run_dirs: list[Path] = typer.Argument(..., help="A run folder (ES, GRPO or search), finished or running; "
                                           "several ES and GRPO runs with --out: compared on one clock."),
@@ -314,7 +319,7 @@ def analyze_command(
             console.print(table, markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command("compare", cls=Command)
+@app.command("compare", cls=TorchCommand)
 def compare_command(
     first: Path = typer.Argument(..., help="An `evolm evaluate --output` report (.json or .json.gz) or a run "
                                  "folder's completions file (RUN/results/completions[_SET]_genG.jsonl, or "
@@ -342,7 +347,7 @@ def compare_command(
         console.print(f"comparison written to {output}")
 
 
-@runs_app.command("list", cls=Command)
+@runs_app.command("list", cls=TorchCommand)
 def runs_list_command(
     root: Path = typer.Argument(Path("runs"), help="Folder holding run folders."),
     cleanup: bool = typer.Option(False, "--cleanup", help="Delete all but the --keep most recent runs."),
