@@ -168,6 +168,11 @@ def test_an_internal_error_is_one_line_with_the_log_of_its_traceback(config):
     log.unlink()
 
 
+def test_an_error_raised_while_unwinding_from_ctrl_c_is_the_ctrl_c(config):
+    code, stderr = evolm("es", str(config), "task.name=helpers.broken_task:CleanupFailsOnCtrlC")
+    assert code == 130 and "interrupted before the run started" in stderr and "internal error" not in stderr, stderr
+
+
 def test_an_offline_hub_id_says_how_to_pass_a_local_folder(config, tmp_path):
     process = evolm_process("es", str(config), "model.name_or_path=nobody/no-such-model",
                             env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})

@@ -34,6 +34,19 @@ def storage_problem(exc: BaseException) -> str | None:
     return f"cannot write{where}: {exc.strerror}; {STORAGE_ADVICE[exc.errno]}"
 
 
+def ctrl_c_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C that `exc` was raised while unwinding from, if any. A Ctrl-C that lands inside
+    `from_pretrained`'s `torch.device` context surfaces as torch's "trying to pop from empty mode
+    stack": the user pressed Ctrl-C, and that is what the command reports."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
+
+
 def remember_log(exc: BaseException, path: Path) -> None:
     """Note on `exc` the log file its traceback went to, for the one line the command prints."""
     exc.evolm_log = path  # type: ignore[attr-defined]

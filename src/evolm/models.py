@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from evolm.config import ConfigError, ModelConfig
 from evolm.engine.layer import find_target_linears
+from evolm.errors import ctrl_c_behind
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -140,6 +141,11 @@ def load_model(config: ModelConfig) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise hub_failure(config.name_or_path, exc) from exc
+    except Exception as exc:  # a Ctrl-C mid-load can come out as torch's mode-stack error: it stays a Ctrl-C
+        interrupt = ctrl_c_behind(exc)
+        if interrupt is None:
+            raise
+        raise interrupt from None
     model.to(device).eval()
     model.requires_grad_(False)
     tokenizer = load_tokenizer(config.name_or_path, config.trust_remote_code)

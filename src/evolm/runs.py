@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from evolm.errors import UserError, remember_log
+from evolm.errors import UserError, ctrl_c_behind, remember_log
 
 
 class RunDirError(UserError, RuntimeError):
@@ -363,7 +363,8 @@ def log_to_file(path: Path | None, *, echo: bool = False) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if path is not None and not isinstance(exc, UserError):  # the traceback the command's one line points to
+        # the traceback the command's one line points to (a Ctrl-C that surfaced as another error is no failure)
+        if path is not None and not isinstance(exc, UserError) and not ctrl_c_behind(exc):
             logger.exception("internal error")
             remember_log(exc, path)
         raise

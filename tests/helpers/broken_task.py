@@ -1,4 +1,4 @@
-"""A task with a bug: loading its data raises, as an internal error of evolm would."""
+"""Tasks with a bug: loading their data raises, as an internal error of evolm would."""
 
 from evolm.tasks import Task
 
@@ -11,3 +11,14 @@ class BrokenTask(Task):
 
     def score(self, completion, example):
         raise AssertionError("never reached")
+
+
+class CleanupFailsOnCtrlC(BrokenTask):
+    """Ctrl-C lands mid-load and the cleanup it sets off fails, as torch's mode stack can when the
+    Ctrl-C lands inside `from_pretrained`'s `torch.device` context."""
+
+    def load_split(self, split, source):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("trying to pop from empty mode stack")
