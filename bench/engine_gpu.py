@@ -195,7 +195,7 @@ def setup(args, dtype: str):
     loaded = load_model(ModelConfig(name_or_path=args.model, dtype=dtype, device=args.device))
     base = copy.deepcopy(loaded.model)  # the engine wraps (and a full space writes) the model's own layers
     eos = eos_token_ids(loaded.model, loaded.tokenizer)
-    engine = PopulationEngine(loaded.model, loaded.tokenizer, TARGETS, eos_token_ids=eos)
+    engine = PopulationEngine(loaded.model, loaded.tokenizer, TARGETS, eos_token_ids=eos, merge_share=args.merge_share)
     space = make_space(SpaceConfig(kind=args.space, rank=args.rank, target_modules=TARGETS), engine)
     return loaded, base, engine, space, eos
 
@@ -220,6 +220,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=1,
                     help="ES generations in a row; the table shows the last (from the second on, the engine "
                          "admits the prompts it has seen longest first)")
+    ap.add_argument("--merge-share", type=float, default=0.1,
+                    help="the engine's merge_share: 0 decodes a lone member's batches without merging its weights")
     ap.add_argument("--skip-plain", action="store_true", help="leave out the no-perturbation row")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--scaling-members", default="8,30,64,128")

@@ -157,6 +157,8 @@ def test_refill_gives_every_row_what_it_gets_alone(request, fixture, monkeypatch
         results[name] = engine.generate(prompts, [2, 0, 1], params, keep_slots=True)
         if name == "one slot each":  # a member whose rows are all done leaves the batch while others decode on
             assert any(g.picked for layer in engine.backend.groups for g in layer.values())
+        if rows:  # the last member group left decodes through its merged weights
+            assert all(g.merged_group is not None for layer in engine.backend.groups for g in layer.values()), name
         if name == "refill":  # seen prompts come back longest first: another admission order, the same rows
             assert engine._longest_first(prompts) != list(range(len(prompts))), "a new admission order"
             results["refill, longest first"] = engine.generate(prompts, [2, 0, 1], params)

@@ -19,6 +19,10 @@ perturbation is a batched matmul over groups,
 at a cost of r·(in + out) per row, not N·r (unused rows of a group point at a scratch slot). Prefill
 packs the newly admitted rows of any groups into right-padded chunks, a group's rows next to each other,
 so that a group's perturbation is two plain matmuls on a slice of the chunk.
+
+When a batch has one member group left (a generation's tail: one member still writing long rows), its
+perturbation is merged into a copy of the weights, W + (A B)ᵀ, written once per such batch, so each of
+the tail's steps is a plain forward rather than one with two small bmm's per matmul.
 """
 
 from __future__ import annotations
@@ -79,13 +83,16 @@ class Group:
     up: torch.Tensor | None = None  # [G, P·r, sum out]: block diagonal B factors, scale folded in
     batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (down, up) of the decoding batch's groups
     picked: dict = field(default_factory=dict)  # group count -> (down, up) buffers of a subset of the groups
+    merged: torch.Tensor | None = None  # [sum out, in]: W + (A B)ᵀ of one group, for a batch of that group alone
+    merged_group: int | None = None  # the group `merged` holds (None: it holds none yet)
+    lone: bool = False  # the decoding batch is one group, decoded through `merged`
 
     def load(self, routing: Routing, members: Sequence[int]) -> None:
         """This call's member groups' factors, from the routing object (nothing when no member is perturbed)."""
         parts = [(i, name) for i, name in enumerate(self.names) if name in routing.factors]
         if not parts or not members:
-            self.down = self.up = self.batch = None
-            self.picked = {}
+            self.down = self.up = self.batch = self.merged = None
+            self.picked, self.merged_group, self.lone = {}, None, False
             return
         index = torch.as_tensor(list(members), device=self.weight.device)
         offsets = [0, *torch.tensor(self.splits).cumsum(0).tolist()]
@@ -101,6 +108,7 @@ class Group:
         else:
             self.down, self.up, self.picked = down, up, {}
         self.batch = (self.down, self.up)
+        self.merged_group, self.lone = None, False  # new factors: the merged copy is stale
 
     def pick(self, index: torch.Tensor | None) -> None:
         """The decoding batch runs the groups `index` (None: every group, in order): their factors, copied
@@ -119,8 +127,17 @@ class Group:
         torch.index_select(self.up, 0, index, out=up)
         self.batch = (down, up)
 
+    def merge(self, group: int | None) -> None:
+        """Decode through W merged with `group`'s factors from now on (None: through W and the factors)."""
+        self.lone = group is not None and self.merged is not None
+        if self.lone and self.merged_group != group:
+            torch.addmm(self.weight, self.up[group].T, self.down[group].T, out=self.merged)
+            self.merged_group = group
+
     def decode(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """x [G·C, 1, in], rows group-major, G the decoding batch's groups (see pick)."""
+        if self.lone:
+            return F.linear(x, self.merged, self.bias)
         y = F.linear(x, self.weight, self.bias)
         if self.down is not None:
             down, up = self.batch
@@ -262,12 +279,18 @@ class FusedBackend:
         per_token = 2 * len(self.groups) * self.kv_heads * self.head_dim * param.element_size()
         return per_token * capacity
 
+    def merge_bytes(self, routing: Routing) -> int:
+        """Memory a merged copy of the perturbed weights takes (what a batch of one member group decodes with)."""
+        return sum(group.weight.numel() * group.weight.element_size() for layer in self.groups
+                   for group in layer.values() if any(name in routing.factors for name in group.names))
+
     # -- a call: open, then admit / set_batch / decode / finished / generated as the scheduler says --
 
     @torch.inference_mode()
     def open(self, routing: Routing, members: Sequence[int] | None, per_group: int, capacity: int,
-             params: SamplingParams, eos_token_ids: Sequence[int]) -> None:
-        """Allocate slots for len(members) groups of `per_group` rows (members None: one unperturbed group)."""
+             params: SamplingParams, eos_token_ids: Sequence[int], merge_lone_group: bool = False) -> None:
+        """Allocate slots for len(members) groups of `per_group` rows (members None: one unperturbed group);
+        `merge_lone_group`: also a merged copy of the perturbed weights (merge_bytes), for batches of one group."""
         param = next(self.model.parameters())
         device, dtype = param.device, param.dtype
         self.members = list(members or [])
@@ -278,13 +301,18 @@ class FusedBackend:
             for group in groups.values():
                 group.load(routing, self.members)
                 shapes.append(None if group.down is None else (group.down.shape, group.up.shape))
-        layout = (self.num_groups, per_group, capacity, params.max_new_tokens, tuple(eos_token_ids), tuple(shapes))
+        merge = merge_lone_group and any(shape is not None for shape in shapes)
+        layout = (self.num_groups, per_group, capacity, params.max_new_tokens, tuple(eos_token_ids), tuple(shapes),
+                  merge)
         self.params = params
         if layout == self.layout:  # the same buffers and CUDA graphs serve again (e.g. the dense space's members)
             self.last.zero_(), self.length.zero_(), self.count.zero_(), self.done.fill_(True)
             return
         self.release()
         self.layout = layout
+        for layer in self.groups:  # before the slots: they take most of what memory is left
+            for group in layer.values():
+                group.merged = torch.empty_like(group.weight) if merge and group.down is not None else None
         self.per_group, self.capacity = per_group, capacity
         slots = self.num_groups * per_group + 1  # the last slot is scratch: padding rows of a batch write there
         self.scratch = slots - 1
@@ -352,6 +380,7 @@ class FusedBackend:
             for layer in self.groups:
                 for group in layer.values():
                     group.pick(index)
+                    group.merge(groups[0] if len(groups) == 1 else None)
             self.batch_group_ids = groups
         self.batch_groups, self.batch_rows = len(groups), per_group
         self.batch_list = rows
@@ -389,16 +418,19 @@ class FusedBackend:
         return self.out[index[:, None], columns.clamp(min=0)].masked_fill(columns < 0, -1)
 
     def held_bytes(self) -> int:
-        """Accelerator memory the slot buffers hold between calls (a next call of another layout frees it)."""
-        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
+        """Accelerator memory the slot buffers (and a merged copy) hold between calls (a next call of another
+        layout frees it)."""
+        merged = [group.merged for layer in self.groups for group in layer.values() if group.merged is not None]
+        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache, *merged))
 
     def release(self) -> None:
-        """Free the slot buffers and graphs."""
+        """Free the slot buffers, the merged copy and the graphs."""
         self.k_cache, self.v_cache, self.graphs, self.layout, self.batch_slots = [], [], {}, None, None
         for layer in self.groups:
             for group in layer.values():
-                group.picked = {}
+                group.picked, group.merged = {}, None
                 group.pick(None)
+                group.merge(None)
         self.batch_group_ids = None
 
     # -- pieces ---------------------------------------------------------------------------------
