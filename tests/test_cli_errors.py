@@ -18,15 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from conftest import build_tiny_model
 from helpers import runs
 from helpers.processes import default_sigint
 from helpers.runs import LETTER_TASK
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import evolm as evolm_package
 from evolm.cli import app
 from evolm.es.runner import run_es
+from evolm.models import weight_bytes
 
 TESTS = Path(__file__).parent
 
@@ -171,6 +175,23 @@ def test_an_internal_error_is_one_line_with_the_log_of_its_traceback(config):
 def test_an_error_raised_while_unwinding_from_ctrl_c_is_the_ctrl_c(config):
     code, stderr = evolm("es", str(config), "task.name=helpers.broken_task:CleanupFailsOnCtrlC")
     assert code == 130 and "interrupted before the run started" in stderr and "internal error" not in stderr, stderr
+
+
+def test_a_refused_allocation_is_one_line_saying_what_to_lower(config):
+    code, stderr = evolm("es", str(config), "task.name=helpers.broken_task:OutOfMemoryTask")
+    assert code == 2 and "internal error" not in stderr, stderr
+    line, = stderr.splitlines()
+    assert line.startswith("error: out of memory: the host refused an allocation: you tried to allocate "
+                           "35184372088832 bytes. Use a smaller model"), line
+
+
+def test_the_weights_a_model_needs_count_shared_ones_once(tmp_path):
+    """What `model … needs N GiB for its weights` says, for a model whose head is its embedding."""
+    path = build_tiny_model(tmp_path / "tied", tied=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weight_bytes(str(path), {}, False, torch.bfloat16) == loaded
+    assert loaded < sum(t.numel() * 2 for t in model.state_dict().values())  # the tied head counted once
 
 
 def test_an_offline_hub_id_says_how_to_pass_a_local_folder(config, tmp_path):

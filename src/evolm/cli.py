@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from evolm.errors import UserError, ctrl_c_behind, storage_problem, traceback_log
+from evolm.errors import UserError, ctrl_c_behind, memory_problem, storage_problem, traceback_log
 
 
 def flags_as_flags(params: list[click.Parameter]) -> list[click.Parameter]:
@@ -96,7 +96,7 @@ def reported_errors(*, user_errors: tuple[type[Exception], ...] = (), interrupte
         if ctrl_c_behind(exc):
             stderr.print(interrupted)
             raise typer.Exit(130) from None
-        problem = storage_problem(exc)
+        problem = storage_problem(exc) or memory_problem(exc)
         if problem:
             _fail(problem)
         summary = (str(exc).splitlines() or [""])[0]

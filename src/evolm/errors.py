@@ -34,6 +34,23 @@ def storage_problem(exc: BaseException) -> str | None:
     return f"cannot write{where}: {exc.strerror}; {STORAGE_ADVICE[exc.errno]}"
 
 
+def memory_problem(exc: BaseException) -> str | None:
+    """A one-line description of an allocation the device or the host refused, or None for any other error.
+    (By name: this module is imported before torch is.)"""
+    text = str(exc)
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, for CUDA and the other accelerators
+        said = " ".join(text.split("Including non-PyTorch memory")[0].split())
+    elif isinstance(exc, (RuntimeError, MemoryError)) and ("can't allocate memory" in text or
+                                                           isinstance(exc, MemoryError)):
+        said = "the host refused an allocation: " + (text.split("can't allocate memory: ")[-1].split(". Error")[0]
+                                                     if "can't allocate memory" in text else "out of memory")
+    else:
+        return None
+    return (f"out of memory: {said.rstrip('.')}. Use a smaller model or model.dtype, fewer rows at once (a "
+            "smaller population, prompts per generation, batch size or max_new_tokens) or a device with more "
+            "memory; a run's last checkpoint is kept, and --resume RUN continues it")
+
+
 def ctrl_c_behind(exc: BaseException) -> KeyboardInterrupt | None:
     """The Ctrl-C that `exc` was raised while unwinding from, if any. A Ctrl-C that lands inside
     `from_pretrained`'s `torch.device` context surfaces as torch's "trying to pop from empty mode

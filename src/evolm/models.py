@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from evolm.config import ConfigError, ModelConfig
 from evolm.engine.layer import find_target_linears
-from evolm.errors import ctrl_c_behind
+from evolm.errors import ctrl_c_behind, memory_problem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,6 +130,27 @@ def stored_dtype(name_or_path: str) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
+def weight_bytes(source: str, extra: dict, trust_remote_code: bool, dtype: torch.dtype) -> int | None:
+    """Bytes of the model's parameters in `dtype` (shared ones once), counted on the meta device; None for a
+    model that cannot be built there (the load itself then says what is wrong)."""
+    try:
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        with torch.device("meta"):
+            empty = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    except Exception:  # only an estimate for the message: never a reason to refuse a model
+        return None
+    return sum(p.numel() for p in empty.parameters()) * dtype.itemsize
+
+
+def _does_not_fit(config: ModelConfig, dtype: torch.dtype, device: torch.device, needed: int | None,
+                  free: int | None) -> str:
+    size = f"{needed / 2**30:.2f} GiB" if needed is not None else "more memory than there is"
+    has = f"; {device} has {free / 2**30:.1f} GiB free" if free is not None else f" on {device}, more than it has"
+    return (f"model {config.name_or_path} needs {size} for its weights in {str(dtype).removeprefix('torch.')}"
+            f"{has}, before any run buffers: use model.dtype=bfloat16, a smaller model, a device with more "
+            "memory, or another model.device")
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     source, extra = model_source(config.name_or_path)
     device = resolve_device(config.device)
@@ -137,16 +158,23 @@ def load_model(config: ModelConfig) -> LoadedModel:
     kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code, **extra}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
+    needed = weight_bytes(source, extra, config.trust_remote_code, dtype)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if free is not None and needed is not None and needed > free:  # fail before loading what cannot fit
+        raise ConfigError(_does_not_fit(config, dtype, device, needed, free))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model.to(device)
     except OSError as exc:
         raise hub_failure(config.name_or_path, exc) from exc
     except Exception as exc:  # a Ctrl-C mid-load can come out as torch's mode-stack error: it stays a Ctrl-C
         interrupt = ctrl_c_behind(exc)
-        if interrupt is None:
-            raise
-        raise interrupt from None
-    model.to(device).eval()
+        if interrupt is not None:
+            raise interrupt from None
+        if memory_problem(exc):
+            raise ConfigError(_does_not_fit(config, dtype, device, needed, free)) from exc
+        raise
+    model.eval()
     model.requires_grad_(False)
     tokenizer = load_tokenizer(config.name_or_path, config.trust_remote_code)
     return LoadedModel(model, tokenizer, device, dtype)

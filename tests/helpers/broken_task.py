@@ -22,3 +22,12 @@ class CleanupFailsOnCtrlC(BrokenTask):
             raise KeyboardInterrupt
         finally:
             raise RuntimeError("trying to pop from empty mode stack")
+
+
+class OutOfMemoryTask(BrokenTask):
+    """Loading its data asks the allocator for 32 TiB, which it refuses (a real allocation failure)."""
+
+    def load_split(self, split, source):
+        import torch
+
+        torch.empty(2**45, dtype=torch.uint8)
