@@ -244,7 +244,7 @@ def _kl_to_base(adapter: Path, kind: str, base_name: str, options: EvalOptions, 
     kls = {s.name: sequence_kl(lambda ids: policy(input_ids=ids).logits, reference_logits,
                                render_all(base.tokenizer, s.examples) * options.samples, completions[s.name], device)
            for s in sets}
-    del policy, base
+    policy = base = None  # the closures above share these cells: this frees both models before release_memory
     release_memory()
     return kls
 
