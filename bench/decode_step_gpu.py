@@ -70,11 +70,13 @@ def random_factors(engine: PopulationEngine, members: int, rank: int) -> dict[st
             for name, (i, o) in engine.shapes().items()}
 
 
-def open_shape(engine: PopulationEngine, members: list[int] | None, per_group: int, context: int):
-    """The backend's slots for this shape, every slot holding `context` random keys; the step's graph captured."""
+def open_shape(engine: PopulationEngine, members: list[int] | None, per_group: int, context: int,
+               merge: bool = False):
+    """The backend's slots for this shape, every slot holding `context` random keys; the step's graph captured.
+    `merge`: a batch of one member group decodes through its merged weights."""
     backend = engine.backend
     params = SamplingParams(max_new_tokens=64)
-    backend.open(engine.routing, members, per_group, context + 96, params, engine.eos_token_ids)
+    backend.open(engine.routing, members, per_group, context + 96, params, engine.eos_token_ids, merge)
     for k, v in zip(backend.k_cache, backend.v_cache):
         k.normal_(), v.normal_()
     backend.length.fill_(context), backend.done.fill_(False)
@@ -178,6 +180,9 @@ def main() -> None:
     ap.add_argument("--profile", default="107x700", help="the shape whose kernels are listed ('' for none)")
     ap.add_argument("--prefill", default="8x136", help="RxT: a first-admission prefill chunk of R rows a group, "
                                                        "T tokens each, timed and profiled ('' for none)")
+    ap.add_argument("--lone", default="1x700,8x700,32x700",
+                    help="CxL shapes of a batch of one member group (a tail): its step through the factors, through "
+                         "the merged weights and unperturbed ('' for none)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +200,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "ceilings": peak, "members": args.members,
                "rank": args.rank, "shapes": []}
     members = list(range(args.members))
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         per_group, context = map(int, shape.split("x"))
         rows = per_group * args.members
         backend = open_shape(engine, members, per_group, context)
@@ -215,6 +220,17 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         if "profile" in row:
             print(row["profile"], flush=True)
+    results["lone"] = []
+    for shape in filter(None, args.lone.split(",")):  # a generation's tail: one member group left
+        per_group, context = map(int, shape.split("x"))
+        row = {"shape": shape, "rows": per_group, "context": context}
+        for name, some, merge in [("factors", [0], False), ("merged", [0], True), ("no perturbation", None, False)]:
+            backend = open_shape(engine, some, per_group, context, merge)
+            row[name] = step_seconds(backend, context)
+            backend.release()
+        torch.cuda.empty_cache()
+        results["lone"].append(row)
+        print(json.dumps(row), flush=True)
     if args.prefill:
         rows_per_group, length = map(int, args.prefill.split("x"))
         chunk = prefill_chunk(engine, members, rows_per_group, length, peak)
@@ -240,6 +256,13 @@ def main() -> None:
         if len(variants) > 1:
             print(r["shape"], ", ".join(f"{k[10:]}: {v * 1e3:.2f}" if isinstance(v, float) else f"{k[10:]}: {v}"
                                         for k, v in variants.items()))
+
+    if results["lone"]:
+        print("\n| one member group, C x L | step ms through the factors | merged | no perturbation |")
+        print("|---|---|---|---|")
+        for r in results["lone"]:
+            print(f"| {r['shape']} | {r['factors'] * 1e3:.2f} | {r['merged'] * 1e3:.2f} | "
+                  f"{r['no perturbation'] * 1e3:.2f} |")
 
 
 if __name__ == "__main__":
