@@ -39,16 +39,16 @@ def memory_problem(exc: BaseException) -> str | None:
     (By name: this module is imported before torch is.)"""
     text = str(exc)
     if type(exc).__name__ == "OutOfMemoryError":  # torch's, for CUDA and the other accelerators
-        said = " ".join(text.split("Including non-PyTorch memory")[0].split())
+        said = " ".join(text.split("Including non-PyTorch memory")[0].split()).replace("CUDA out of memory. ", "CUDA: ")
     elif isinstance(exc, (RuntimeError, MemoryError)) and ("can't allocate memory" in text or
                                                            isinstance(exc, MemoryError)):
         said = "the host refused an allocation: " + (text.split("can't allocate memory: ")[-1].split(". Error")[0]
                                                      if "can't allocate memory" in text else "out of memory")
     else:
         return None
-    return (f"out of memory: {said.rstrip('.')}. Use a smaller model or model.dtype, fewer rows at once (a "
-            "smaller population, prompts per generation, batch size or max_new_tokens) or a device with more "
-            "memory; a run's last checkpoint is kept, and --resume RUN continues it")
+    return (f"out of memory: {said.rstrip('.')}. Use a smaller model or model.dtype, less at once (a lower "
+            "decoding.memory_fraction, batch size or max_new_tokens) or a device with more memory; a run's last "
+            "checkpoint is kept, and --resume RUN continues it")
 
 
 def ctrl_c_behind(exc: BaseException) -> KeyboardInterrupt | None:
