@@ -162,6 +162,16 @@ def test_boolean_flags_show_as_flags_in_help():
         assert result.exit_code == 0 and "<bool>" not in result.stdout, result.stdout
 
 
+def test_a_finished_run_says_where_it_went_and_what_changed(config, tmp_path):
+    result = CliRunner().invoke(app, ["es", str(config)])
+    assert result.exit_code == 0, result.stderr
+    line, = [line for line in result.stdout.splitlines() if line.startswith("done: ")]
+    summary = json.loads((tmp_path / "run" / "results" / "summary.json").read_text())
+    base, final = summary["base"], summary["final"]
+    assert line.startswith(f"done: {tmp_path / 'run'}  test: reward {base['reward']:.4g} → {final['reward']:.4g}, ")
+    assert line.endswith(f"(generation {final['generation']}, {final['seconds']:,.0f} training s)"), line
+
+
 def test_an_internal_error_is_one_line_with_the_log_of_its_traceback(config):
     code, stderr = evolm("es", str(config), "task.name=helpers.broken_task:BrokenTask")
     assert code == 1 and "Traceback" not in stderr

@@ -113,6 +113,21 @@ def split_config_and_overrides(config: str | None, overrides: list[str] | None) 
     return config, rest
 
 
+BOOKKEEPING = ("generation", "step", "set", "seconds", "completions")
+
+
+def outcome_line(root: Path, summary: dict) -> str:
+    """`done: RUN  test: reward 0.01 → 0.41, accuracy 0.01 → 0.41 (step 124, 1,106 training s)`."""
+    base, final = summary.get("base") or {}, summary.get("final") or {}
+    if not final:
+        return f"done: {root}"
+    changes = [f"{k} {base[k]:.4g} → {v:.4g}" if isinstance(base.get(k), (int, float)) else f"{k} {v:.4g}"
+               for k, v in final.items() if k not in BOOKKEEPING and isinstance(v, (int, float))]
+    when = next((f"{k} {final[k]}" for k in ("generation", "step") if k in final), "")
+    return (f"done: {root}  {final.get('set', 'test')}: {', '.join(changes) or 'no metrics'} "
+            f"({when}, {final.get('seconds', 0):,.0f} training s)")
+
+
 def comparison_line(counts: dict[str, int], p: float | None) -> str:
     """Per-example counts and the sign test, as `evaluate` and `compare` print them."""
     return ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()) + (
@@ -139,7 +154,7 @@ def es_command(
     if summary.get("stopped_by_max_seconds"):
         console.print(f"es.max_seconds reached after {summary['generations']} generations; continue with: "
                       f"evolm es --resume {run.root} es.max_seconds=…")
-    console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
+    console.print(outcome_line(run.root, summary), soft_wrap=True, markup=False)
 
 
 @app.command("grpo", cls=TorchCommand)
@@ -159,7 +174,7 @@ def grpo_command(
     if summary.get("status") == "interrupted":
         console.print(f"interrupted after step {summary.get('steps')}; resume with: evolm grpo --resume {run.root}")
         raise typer.Exit(130)
-    console.print(f"done: {run.root}  base={summary.get('base')}  final={summary.get('final')}")
+    console.print(outcome_line(run.root, summary), soft_wrap=True, markup=False)
 
 
 @app.command("evaluate", cls=TorchCommand)
