@@ -249,7 +249,7 @@ def evaluate_command(
     console.print(table)
     for set_name, result in report["sets"].items():
         if "comparison" in result:
-            console.print(f"{set_name}: {comparison_line(result['comparison'], result['sign_test_p'])}")
+            console.print(f"{set_name}: {comparison_line(result['comparison'], result['sign_test_p'])}", soft_wrap=True)
         if "kl" in result["adapter_metrics"]:
             kl = result["adapter_metrics"]
             console.print(f"{set_name}: KL to the base {kl['kl']:.4g} a completion, {kl['kl_per_token']:.4g} a token")
@@ -359,7 +359,7 @@ def compare_command(
         found = result[side]
         console.print(f"{side}: {found['label']}: {found['metric']} on the {result['examples']} shared examples "
                       f"(of {found['examples']})")
-    console.print(f"second against first: {comparison_line(result['comparison'], result['sign_test_p'])}")
+    console.print(f"second against first: {comparison_line(result['comparison'], result['sign_test_p'])}", soft_wrap=True)
     if output:
         output.write_text(json.dumps(result, indent=2))
         console.print(f"comparison written to {output}")
