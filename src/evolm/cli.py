@@ -359,7 +359,8 @@ def compare_command(
         found = result[side]
         console.print(f"{side}: {found['label']}: {found['metric']} on the {result['examples']} shared examples "
                       f"(of {found['examples']})")
-    console.print(f"second against first: {comparison_line(result['comparison'], result['sign_test_p'])}", soft_wrap=True)
+    line = comparison_line(result["comparison"], result["sign_test_p"])
+    console.print(f"second against first: {line}", soft_wrap=True)
     if output:
         output.write_text(json.dumps(result, indent=2))
         console.print(f"comparison written to {output}")
