@@ -154,6 +154,7 @@ def test_runs_list_shows_whole_paths_relative_to_the_root(finished_run):
     shutil.copytree(finished_run, deep)
     result = CliRunner().invoke(app, ["runs", "list", str(finished_run.parent)], terminal_width=80)
     assert result.exit_code == 0 and str(deep.relative_to(finished_run.parent)) in result.stdout
+    assert "last mean fitness" in result.stdout and "finished" in result.stdout, result.stdout  # no cut column
 
 
 def test_boolean_flags_show_as_flags_in_help():

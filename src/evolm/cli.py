@@ -389,8 +389,9 @@ def runs_list_command(
         table.add_row(r["path"], r["status"], str(r["generations"]),
                       "-" if r["last_mean_fitness"] is None else f"{r['last_mean_fitness']:.4g}",
                       "-" if metric is None else f"{metric:.4g}", f"{r['size_mb']:.1f} MB", format_age(r["modified"]))
-    # wider than the terminal rather than a cut path: the other columns need about 80 characters
-    console.print(table, width=max(console.width, longest + 80), crop=False)
+    # wider than the terminal rather than a cut path or cut headers: the other columns need about 80 characters
+    # (a console's print clamps its width to the console's, hence a console of that width)
+    Console(width=max(console.width, longest + 80)).print(table, crop=False)
     if cleanup:
         doomed, unmarked = cleanup_candidates(runs, keep)
         if unmarked:
