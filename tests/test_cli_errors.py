@@ -102,6 +102,8 @@ def user_mistakes(tmp_path: Path, config: Path) -> dict[str, tuple[list[str], st
         "module the model lacks": (["space.target_modules=[qq_proj]"],
                                    "space.target_modules: the model has no linear module named qq_proj"),
         "empty data": (["task.options.prompts=0"], "the training split is empty"),
+        "more prompts a generation than the data": (["task.options.prompts=5", "es.prompts_per_generation=6"],
+                                                    "es.prompts_per_generation=6: the training split has 5 prompts"),
         "overwrite a folder that is no run": ([f"output_dir={not_a_model}", "--overwrite"],
                                               "is not an evolm run (no .evolm-run marker)"),
     }
