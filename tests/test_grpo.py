@@ -133,6 +133,14 @@ def test_the_grpo_presets_share_the_es_presets_task_and_bad_fields_are_named():
                                          "grpo.gradient_accumulation_steps=2"])
 
 
+def test_more_prompts_a_step_than_the_data_is_refused_before_anything_is_written(tiny_llama, tmp_path):
+    """TRL would form no batch from 2 prompts at 3 a step and train 0 steps without a word."""
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", prompts_per_step=3)
+    with pytest.raises(ConfigError, match="grpo.prompts_per_step=3: the training split has 2 prompts"):
+        run_grpo(str(config), [])
+    assert not (tmp_path / "run").exists()
+
+
 def write_run(root: Path, optimizer: str, rows: list[tuple[int, float, int, float]],
               kl: dict[int, tuple[float, float]] | None = None) -> Path:
     """A run folder as `evolm es` or `evolm grpo` leaves it, with the given (step, seconds, completions, accuracy)
