@@ -175,6 +175,14 @@ def test_a_finished_run_says_where_it_went_and_what_changed(config, tmp_path):
     assert line.endswith(f"(generation {final['generation']}, {final['seconds']:,.0f} training s)"), line
 
 
+def test_evaluate_names_a_missing_adapter_or_comparison_folder(tiny_llama, tmp_path):
+    for flag, others in (("--adapter", []), ("--against", ["--model", str(tiny_llama)])):
+        result = CliRunner().invoke(app, ["evaluate", flag, str(tmp_path / "nowhere"), "--task", "conciseness",
+                                          *others], env={"COLUMNS": "300"})  # typer boxes usage errors: one line
+        assert result.exit_code == 2, result.stderr
+        assert f"'{flag}': path '{tmp_path / 'nowhere'}' does not exist" in result.stderr, result.stderr
+
+
 def test_an_internal_error_is_one_line_with_the_log_of_its_traceback(config):
     code, stderr = evolm("es", str(config), "task.name=helpers.broken_task:BrokenTask")
     assert code == 1 and "Traceback" not in stderr

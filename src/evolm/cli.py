@@ -179,11 +179,11 @@ def grpo_command(
 
 @app.command("evaluate", cls=TorchCommand)
 def evaluate_command(
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder, evolved model folder, "
+    adapter: Optional[Path] = typer.Option(None, "--adapter", exists=True, help="PEFT adapter folder, evolved model folder, "
                                            "or run folder (its export, with the run's settings); none: --model alone."),
     task: str = typer.Option(..., "--task", help="Task name or module:Class."),
     compare: bool = typer.Option(False, "--compare", help="Also score the base model and compare per example."),
-    against: Optional[Path] = typer.Option(None, "--against", help="Compare per example with this model instead "
+    against: Optional[Path] = typer.Option(None, "--against", exists=True, help="Compare per example with this model instead "
                                            "of the base (adapter, model or run folder, e.g. an ES run against a "
                                            "GRPO run), with the sign test."),
     data: Optional[list[str]] = typer.Option(None, "--data", help="Data source (path, PATH[a:b], datasets folder "
