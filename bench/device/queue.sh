@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU runs still owed to the open issues, in priority order, for one lent machine: each step resumes or skips
+# what is already done under /tmp/runs. Start it with bg.sh (README.md); its results go to docs/ afterwards.
+set -u
+. bench/device/env.sh
+R=/tmp/runs
+mkdir -p $R
+# a hold that ended mid-chain: the last call's $OUT/chain.tgz, copied here as .stage/chain.tgz, continues it
+[ -f .stage/chain.tgz ] && [ -z "$(ls -A $R)" ] && tar -C $R -xzf .stage/chain.tgz
+echo "== issue 18: the tail row again, with the merged lone-member tail (same command as docs/runs/tail-countdown-1.5b-2)"
+if [ ! -f $R/tail3/tail-row.txt ]; then
+  if [ -f $R/tail3/config.yaml ]; then python3 -m evolm.cli es --resume $R/tail3
+  else python3 -m evolm.cli es countdown model.name_or_path=$M "task.train=$D[:200]" "task.test=$D[-2000:-1500]" \
+      task.test_size=200 space.kind=full-lowrank space.rank=8 es.generations=22 eval.every=0 export=false \
+      logging.progress=false output_dir=$R/tail3; fi
+  python3 bench/decode_step_gpu.py --model $M --shapes '' --prefill '' --lone 1x700,4x700,8x700,32x700 \
+      --out $R/tail3-step | tail -8
+  python3 bench/engine_gpu.py --history $R/tail3/results/history.jsonl | tee $R/tail3/tail-row.txt
+fi
+echo "== issue 20: conciseness, ES then GRPO, 300 training seconds each"
+TASK=conciseness bash bench/es_vs_grpo_gpu.sh $M $DC $R/conc 300 900 es
+TASK=conciseness bash bench/es_vs_grpo_gpu.sh $M $DC $R/conc 300 900 grpo
+echo "== issue 20: GRPO learning-rate sweep on chat countdown, 300 s each"
+bash bench/short_runs_gpu.sh $M $D $R/sweep 300 grpo "grpo.learning_rate=1e-5" "grpo.learning_rate=3e-6"
+echo "== chain done"
