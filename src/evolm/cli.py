@@ -124,8 +124,9 @@ def outcome_line(root: Path, summary: dict) -> str:
     changes = [f"{k} {base[k]:.4g} → {v:.4g}" if isinstance(base.get(k), (int, float)) else f"{k} {v:.4g}"
                for k, v in final.items() if k not in BOOKKEEPING and isinstance(v, (int, float))]
     when = next((f"{k} {final[k]}" for k in ("generation", "step") if k in final), "")
+    seconds = final.get("seconds", 0)
     return (f"done: {root}  {final.get('set', 'test')}: {', '.join(changes) or 'no metrics'} "
-            f"({when}, {final.get('seconds', 0):,.0f} training s)")
+            f"({when}, {f'{seconds:,.0f}' if seconds >= 10 else f'{seconds:.2g}'} training s)")
 
 
 def comparison_line(counts: dict[str, int], p: float | None) -> str:
@@ -154,6 +155,9 @@ def es_command(
     if summary.get("stopped_by_max_seconds"):
         console.print(f"es.max_seconds reached after {summary['generations']} generations; continue with: "
                       f"evolm es --resume {run.root} es.max_seconds=…")
+    elif resume and summary.get("generations_this_session") == 0:
+        console.print(f"nothing to do: the run has done its {summary['generations']} generations (es.generations); "
+                      f"continue with: evolm es --resume {run.root} es.generations=…", soft_wrap=True)
     console.print(outcome_line(run.root, summary), soft_wrap=True, markup=False)
 
 

@@ -256,6 +256,7 @@ class ESRun:
     def train_loop(self) -> dict:
         config, es = self.config, self.config.es
         start = self.restore()
+        self.resumed_at = start
         started = time.time()
         if self.is_main:
             atomic_write_text(self.run.config_file, dump_config(config))
@@ -405,6 +406,7 @@ class ESRun:
             "training_seconds": self.clock["seconds"], "completions": self.clock["completions"],
             "tokens_generated": sum(h["tokens"] for h in history),
             "wall_time_s_this_session": wall_time,
+            "generations_this_session": g - self.resumed_at,
             "device": str(self.loaded.device),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "world_size": self.world_size,
