@@ -120,6 +120,14 @@ def test_lora_grpo_resumes_from_its_checkpoint_and_continues_the_step_count(tiny
     assert evaluations[1]["seconds"] < evaluations[2]["seconds"]  # the clock went on from where it stood
     assert read_jsonl(run.resumes_file)[-1]["changed"] == {"grpo.steps": [1, 2]}
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run.adapter_dir)
+    # resumed with its steps spent, it trains nothing (TRL's trainer, resumed at max_steps, would take one more)
+    adapter = (run.adapter_dir / "adapter_model.safetensors").read_bytes()
+    run, again = run_grpo(None, [], resume=str(run.root))
+    assert again["steps"] == 2 and again["steps_this_session"] == 0
+    assert [h["step"] for h in read_jsonl(run.history_file)] == [0, 1]
+    assert [e["step"] for e in read_jsonl(run.evaluations_file)] == [0, 1, 2]
+    assert sorted(p.name for p in run.checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == adapter
 
 
 def test_the_grpo_presets_share_the_es_presets_task_and_bad_fields_are_named():

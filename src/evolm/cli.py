@@ -178,6 +178,10 @@ def grpo_command(
     if summary.get("status") == "interrupted":
         console.print(f"interrupted after step {summary.get('steps')}; resume with: evolm grpo --resume {run.root}")
         raise typer.Exit(130)
+    if resume and summary.get("steps_this_session") == 0:
+        budget = "grpo.max_seconds" if summary.get("stopped_by_max_seconds") else "grpo.steps"
+        console.print(f"nothing to do: the run has spent its {budget} at step {summary.get('steps')}; continue "
+                      f"with: evolm grpo --resume {run.root} {budget}=…", soft_wrap=True)
     console.print(outcome_line(run.root, summary), soft_wrap=True, markup=False)
 
 

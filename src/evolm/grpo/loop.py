@@ -312,9 +312,26 @@ class GRPORun:
             trainer.remove_callback(quiet)
         return trainer
 
+    def finished_already(self, done: int) -> dict | None:
+        """The summary of a run that its last session finished at `done` steps with nothing left to train (the
+        steps or the time budget spent), else None. TRL's trainer, resumed at max_steps, would train one more."""
+        grpo, clock = self.config.grpo, self.evaluator.clock
+        if done < grpo.steps and (grpo.max_seconds is None or clock["seconds"] < grpo.max_seconds):
+            return None
+        if not self.run.summary_file.is_file():
+            return None
+        summary = json.loads(self.run.summary_file.read_text())
+        return summary if summary.get("status") == "finished" and summary.get("steps") == done else None
+
     def train_loop(self) -> dict:
         checkpoint = self.restore()
         start = checkpoint_step(checkpoint)
+        self.resumed_at = start
+        finished = self.finished_already(start)
+        if finished is not None:
+            log.info("nothing to do: the run finished at step %d (grpo.steps %d, grpo.max_seconds %s)", start,
+                     self.config.grpo.steps, self.config.grpo.max_seconds)
+            return {**finished, "steps_this_session": 0}
         started = time.time()
         atomic_write_text(self.run.config_file, dump_config(self.config))
         self.tracker = Tracker(self.config.logging, self.config.model_dump(), self.run.logs)
@@ -366,6 +383,7 @@ class GRPORun:
             "training_seconds": self.evaluator.clock["seconds"], "completions": self.evaluator.clock["completions"],
             "tokens_generated": sum(h["tokens"] for h in history),
             "wall_time_s_this_session": wall_time,
+            "steps_this_session": step - self.resumed_at,
             "device": str(self.evaluator.loaded.device),
             "dtype": str(self.evaluator.loaded.dtype).removeprefix("torch."),
             "model": self.config.model.name_or_path, "task": self.config.task.name,
