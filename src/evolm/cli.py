@@ -61,7 +61,7 @@ def import_torch_keeping_signals_on_the_main_thread() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Fine-tune language models by evolution.")
 runs_app = typer.Typer(cls=Group, no_args_is_help=True, help="List and clean up run folders.")
 app.add_typer(runs_app, name="runs")
