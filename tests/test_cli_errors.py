@@ -166,6 +166,13 @@ def test_boolean_flags_show_as_flags_in_help():
         assert result.exit_code == 0 and "<bool>" not in result.stdout, result.stdout
 
 
+def test_help_keeps_bracketed_text_and_whole_sentences():
+    grpo = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "300"}).stdout
+    assert "(needs evolm[rl])" in grpo  # not taken for markup
+    evaluate = CliRunner().invoke(app, ["evaluate", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "PATH[a:b]" in evaluate and "both-wrong cases against the base (or B)" in evaluate, evaluate
+
+
 def test_a_finished_run_says_where_it_went_and_what_changed(config, tmp_path):
     result = CliRunner().invoke(app, ["es", str(config)])
     assert result.exit_code == 0, result.stderr
