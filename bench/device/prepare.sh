@@ -4,7 +4,8 @@
 #   .gpu/00 … .gpu/NN  the Qwen2.5-Coder-1.5B-Instruct GGUF (../shared/gpu/stage_model.py) in 46 MiB parts; the
 #                      last folder also holds the converter and the gguf wheel
 #   .whl/              the wheels of ../shared/gpu/wheels.md (pydantic for evolm, trl for grpo, math-verify)
-#   .stage/data/       the paper's data files, read there (never committed: their licences forbid shipping them)
+#   .stage/data/       the paper's data files, read there (never committed: their licences forbid shipping them),
+#                      and suite/: its math evaluation suite as JSONL (bench/suite_to_jsonl.py)
 # All three are in .gitignore. Then: bench/device/README.md.
 set -euo pipefail
 shared=${SHARED:-../shared}
@@ -25,6 +26,8 @@ python3 -m pip download $P trl==1.16.0 datasets==4.8.4 dill==0.4.0 multiprocess=
 rm -rf .stage/data && mkdir -p .stage/data
 cp -r "$shared/data/es-paper/countdown.json" "$shared/data/es-paper/conciseness" "$shared/data/es-paper/gsm8k_train.jsonl" \
       "$shared/data/es-paper/es-at-scale" .stage/data/
+python3 bench/suite_to_jsonl.py .stage/data/es-at-scale/datasets/evaluation_suite/math .stage/data/suite \
+    --gsm8k .stage/data/gsm8k_train.jsonl  # the math suite as JSONL (needs evolm[datasets] here)
 parts=$(ls -d .gpu/[0-9]* | wc -l)
 echo "staged: $parts parts ($(du -sh .gpu | cut -f1)), wheels $(du -sh .whl | cut -f1), data $(du -sh .stage/data | cut -f1)"
 echo "device calls: NN = 00 … $(printf %02d $((parts - 2))): carry [\".gpu/NN\"], command: bash bench/device/receive.sh"
