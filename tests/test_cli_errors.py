@@ -173,6 +173,11 @@ def test_help_keeps_bracketed_text_and_whole_sentences():
     assert "PATH[a:b]" in evaluate and "both-wrong cases against the base (or B)" in evaluate, evaluate
 
 
+def test_datasets_lists_every_hub_id_whole():
+    result = CliRunner().invoke(app, ["datasets"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0 and "Jiayi-Pan/Countdown-Tasks-3to4" in result.stdout, result.stdout
+
+
 def test_a_finished_run_says_where_it_went_and_what_changed(config, tmp_path):
     result = CliRunner().invoke(app, ["es", str(config)])
     assert result.exit_code == 0, result.stderr

@@ -65,7 +65,7 @@ app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, rich_ma
                   help="Fine-tune language models by evolution.")
 runs_app = typer.Typer(cls=Group, no_args_is_help=True, help="List and clean up run folders.")
 app.add_typer(runs_app, name="runs")
-console = Console()
+console = Console(soft_wrap=True)  # a line stays one line (paths, counts), whatever the width; tables still fit it
 stderr = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line, whatever the width
 
 CONFIG_HELP = "YAML config file or preset name (countdown, conciseness, …)"
@@ -157,8 +157,8 @@ def es_command(
                       f"evolm es --resume {run.root} es.max_seconds=…")
     elif resume and summary.get("generations_this_session") == 0:
         console.print(f"nothing to do: the run has done its {summary['generations']} generations (es.generations); "
-                      f"continue with: evolm es --resume {run.root} es.generations=…", soft_wrap=True)
-    console.print(outcome_line(run.root, summary), soft_wrap=True, markup=False)
+                      f"continue with: evolm es --resume {run.root} es.generations=…")
+    console.print(outcome_line(run.root, summary), markup=False)
 
 
 @app.command("grpo", cls=TorchCommand)
@@ -181,8 +181,8 @@ def grpo_command(
     if resume and summary.get("steps_this_session") == 0:
         budget = "grpo.max_seconds" if summary.get("stopped_by_max_seconds") else "grpo.steps"
         console.print(f"nothing to do: the run has spent its {budget} at step {summary.get('steps')}; continue "
-                      f"with: evolm grpo --resume {run.root} {budget}=…", soft_wrap=True)
-    console.print(outcome_line(run.root, summary), soft_wrap=True, markup=False)
+                      f"with: evolm grpo --resume {run.root} {budget}=…")
+    console.print(outcome_line(run.root, summary), markup=False)
 
 
 @app.command("evaluate", cls=TorchCommand)
@@ -257,7 +257,7 @@ def evaluate_command(
     console.print(table)
     for set_name, result in report["sets"].items():
         if "comparison" in result:
-            console.print(f"{set_name}: {comparison_line(result['comparison'], result['sign_test_p'])}", soft_wrap=True)
+            console.print(f"{set_name}: {comparison_line(result['comparison'], result['sign_test_p'])}")
         if "kl" in result["adapter_metrics"]:
             kl = result["adapter_metrics"]
             console.print(f"{set_name}: KL to the base {kl['kl']:.4g} a completion, {kl['kl_per_token']:.4g} a token")
@@ -342,7 +342,7 @@ def analyze_command(
             console.print(f"wrote {path}")
         table = evaluations_table(run_dir)
         if table:
-            console.print(table, markup=False, highlight=False, soft_wrap=True)
+            console.print(table, markup=False, highlight=False)
 
 
 @app.command("compare", cls=TorchCommand)
@@ -368,7 +368,7 @@ def compare_command(
         console.print(f"{side}: {found['label']}: {found['metric']} on the {result['examples']} shared examples "
                       f"(of {found['examples']})")
     line = comparison_line(result["comparison"], result["sign_test_p"])
-    console.print(f"second against first: {line}", soft_wrap=True)
+    console.print(f"second against first: {line}")
     if output:
         output.write_text(json.dumps(result, indent=2))
         console.print(f"comparison written to {output}")
@@ -420,9 +420,12 @@ def datasets_command() -> None:
     from evolm.tasks.catalog import describe_tasks
 
     table = Table(title="tasks (any task also reads local JSON/JSONL: task.train / task.test = PATH or PATH\\[a:b])")
-    for col in ("task", "description", "built-in data", "hub dataset"):
+    rows = describe_tasks()
+    for col in ("task", "description", "built-in data"):
         table.add_column(col)
-    for row in describe_tasks():
+    hub_ids = [row.get("hub_dataset") or "-" for row in rows]
+    table.add_column("hub dataset", no_wrap=True, min_width=max(map(len, hub_ids)))  # an id to copy: never cut
+    for row in rows:
         table.add_row(row["name"], row.get("error") or row["description"], row.get("builtin_data") or "-",
                       row.get("hub_dataset") or "-")
     console.print(table)
