@@ -29,7 +29,7 @@ from evolm.runs import (
 )
 from evolm.scoring import check_prompts, render_all
 from evolm.tasks import load_task
-from evolm.tasks.splits import load_examples
+from evolm.tasks.splits import check_subset_size, load_examples
 
 log = logging.getLogger("evolm")
 
@@ -128,10 +128,8 @@ def run_es(config_source: str | None, overrides: list[str], *, resume: str | Non
     process_rank, _ = distributed.world()
     config, run, changes = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
     task, train, test, eval_sets = load_examples(config)
-    subset = config.es.prompts_per_generation
-    if subset is not None and subset > len(train):  # likely a mistake: say so before loading the model
-        raise ConfigError(f"es.prompts_per_generation={subset}: the training split has {len(train)} prompts; pick "
-                          f"at most {len(train)}, or leave it unset (null) to use every prompt each generation")
+    check_subset_size("es.prompts_per_generation", config.es.prompts_per_generation, train,
+                      f"pick at most {len(train)}, or leave it unset (null) to use every prompt each generation")
     config.model.device = distributed.local_device_name(config.model.device)
     torch.manual_seed(config.seed)
     loaded = load_model(config.model)

@@ -48,7 +48,7 @@ from evolm.runs import (
 )
 from evolm.scoring import render
 from evolm.tasks import Example, Task
-from evolm.tasks.splits import EvalSet, load_examples
+from evolm.tasks.splits import EvalSet, check_subset_size, load_examples
 from evolm.tracking import Tracker, format_metrics
 
 log = logging.getLogger("evolm")
@@ -419,9 +419,8 @@ def run_grpo(config_source: str | None, overrides: list[str], *, resume: str | N
     """Validate, load data and the model; only then create (or continue) the run folder; train; summarise."""
     config, run, changes = prepare_run(config_source, overrides, resume=resume, overwrite=overwrite)
     task, train, test, eval_sets = load_examples(config)
-    if config.grpo.prompts_per_step > len(train):  # TRL would form no batch and train 0 steps without a word
-        raise ConfigError(f"grpo.prompts_per_step={config.grpo.prompts_per_step}: the training split has {len(train)} "
-                          f"prompts and a step takes that many distinct ones; pick at most {len(train)}")
+    check_subset_size("grpo.prompts_per_step", config.grpo.prompts_per_step, train,  # else TRL trains 0 steps
+                      f"a step takes that many distinct ones: pick at most {len(train)}")
     if stop_strings(config, task) and config.grpo.trl.get("mask_truncated_completions"):
         raise ConfigError(f"grpo.trl.mask_truncated_completions: TRL takes every completion without a final EOS "
                           f"for truncated, so it would also mask those ending at the stop strings "

@@ -47,6 +47,13 @@ def load_examples(config: EngineRunConfig) -> tuple[Task, list[Example], list[Ex
     return task, train, test, eval_sets
 
 
+def check_subset_size(key: str, size: int | None, train: list[Example], advice: str) -> None:
+    """A subset of the training prompts taken each step (`key`) cannot be larger than the training split: a larger
+    value is likely a mistake, said before the model loads."""
+    if size is not None and size > len(train):
+        raise ConfigError(f"{key}={size}: the training split has {len(train)} prompts; {advice}")
+
+
 def check_references(task: Task, config: TaskConfig) -> None:
     """A run that learns the task's reference answers needs a task that gives them."""
     if not callable(getattr(task, "answer_text", None)):
