@@ -163,10 +163,11 @@ class PopulationEngine:
         """
         groups = len(members) if members is not None else 1
         capacity = max(len(p) for p in prompts) + params.max_new_tokens
+        memory = self._budget_bytes()
         merged = self.backend.merge_bytes(self.routing) if members is not None else 0
-        merge = 0 < merged <= self.merge_share * self._budget_bytes()
+        merge = 0 < merged <= self.merge_share * memory
         budget = self.max_batch_rows or self._slots_in_memory(capacity, max(len(p) for p in prompts),
-                                                              merged if merge else 0)
+                                                              memory - (merged if merge else 0))
         per_group = min(len(prompts), max(1, budget // groups))
         self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids, merge)
         try:
@@ -236,9 +237,9 @@ class PopulationEngine:
         held = self.backend.held_bytes()  # the fused backend keeps its slots from the last call
         return (free + cached + held) * self.memory_fraction  # blocks the allocator holds but no tensor uses
 
-    def _slots_in_memory(self, capacity: int, prompt_width: int, reserved: int = 0) -> int:
-        """KV slots (rows decoded at once) that fit beside the prefill's and the decoding step's activations
-        (and `reserved` bytes more: a merged copy of the weights)."""
+    def _slots_in_memory(self, capacity: int, prompt_width: int, memory: float) -> int:
+        """KV slots (rows decoded at once) that fit in `memory` bytes beside the prefill's and the decoding step's
+        activations."""
         config = self.model.config.get_text_config()
         bytes_per = torch.finfo(self.dtype).bits // 8
         prefill = fused_backend.PREFILL_TOKENS * (config.intermediate_size * 4 + config.hidden_size * 16
@@ -247,7 +248,7 @@ class PopulationEngine:
                                                        + config.hidden_size * 16) * bytes_per
         # a batch of some member groups only copies their factors out: at most about the factors once more
         factors = sum(w.A.numel() + w.B.numel() for w in self.routing.factors.values()) * bytes_per
-        return max(1, int((self._budget_bytes() - prefill - factors - reserved) // per_row))
+        return max(1, int((memory - prefill - factors) // per_row))
 
     def _wave_rows(self, prompt_len: int, max_new_tokens: int) -> int:
         """Rows per wave: the configured cap, else what the KV cache and logits of a row allow."""

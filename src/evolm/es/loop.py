@@ -256,7 +256,6 @@ class ESRun:
     def train_loop(self) -> dict:
         config, es = self.config, self.config.es
         start = self.restore()
-        self.resumed_at = start
         started = time.time()
         if self.is_main:
             atomic_write_text(self.run.config_file, dump_config(config))
@@ -286,7 +285,7 @@ class ESRun:
         finally:
             bar.close()
         try:
-            return self.finish(status, time.time() - started)
+            return self.finish(status, time.time() - started, start)
         except Exception as exc:  # the final evaluation or the export: the run is not done
             self.record_failure(exc, time.time() - started)
             raise
@@ -385,7 +384,8 @@ class ESRun:
         except OSError:
             log.warning("could not write %s either", self.run.summary_file)
 
-    def finish(self, status: str, wall_time: float) -> dict:
+    def finish(self, status: str, wall_time: float, start: int) -> dict:
+        """The final evaluation, export and summary; `start`: the generation this session began at."""
         g = self.strategy.generation
         if status == "finished":
             self.evaluate_final(g)
@@ -406,7 +406,7 @@ class ESRun:
             "training_seconds": self.clock["seconds"], "completions": self.clock["completions"],
             "tokens_generated": sum(h["tokens"] for h in history),
             "wall_time_s_this_session": wall_time,
-            "generations_this_session": g - self.resumed_at,
+            "generations_this_session": g - start,
             "device": str(self.loaded.device),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "world_size": self.world_size,

@@ -326,7 +326,6 @@ class GRPORun:
     def train_loop(self) -> dict:
         checkpoint = self.restore()
         start = checkpoint_step(checkpoint)
-        self.resumed_at = start
         finished = self.finished_already(start)
         if finished is not None:
             log.info("nothing to do: the run finished at step %d (grpo.steps %d, grpo.max_seconds %s)", start,
@@ -353,7 +352,7 @@ class GRPORun:
             log.warning("interrupted: the step in progress is abandoned; the last checkpoint is kept")
         finally:
             self.bar.close()
-        return self.finish(trainer, status, time.time() - started)
+        return self.finish(trainer, status, time.time() - started, start)
 
     @contextmanager
     def stops_after_the_step(self):
@@ -367,7 +366,7 @@ class GRPORun:
         with stop_signals_to(handler):
             yield
 
-    def finish(self, trainer, status: str, wall_time: float) -> dict:
+    def finish(self, trainer, status: str, wall_time: float, start: int) -> dict:
         step = trainer.state.global_step
         if not self.abandoned:  # θ is a whole step's: scored where the run finished, and exported
             self.sync_theta(trainer.model)
@@ -383,7 +382,7 @@ class GRPORun:
             "training_seconds": self.evaluator.clock["seconds"], "completions": self.evaluator.clock["completions"],
             "tokens_generated": sum(h["tokens"] for h in history),
             "wall_time_s_this_session": wall_time,
-            "steps_this_session": step - self.resumed_at,
+            "steps_this_session": step - start,
             "device": str(self.evaluator.loaded.device),
             "dtype": str(self.evaluator.loaded.dtype).removeprefix("torch."),
             "model": self.config.model.name_or_path, "task": self.config.task.name,
