@@ -87,13 +87,10 @@ def reported_errors(*, user_errors: tuple[type[Exception], ...] = (), interrupte
         yield
     except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
         raise
-    except KeyboardInterrupt:
-        stderr.print(interrupted)
-        raise typer.Exit(130) from None
     except (UserError, *user_errors) as exc:
         _fail(str(exc))
-    except Exception as exc:
-        if ctrl_c_behind(exc):
+    except (KeyboardInterrupt, Exception) as exc:
+        if ctrl_c_behind(exc):  # a Ctrl-C, or an error raised while unwinding from one
             stderr.print(interrupted)
             raise typer.Exit(130) from None
         problem = storage_problem(exc) or memory_problem(exc)
@@ -187,13 +184,14 @@ def grpo_command(
 
 @app.command("evaluate", cls=TorchCommand)
 def evaluate_command(
-    adapter: Optional[Path] = typer.Option(None, "--adapter", exists=True, help="PEFT adapter folder, evolved model folder, "
-                                           "or run folder (its export, with the run's settings); none: --model alone."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", exists=True, help="PEFT adapter folder, evolved model "
+                                           "folder, or run folder (its export, with the run's settings); none: "
+                                           "--model alone."),
     task: str = typer.Option(..., "--task", help="Task name or module:Class."),
     compare: bool = typer.Option(False, "--compare", help="Also score the base model and compare per example."),
-    against: Optional[Path] = typer.Option(None, "--against", exists=True, help="Compare per example with this model instead "
-                                           "of the base (adapter, model or run folder, e.g. an ES run against a "
-                                           "GRPO run), with the sign test."),
+    against: Optional[Path] = typer.Option(None, "--against", exists=True, help="Compare per example with this "
+                                           "model instead of the base (adapter, model or run folder, e.g. an ES run "
+                                           "against a GRPO run), with the sign test."),
     data: Optional[list[str]] = typer.Option(None, "--data", help="Data source (path, PATH[a:b], datasets folder "
                                              "or dataset id), or NAME=SOURCE; repeat to score several sets."),
     split: str = typer.Option("test", "--split"),
@@ -425,9 +423,8 @@ def datasets_command() -> None:
         table.add_column(col)
     hub_ids = [row.get("hub_dataset") or "-" for row in rows]
     table.add_column("hub dataset", no_wrap=True, min_width=max(map(len, hub_ids)))  # an id to copy: never cut
-    for row in rows:
-        table.add_row(row["name"], row.get("error") or row["description"], row.get("builtin_data") or "-",
-                      row.get("hub_dataset") or "-")
+    for row, hub_id in zip(rows, hub_ids):
+        table.add_row(row["name"], row.get("error") or row["description"], row.get("builtin_data") or "-", hub_id)
     console.print(table)
     console.print("custom tasks: task.name=my_package.my_module:MyTask (a subclass of evolm.tasks.Task)")
 

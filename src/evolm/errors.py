@@ -40,10 +40,10 @@ def memory_problem(exc: BaseException) -> str | None:
     text = str(exc)
     if type(exc).__name__ == "OutOfMemoryError":  # torch's, for CUDA and the other accelerators
         said = " ".join(text.split("Including non-PyTorch memory")[0].split()).replace("CUDA out of memory. ", "CUDA: ")
-    elif isinstance(exc, (RuntimeError, MemoryError)) and ("can't allocate memory" in text or
-                                                           isinstance(exc, MemoryError)):
-        said = "the host refused an allocation: " + (text.split("can't allocate memory: ")[-1].split(". Error")[0]
-                                                     if "can't allocate memory" in text else "out of memory")
+    elif isinstance(exc, (RuntimeError, MemoryError)) and "can't allocate memory" in text:  # torch's CPU allocator
+        said = "the host refused an allocation: " + text.split("can't allocate memory: ")[-1].split(". Error")[0]
+    elif isinstance(exc, MemoryError):
+        said = "the host refused an allocation: out of memory"
     else:
         return None
     return (f"out of memory: {said.rstrip('.')}. Use a smaller model or model.dtype, less at once (a lower "

@@ -144,6 +144,7 @@ def weight_bytes(source: str, extra: dict, trust_remote_code: bool, dtype: torch
 
 def _does_not_fit(config: ModelConfig, dtype: torch.dtype, device: torch.device, needed: int | None,
                   free: int | None) -> str:
+    """The one line for a model whose weights do not fit `device` (`needed`: their bytes, None if unknown)."""
     size = f"{needed / 2**30:.2f} GiB" if needed is not None else "more memory than there is"
     has = f"; {device} has {free / 2**30:.1f} GiB free" if free is not None else f" on {device}, more than it has"
     return (f"model {config.name_or_path} needs {size} for its weights in {str(dtype).removeprefix('torch.')}"
@@ -158,9 +159,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
     kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code, **extra}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
-    needed = weight_bytes(source, extra, config.trust_remote_code, dtype)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    if free is not None and needed is not None and needed > free:  # fail before loading what cannot fit
+    needed = weight_bytes(source, extra, config.trust_remote_code, dtype) if free is not None else None
+    if needed is not None and needed > free:  # fail before loading what cannot fit
         raise ConfigError(_does_not_fit(config, dtype, device, needed, free))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -171,7 +172,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         interrupt = ctrl_c_behind(exc)
         if interrupt is not None:
             raise interrupt from None
-        if memory_problem(exc):
+        if memory_problem(exc):  # on a CPU the weights are counted only now, for the message
+            needed = needed if free is not None else weight_bytes(source, extra, config.trust_remote_code, dtype)
             raise ConfigError(_does_not_fit(config, dtype, device, needed, free)) from exc
         raise
     model.eval()
