@@ -9,6 +9,8 @@
 # All three are in .gitignore. Then: bench/device/README.md.
 set -euo pipefail
 shared=${SHARED:-../shared}
+# the suite conversion at the end reads parquet through evolm[datasets]: fail now, not after the downloads
+python3 -c "import evolm, datasets" 2> /dev/null || { echo "prepare.sh: python3 needs evolm[datasets] (activate the venv)" >&2; exit 1; }
 python3 "$shared/gpu/stage_model.py" qwen2.5-coder-1.5b-instruct --out .gpu-raw > /dev/null
 rm -rf .gpu && mkdir -p .gpu
 cat .gpu-raw/[0-9]*/part* | split -b 46M -d -a 2 - .gpu/part

@@ -20,8 +20,9 @@ fi
 echo "== issue 20: conciseness, ES then GRPO, 300 training seconds each"
 TASK=conciseness bash bench/es_vs_grpo_gpu.sh $M $DC $R/conc 300 900 es
 TASK=conciseness bash bench/es_vs_grpo_gpu.sh $M $DC $R/conc 300 900 grpo
-echo "== issue 20: GRPO learning-rate sweep on chat countdown, 300 s each"
-bash bench/short_runs_gpu.sh $M $D $R/sweep 300 grpo "grpo.learning_rate=1e-5" "grpo.learning_rate=3e-6"
+echo "== issue 20: GRPO learning-rate and β sweep on chat countdown, 300 s each"
+bash bench/short_runs_gpu.sh $M $D $R/sweep 300 grpo "grpo.learning_rate=1e-5" "grpo.learning_rate=3e-6" \
+    "grpo.learning_rate=1e-5 grpo.beta=0.04"
 echo "== issue 21: ES on GSM8K with the forgetting check (~1.3 sessions of calls; resumes from $R/gsm8k)"
 bash bench/es_gsm8k_gpu.sh $M $PWD/.stage/data $PWD/.stage/data/suite $R/gsm8k 1500 540
 echo "== chain done"
