@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import build_tiny_model
 from helpers import runs
 from helpers.runs import LETTER_TASK
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -22,7 +24,7 @@ from evolm.config import ConfigError
 from evolm.engine.decoding import cut_at_stop
 from evolm.evaluation import EvalOptions, evaluate_adapter, load_data_sets
 from evolm.grpo.config import load_grpo_config
-from evolm.grpo.loop import run_grpo
+from evolm.grpo.loop import GRPORun, run_grpo
 from evolm.runs import read_jsonl
 from evolm.tasks import load_task
 
@@ -128,6 +130,55 @@ def test_lora_grpo_resumes_from_its_checkpoint_and_continues_the_step_count(tiny
     assert [e["step"] for e in read_jsonl(run.evaluations_file)] == [0, 1, 2]
     assert sorted(p.name for p in run.checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def nan_gradients_at(steps: set[int], monkeypatch) -> None:
+    """Fault injection into a real run: the trained model's first weight gets a NaN gradient in these steps
+    (one backward a step here), as a bf16 overflow gives one."""
+    load = GRPORun.trainable_model
+    backwards = []
+
+    def trainable_model(self):
+        model = load(self)
+        weight = next(p for p in model.parameters() if p.requires_grad)
+
+        def poison(grad):
+            backwards.append(1)
+            return grad * float("nan") if len(backwards) in steps else grad
+
+        weight.register_hook(poison)
+        return model
+
+    monkeypatch.setattr(GRPORun, "trainable_model", trainable_model)
+
+
+def test_a_step_with_non_finite_gradients_leaves_theta_as_it_was(tiny_llama, tmp_path, monkeypatch):
+    """TRL would step AdamW with the NaN gradient and every weight would be NaN (the model then samples, scores
+    and exports garbage); the step is skipped instead, and the history says so."""
+    nan_gradients_at({2}, monkeypatch)
+    config = runs.write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", GRPO_RUN,
+                               task={"name": "conciseness", "train_size": 2, "test_size": 2, "options": {}},
+                               decoding={"max_new_tokens": 8, "stop": []}, eval={"every": 1, "kl": True})
+    run, summary = run_grpo(str(config), ["grpo.steps=3"])
+    assert summary["status"] == "finished" and summary["steps"] == 3 and summary["skipped_updates"] == 1
+    assert [h["update_skipped"] for h in read_jsonl(run.history_file)] == [False, True, False]
+    kl = {e["step"]: e["kl"] for e in read_jsonl(run.evaluations_file)}
+    assert kl[1] > 1e-4 and kl[2] == kl[1] and kl[3] != kl[2]  # θ did not move in step 2 only
+    weights = load_file(run.model_dir / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_run_whose_gradients_stay_non_finite_stops_as_diverged_with_its_last_finite_theta(tiny_llama, tmp_path,
+                                                                                          monkeypatch):
+    nan_gradients_at({2, 3, 4, 5}, monkeypatch)
+    config = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "run", steps=6, max_skipped_updates=1)
+    result = CliRunner().invoke(app, ["grpo", str(config)])
+    assert result.exit_code == 1 and "diverged at step 3" in result.output, result.output
+    summary = json.loads((tmp_path / "run" / "results" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps"] == 3 and summary["skipped_updates"] == 2
+    assert summary["final"]["step"] == 3  # the last finite θ, scored
+    weights = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_the_grpo_presets_share_the_es_presets_task_and_bad_fields_are_named():

@@ -175,6 +175,12 @@ def grpo_command(
     if summary.get("status") == "interrupted":
         console.print(f"interrupted after step {summary.get('steps')}; resume with: evolm grpo --resume {run.root}")
         raise typer.Exit(130)
+    if summary.get("status") == "diverged":
+        console.print(outcome_line(run.root, summary), markup=False)
+        stderr.print(f"diverged at step {summary.get('steps')}: more than grpo.max_skipped_updates steps in a row had "
+                     f"non-finite gradients, so training stopped; {run.root} holds the last finite θ (scored above). "
+                     "Try a lower grpo.learning_rate or grpo.max_grad_norm, or float32 (model.dtype=float32).")
+        raise typer.Exit(1)
     if resume and summary.get("steps_this_session") == 0:
         budget = "grpo.max_seconds" if summary.get("stopped_by_max_seconds") else "grpo.steps"
         console.print(f"nothing to do: the run has spent its {budget} at step {summary.get('steps')}; continue "

@@ -66,6 +66,10 @@ class GRPOSection(Section):
                                "default); evaluation decodes as `decoding` says (greedy by default).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of training completions (TRL's default).")
     save_every: int = Field(10, ge=1, description="Steps between checkpoints (the last one is kept).")
+    max_skipped_updates: int = Field(3, ge=0, description="A step whose gradients are not finite is skipped, not "
+                                     "applied (as AMP's GradScaler skips one: TRL would step AdamW into NaN "
+                                     "weights); after more than this many skipped in a row the run stops as "
+                                     "diverged, keeping the last finite θ.")
     space: GRPOSpaceConfig = Field(default_factory=GRPOSpaceConfig)
     trl: dict[str, Any] = Field(default_factory=dict, description="Further GRPOConfig fields, passed as given "
                                 "(e.g. epsilon, num_iterations, gradient_checkpointing).")

@@ -58,6 +58,7 @@ STEP = "step"
 FROZEN_ON_RESUME = ("seed", "model.name_or_path", "grpo.space", "grpo.group_size", "grpo.prompts_per_step",
                     "grpo.gradient_accumulation_steps", "eval.keep_best")
 CHECKPOINT_PREFIX = "checkpoint-"
+SCORED = ("finished", "diverged")  # statuses whose last θ is a whole step's, scored at the end like a final one
 
 
 def evaluation_config(config: GRPORunConfig) -> ESRunConfig:
@@ -138,6 +139,9 @@ class GRPORun:
         self.bar: tqdm | None = None
         self.stop_requested = False
         self.budget_spent = False  # grpo.max_seconds reached: the last step's θ is finish's to score
+        self.update_skipped = False  # the step in progress had non-finite gradients and left θ as it was
+        self.skipped_in_a_row = 0
+        self.diverged = False  # more than grpo.max_skipped_updates steps in a row were skipped
 
     # -- θ: the trained model -> the evaluator's copy ---------------------------------------------------
 
@@ -214,6 +218,26 @@ class GRPORun:
         self.phase = {"generate": 0.0, "score": 0.0}
         self.scores = []
         self.truncated = 0
+        self.update_skipped = False
+
+    @torch.no_grad()
+    def skip_non_finite_update(self, model, control) -> None:
+        """Before AdamW steps: gradients with a NaN or inf are dropped, so the step leaves θ as it was (a NaN
+        gradient would make every weight NaN, and a NaN model still samples, scores and exports)."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.skipped_in_a_row = 0
+            return
+        for param in model.parameters():
+            param.grad = None  # torch's optimizers leave a parameter without a gradient untouched
+        self.update_skipped = True
+        self.skipped_in_a_row += 1
+        limit = self.config.grpo.max_skipped_updates
+        log.warning("non-finite gradients: this step's update is skipped (%d in a row; the run stops after %d)",
+                    self.skipped_in_a_row, limit + 1)
+        if self.skipped_in_a_row > limit:
+            self.diverged = True
+            control.should_training_stop = True
 
     def step_end(self, control) -> None:
         """Onto the clock; stop (with a checkpoint) at grpo.max_seconds or on a requested stop."""
@@ -222,7 +246,11 @@ class GRPORun:
         clock["seconds"] += self.step_seconds
         clock["completions"] += len(self.scores)
         budget = self.config.grpo.max_seconds
-        if (budget is not None and clock["seconds"] >= budget) or self.stop_requested:
+        if self.diverged:
+            log.error("%d steps in a row had non-finite gradients (grpo.max_skipped_updates=%d): the run stops "
+                      "as diverged with the last finite θ", self.skipped_in_a_row, self.config.grpo.max_skipped_updates)
+            control.should_save = True
+        elif (budget is not None and clock["seconds"] >= budget) or self.stop_requested:
             if not self.stop_requested:
                 log.info("grpo.max_seconds=%g reached after %.1f training seconds", budget, clock["seconds"])
                 self.budget_spent = True  # this step's θ is the final one: finish scores it
@@ -233,7 +261,7 @@ class GRPORun:
         """A history row (and an evaluation when it is due), written before TRL's checkpoint of the step."""
         every = self.config.eval.every
         t_eval, evaluations = 0.0, {}
-        if every and step % every == 0 and step < self.config.grpo.steps and not self.budget_spent:
+        if every and step % every == 0 and step < self.config.grpo.steps and not (self.budget_spent or self.diverged):
             start = time.perf_counter()
             evaluations = self.evaluate(step, model, base_or_final=False)
             t_eval = time.perf_counter() - start
@@ -247,7 +275,7 @@ class GRPORun:
             "learning_rate": logs.get("learning_rate"), "entropy": logs.get("entropy"),
             "completion_length": logs.get("completions/mean_length"),
             "truncated_ratio": self.truncated / len(self.scores) if self.scores else None,
-            "frac_reward_zero_std": logs.get("frac_reward_zero_std"),
+            "frac_reward_zero_std": logs.get("frac_reward_zero_std"), "update_skipped": self.update_skipped,
             "completions": len(self.scores),
             "tokens": round((logs.get("completions/mean_length") or 0.0) * len(self.scores)),
             "prompts": self.config.grpo.prompts_per_step,
@@ -345,7 +373,9 @@ class GRPORun:
                     for name, metrics in self.evaluate(0, trainer.model, base_or_final=True).items():
                         log.info("base model %s metrics: %s", name, format_metrics(metrics))
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-            if self.stop_requested:
+            if self.diverged:
+                status = "diverged"
+            elif self.stop_requested:
                 status = "interrupted"
         except KeyboardInterrupt:
             status, self.abandoned = "interrupted", True
@@ -370,17 +400,18 @@ class GRPORun:
         step = trainer.state.global_step
         if not self.abandoned:  # θ is a whole step's: scored where the run finished, and exported
             self.sync_theta(trainer.model)
-            if status == "finished":
+            if status in SCORED:
                 self.evaluator.evaluate_final(step)
             self.evaluator.export(self.run.export_dir(self.config.grpo.space.kind))
         history = read_jsonl(self.run.history_file)
         summary = {
             "status": status, "optimizer": "grpo", "steps": step,
             "stopped_by_max_seconds": status == "finished" and step < self.config.grpo.steps,
-            **evaluations_summary(read_jsonl(self.run.evaluations_file), STEP, step, status == "finished"),
+            **evaluations_summary(read_jsonl(self.run.evaluations_file), STEP, step, status in SCORED),
             "best": self.evaluator.best,
             "training_seconds": self.evaluator.clock["seconds"], "completions": self.evaluator.clock["completions"],
             "tokens_generated": sum(h["tokens"] for h in history),
+            "skipped_updates": sum(bool(h.get("update_skipped")) for h in history),
             "wall_time_s_this_session": wall_time,
             "steps_this_session": step - start,
             "device": str(self.evaluator.loaded.device),
@@ -402,6 +433,9 @@ def make_callback(grpo_run: GRPORun):
     class Bookkeeping(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             grpo_run.step_begin()
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grpo_run.skip_non_finite_update(model, control)
 
         def on_step_end(self, args, state, control, **kwargs):
             grpo_run.step_end(control)
