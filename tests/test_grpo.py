@@ -220,6 +220,7 @@ def test_analyze_puts_es_and_grpo_runs_on_one_clock(tmp_path):
     es = write_run(tmp_path / "es-run", "es", [(0, 0.0, 0, 0.1), (10, 50.0, 2400, 0.3)],
                    kl={0: (0.0, 0.0), 10: (2.5, 0.004)})
     grpo = write_run(tmp_path / "grpo-run", "grpo", [(0, 0.0, 0, 0.1), (5, 20.0, 80, 0.2), (10, 45.0, 160, 0.25)])
+    (grpo / "results" / "summary.json").write_text(json.dumps({"status": "diverged"}))  # named wherever it shows
     result = CliRunner().invoke(app, ["analyze", str(es), str(grpo), "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
     for name in ("compare_time.png", "compare_completions.png", "compare.md"):
@@ -227,17 +228,17 @@ def test_analyze_puts_es_and_grpo_runs_on_one_clock(tmp_path):
     table = (tmp_path / "cmp" / "compare.md").read_text()
     final, equal_time = table.split("At equal training time")  # ES's evaluation at 50 s is past GRPO's 45 s
     assert "| es-run | es | accuracy 0.3 | 50.0 | 2400 | 10 | 2.5; 0.004 |" in final
-    assert "| grpo-run | grpo | accuracy 0.25 | 45.0 | 160 | 10 | — |" in final  # this run measured no KL
+    assert "| grpo-run | grpo, diverged | accuracy 0.25 | 45.0 | 160 | 10 | — |" in final  # this run measured no KL
     assert "| es-run | es | accuracy 0.1 | 0.0 | 0 | 0 | 0; 0 |" in equal_time
-    assert "| grpo-run | grpo | accuracy 0.25 | 45.0 | 160 | 10 | — |" in equal_time
+    assert "| grpo-run | grpo, diverged | accuracy 0.25 | 45.0 | 160 | 10 | — |" in equal_time
     curves = [read_curve(es), read_curve(grpo)]
     for clock, es_x, grpo_x in (("time", [0, 50], [0, 20, 45]), ("completions", [0, 2400], [0, 80, 160])):
         ax = comparison_figure(curves, clock).axes[0]
         lines = {line.get_label(): line for line in ax.get_lines()}
-        assert set(lines) == {"es-run (es)", "grpo-run (grpo)"}  # the test split only, a line per run
+        assert set(lines) == {"es-run (es)", "grpo-run (grpo, diverged)"}  # the test split only, a line per run
         assert lines["es-run (es)"].get_xdata().tolist() == es_x
-        assert lines["grpo-run (grpo)"].get_xdata().tolist() == grpo_x
-        assert lines["grpo-run (grpo)"].get_ydata().tolist() == [0.1, 0.2, 0.25]
+        assert lines["grpo-run (grpo, diverged)"].get_xdata().tolist() == grpo_x
+        assert lines["grpo-run (grpo, diverged)"].get_ydata().tolist() == [0.1, 0.2, 0.25]
     assert (tmp_path / "cmp" / "compare_kl.png").is_file()
     kl = {line.get_label(): line for line in comparison_figure(curves, "kl").axes[0].get_lines()}
     assert list(kl) == ["es-run (es)"]  # metric against KL: only the run that measured it has a line

@@ -33,7 +33,7 @@ class RunCurve:
     """One run's test evaluations, each with the clock as it stood."""
 
     label: str
-    optimizer: str
+    optimizer: str  # with the run's status where it did not finish ("grpo, diverged"), so no table hides it
     metric: str  # accuracy where the task gives verdicts, else reward
     rows: list[dict]
     root: Path
@@ -48,8 +48,10 @@ def read_curve(run_dir: Path) -> RunCurve:
         raise RunDirError(f"{run_dir} has no test evaluation with a training clock (seconds, completions); runs made "
                           "before evolm recorded one cannot be compared on it")
     metric = headline_metric_name(rows)
-    return RunCurve(label=Path(run_dir).name, optimizer="grpo" if "grpo" in config else "es", metric=metric,
-                    rows=rows, root=Path(run_dir), config=config)
+    optimizer = "grpo" if "grpo" in config else "es"
+    status = json.loads(run.summary_file.read_text()).get("status") if run.summary_file.is_file() else None
+    return RunCurve(label=Path(run_dir).name, optimizer=optimizer if status in (None, "finished") else
+                    f"{optimizer}, {status}", metric=metric, rows=rows, root=Path(run_dir), config=config)
 
 
 def comparison_figure(curves: list[RunCurve], axis: str) -> Figure:
