@@ -126,7 +126,7 @@ def es_generation(space: Space, strategy: EvolutionStrategy, task, examples, pro
         "seconds": t3 - t0, "generate_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2,
         "tokens": out.num_tokens, "tokens_per_s": out.num_tokens / (t1 - t0),
         "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-        "rows_at_once": out.rows_at_once, "steps": out.steps, "refills": out.refills,
+        "rows_at_once": out.rows_at_once, "steps": out.steps, "row_steps": out.row_steps, "refills": out.refills,
         "noise_s": out.seconds.get("noise", 0.0), "engine_s": out.seconds, "host_s": out.host_seconds,
         "mean_fitness": sum(fitness) / len(fitness),
         "output": out, "rows_tokens": [len(t) for member in out.tokens for t in member],
@@ -367,8 +367,11 @@ def tail_row(history: Path) -> None:
         raise SystemExit(f"{history}: no generation times")
     median = times[len(times) // 2] if len(times) % 2 else (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2
     p95 = times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)]
+    # the share of the decoded rows that wrote a token (runs from before history recorded row_steps: none)
+    fills = sorted(r["tokens"] / r["row_steps"] for r in rows if r.get("row_steps"))
+    fill = f" useful rows {fills[len(fills) // 2]:.0%} (median), {fills[0]:.0%} (worst) |" if fills else ""
     print(f"| tail row: {len(times)} generations of {history.parent.parent.name} | median {median:.3g} s | "
-          f"p95 {p95:.3g} s ({p95 / median:.2f} x median) | max {times[-1]:.3g} s |")
+          f"p95 {p95:.3g} s ({p95 / median:.2f} x median) | max {times[-1]:.3g} s |{fill}")
 
 
 def report(r: dict) -> None:

@@ -174,6 +174,58 @@ def test_refill_gives_every_row_what_it_gets_alone(request, fixture, monkeypatch
         assert out.texts == results["waves"].texts, name
 
 
+def test_a_members_rows_split_over_several_batch_groups_decode_as_in_waves(tiny_llama, monkeypatch):
+    """As rows drain unevenly, one member's live rows run in several batch groups, each with that member's
+    factors (scheduler.batch_layout): every row's tokens are still the wave-by-wave reference's, and the
+    batch decodes fewer rows than one as wide as its fullest member would."""
+    tokenizer = load_tokenizer(str(tiny_llama))
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    targets = ["q_proj", "v_proj", "gate_proj"]
+    prompts = [tokenizer(p).input_ids for p in PROMPTS * 3]
+    layouts = []
+    set_batch = fused_backend.FusedBackend.set_batch
+
+    def recording(self, slots_by_group, per_group, groups=None):
+        layouts.append([(g, len(slots)) for g, slots in zip(groups, slots_by_group) if slots])
+        return set_batch(self, slots_by_group, per_group, groups)
+
+    monkeypatch.setattr(fused_backend.FusedBackend, "set_batch", recording)
+    results = {}
+    for backend in ("transformers", "fused"):
+        engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id],
+                                  backend=backend)
+        space = LoRASpace(engine.shapes(), 2, 4.0)
+        engine.set_factors(space.unflatten(_members(space, 16, seed=5)), space.scale)
+        if backend == "transformers":  # EOS: every token the others write after their first and member 0 never
+            free = engine.generate(prompts, list(range(16)), SamplingParams(max_new_tokens=24)).tokens
+            never = {t for row in free[0] for t in row}
+            eos = sorted({t for member in free[1:] for row in member for t in row[1:]} - never)
+        engine.eos_token_ids = eos
+        results[backend] = engine.generate(prompts, list(range(16)), SamplingParams(max_new_tokens=24))
+    split = [layout for layout in layouts if len({g for g, _ in layout}) < len(layout)]
+    assert split, f"no batch ran a member in several groups: {layouts}"
+    assert results["fused"].tokens == results["transformers"].tokens
+    fused = results["fused"]
+    assert fused.num_tokens <= fused.row_steps < fused.steps * 16 * len(prompts)
+
+
+def test_batch_layout_covers_every_live_row_in_at_most_the_groups_and_fewer_rows():
+    from evolm.engine.scheduler import batch_layout, bucket
+
+    for live, groups, per_group in [([152] * 30, 30, 152), ([150] + [2] * 7 + [0] * 22, 30, 152),
+                                    ([3, 150, 150, 150] + [4] * 10 + [0] * 16, 30, 152), ([5, 1, 0, 0], 4, 8),
+                                    ([0, 0, 7], 3, 7), ([1], 1, 1)]:
+        chunk, count, rows = batch_layout(live, groups, per_group)
+        pieces = [-(-n // chunk) for n in live]
+        assert sum(pieces) <= count <= groups and rows <= per_group
+        assert all(-(-n // k) <= rows for n, k in zip(live, pieces) if k)  # every piece fits its batch group
+        widest = bucket(sum(n > 0 for n in live), groups) * bucket(max(live), per_group)
+        assert count * rows <= widest
+    assert batch_layout([152] * 30, 30, 152) == (152, 30, 152)  # a full batch stays as it is
+    chunk, count, rows = batch_layout([150] + [2] * 7 + [0] * 22, 30, 152)
+    assert count * rows <= 256 < 8 * 152  # one long member beside seven short ones
+
+
 def test_sampled_rows_do_not_depend_on_the_batch(tiny_llama):
     """A sampled token is a function of (seed, prompt, position) and the logits: refilled slots, one slot a
     group and the wave-by-wave path sample the very same completions."""

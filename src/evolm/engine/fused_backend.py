@@ -28,7 +28,7 @@ the tail's steps is a plain forward rather than one with two small bmm's per mat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,7 @@ class Group:
     down: torch.Tensor | None = None  # [G, in, P·r]: the groups' A factors of the adapted projections
     up: torch.Tensor | None = None  # [G, P·r, sum out]: block diagonal B factors, scale folded in
     batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (down, up) of the decoding batch's groups
-    picked: dict = field(default_factory=dict)  # group count -> (down, up) buffers of a subset of the groups
+    picked: tuple[torch.Tensor, torch.Tensor] | None = None  # (down, up) of the batch's groups, when a subset
     merged: torch.Tensor | None = None  # [sum out, in]: W + (A B)ᵀ of one group, for a batch of that group alone
     merged_group: int | None = None  # the group `merged` holds (None: it holds none yet)
     lone: bool = False  # the decoding batch is one group, decoded through `merged`
@@ -91,8 +91,8 @@ class Group:
         """This call's member groups' factors, from the routing object (nothing when no member is perturbed)."""
         parts = [(i, name) for i, name in enumerate(self.names) if name in routing.factors]
         if not parts or not members:
-            self.down = self.up = self.batch = self.merged = None
-            self.picked, self.merged_group, self.lone = {}, None, False
+            self.down = self.up = self.batch = self.merged = self.picked = None
+            self.merged_group, self.lone = None, False
             return
         index = torch.as_tensor(list(members), device=self.weight.device)
         offsets = [0, *torch.tensor(self.splits).cumsum(0).tolist()]
@@ -106,23 +106,24 @@ class Group:
             self.down.copy_(down)  # in place: captured CUDA graphs read these very tensors
             self.up.copy_(up)
         else:
-            self.down, self.up, self.picked = down, up, {}
+            self.down, self.up, self.picked = down, up, None
         self.batch = (self.down, self.up)
         self.merged_group, self.lone = None, False  # new factors: the merged copy is stale
 
     def pick(self, index: torch.Tensor | None) -> None:
-        """The decoding batch runs the groups `index` (None: every group, in order): their factors, copied
-        into buffers kept per group count, since captured CUDA graphs read those very tensors."""
+        """The decoding batch runs the groups `index` (None: every group, in order; a group may come more than
+        once, see scheduler.batch_layout): their factors, copied into the first rows of one buffer as large as
+        all groups' factors. Captured CUDA graphs read those very addresses, whatever the count: a batch's
+        factors are written before its steps replay."""
         if self.down is None:
             return
         if index is None:
             self.batch = (self.down, self.up)
             return
+        if self.picked is None:
+            self.picked = (torch.empty_like(self.down), torch.empty_like(self.up))
         count = index.shape[0]
-        if count not in self.picked:
-            self.picked[count] = (self.down.new_empty((count, *self.down.shape[1:])),
-                                  self.up.new_empty((count, *self.up.shape[1:])))
-        down, up = self.picked[count]
+        down, up = (buffer[:count] for buffer in self.picked)
         torch.index_select(self.down, 0, index, out=down)
         torch.index_select(self.up, 0, index, out=up)
         self.batch = (down, up)
@@ -380,7 +381,7 @@ class FusedBackend:
             for layer in self.groups:
                 for group in layer.values():
                     group.pick(index)
-                    group.merge(groups[0] if len(groups) == 1 else None)
+                    group.merge(groups[0] if len(set(groups)) == 1 else None)
             self.batch_group_ids = groups
         self.batch_groups, self.batch_rows = len(groups), per_group
         self.batch_list = rows
@@ -428,7 +429,7 @@ class FusedBackend:
         self.k_cache, self.v_cache, self.graphs, self.layout, self.batch_slots = [], [], {}, None, None
         for layer in self.groups:
             for group in layer.values():
-                group.picked, group.merged = {}, None
+                group.picked, group.merged = None, None
                 group.pick(None)
                 group.merge(None)
         self.batch_group_ids = None
@@ -491,6 +492,7 @@ class FusedBackend:
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
             x, h = add_rms_norm(x, groups["down"].decode(up, self.batch_groups), following)
         self.length[slots] = position + 1
+        self.length[self.scratch] = 0  # padding rows attend to one key, not to a scratch slot grown to capacity
         return self.model.lm_head(h[:, 0])
 
     def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:

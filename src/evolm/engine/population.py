@@ -34,6 +34,8 @@ class Completions:
     num_tokens: int = 0
     rows_at_once: int = 0  # the most rows decoded together
     steps: int = 0  # decoding steps
+    # rows decoded summed over the steps, padding included: num_tokens / row_steps is the share of useful work
+    row_steps: int = 0
     refills: int = 0  # times finished rows' slots went to waiting rows (0 for the wave-by-wave backend)
     seconds: dict[str, float] = field(default_factory=dict)  # time by part: the engine's prefill and decode, ...
     # host seconds of the fused engine's loop blocks (waits, stop checks, rebuilds): they overlap device time
@@ -142,18 +144,18 @@ class PopulationEngine:
         seconds: dict[str, float] = {}
         host: dict[str, float] = {}
         if isinstance(self.backend, fused_backend.FusedBackend):
-            tokens, rows_at_once, steps, refills, seconds, host = self._stream(prompts, members, params, on_rows,
-                                                                               keep_slots)
+            tokens, rows_at_once, steps, row_steps, refills, seconds, host = self._stream(prompts, members, params,
+                                                                                          on_rows, keep_slots)
         else:
-            tokens, rows_at_once, steps = self._waves(prompts, members, slots, params, on_rows)
+            tokens, rows_at_once, steps, row_steps = self._waves(prompts, members, slots, params, on_rows)
             refills = 0
         flat = trim_at_stops(self.tokenizer, [t for row in tokens for t in row], params.stop_strings)
         texts = [cut_at_stop(text, params.stop_strings)[0] for text in decode_texts(self.tokenizer, flat)]
         width = len(prompts)
         tokens = [flat[i : i + width] for i in range(0, len(flat), width)]
         texts = [texts[i : i + width] for i in range(0, len(texts), width)]
-        return Completions(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps, refills,
-                           seconds, host)
+        return Completions(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps,
+                           row_steps, refills, seconds, host)
 
     def _stream(self, prompts, members, params, on_rows, keep_slots):
         """The fused backend: every row through a fixed set of KV slots, finished rows refilled.
@@ -180,7 +182,8 @@ class PopulationEngine:
         if not keep_slots:
             self.backend.release()
         self._remember_lengths(prompts, result.tokens)
-        return result.tokens, groups * per_group, result.steps, result.refills, result.seconds, result.host_seconds
+        return (result.tokens, groups * per_group, result.steps, result.row_steps, result.refills, result.seconds,
+                result.host_seconds)
 
     def _longest_first(self, prompts) -> list[int]:
         expected = [self.last_lengths.get(tuple(p), float("inf")) for p in prompts]
@@ -197,7 +200,7 @@ class PopulationEngine:
         rows = [(slot, p) for slot in range(len(slots)) for p in range(len(prompts))]
         tokens: list[list[list[int]]] = [[[] for _ in prompts] for _ in slots]
         wave_rows = self._wave_rows(max(len(p) for p in prompts), params.max_new_tokens)
-        steps = 0
+        steps = row_steps = 0
         for start in range(0, len(rows), wave_rows):
             wave = rows[start : start + wave_rows]
             member_ids = None if members is None else [slots[s] for s, _ in wave]
@@ -208,9 +211,10 @@ class PopulationEngine:
             for (slot, p), out in zip(wave, outputs):
                 tokens[slot][p] = out
             steps += wave_steps
+            row_steps += len(wave) * wave_steps
             if on_rows is not None:
                 on_rows(len(wave))
-        return tokens, min(wave_rows, len(rows)), steps
+        return tokens, min(wave_rows, len(rows)), steps, row_steps
 
     def member(self, member: int) -> AbstractContextManager:
         """Within this context a plain forward of the model runs as population member `member`."""

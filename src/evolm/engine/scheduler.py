@@ -3,8 +3,10 @@
 Every member group owns `per_group` slots of the backend's KV cache. When rows finish (EOS, stop string,
 length) their slots go to the group's next waiting prompts, so a grid larger than memory never waits for
 the longest row of a wave, and uneven lengths cost the steps they need. The host looks at the rows only
-every `sync_every` steps, through a snapshot taken while the next steps already run, and rebuilds the batch (finished rows out, new rows prefilled in, the batch
-shrunk to a smaller graph bucket once nothing waits) only when enough rows finished to be worth it.
+every `sync_every` steps, through a snapshot taken while the next steps already run, and rebuilds the batch
+(finished rows out, new rows prefilled in, the batch shrunk to a smaller graph bucket once nothing waits) only
+when enough rows finished to be worth it. As rows drain unevenly, a member's rows are split over several
+batch groups (`batch_layout`), so the batch is not as wide as its fullest member for every member.
 
 Waiting rows are admitted longest-expected first (`order`, e.g. the lengths the same prompts reached last
 time), so the rows that start late are short ones and the stream does not end on a tail of long rows.
@@ -17,6 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from math import prod
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -32,6 +35,7 @@ BUCKET_STEP = 8  # batch buckets above this many rows a group are its multiples 
 class StreamResult:
     tokens: list[list[list[int]]]  # [group][prompt]
     steps: int  # decoding steps
+    row_steps: int  # rows decoded, summed over the steps: padding and rows finished since the last look included
     refills: int  # admissions of waiting rows after the first
     seconds: dict[str, float] = field(default_factory=dict)  # device time of "prefill" and "decode"
     host_seconds: dict[str, float] = field(default_factory=dict)  # host time of the loop's blocks (overlapping)
@@ -86,12 +90,33 @@ def bucket(rows: int, per_group: int) -> int:
     return min(size, per_group)
 
 
-def group_bucket(active: int, groups: int) -> int:
-    """Member groups a batch runs: the next power of two of those with live rows, at most all of them."""
-    size = 1
-    while size < active:
-        size *= 2
-    return min(size, groups)
+def chunk_sizes(per_group: int) -> list[int]:
+    """The rows a batch group may run (the values `bucket` takes), largest first."""
+    return sorted({bucket(n, per_group) for n in (*(1 << i for i in range(4)), *range(BUCKET_STEP, per_group + 1,
+                                                                                       BUCKET_STEP), per_group)},
+                  reverse=True)
+
+
+def batch_layout(live: Sequence[int], groups: int, per_group: int) -> tuple[int, int, int]:
+    """(chunk, count, rows) for member groups with `live` rows each: every member's rows split evenly into
+    pieces of at most `chunk`, one batch group a piece (padded to `count` groups of `rows` rows; at most `groups`
+    pieces, which the factor buffers hold), at the chunk size that decodes the fewest rows, count × rows.
+
+    A padding row costs a whole row's matmuls, so a batch as wide as its fullest member is wasteful once
+    rows drain unevenly: one member's 150 long rows beside seven members' few would run 8 × 152 rows a step;
+    in pieces of 24 they run 16 × 24.
+    """
+    best: tuple[int, int, int, int] | None = None
+    for chunk in chunk_sizes(per_group):
+        pieces = [-(-n // chunk) for n in live]
+        if sum(pieces) > groups:
+            break  # smaller chunks only make more pieces
+        count = bucket(sum(pieces), groups)
+        rows = bucket(max(-(-n // k) for n, k in zip(live, pieces) if k), per_group)
+        if best is None or count * rows < best[0]:
+            best = (count * rows, chunk, count, rows)
+    assert best is not None, "the largest chunk always fits: one piece a member"
+    return best[1:]
 
 
 def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -129,19 +154,25 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
             refills += 1
 
     def rebuild() -> tuple[int, int]:
-        """The batch from the live rows: only groups that have some (one lone long member costs its own rows)."""
-        active = [g for g in range(groups) if live[g]]
-        count = group_bucket(len(active), groups)
-        chosen = active + [active[-1]] * (count - len(active))  # padding groups: scratch rows only
-        rows = bucket(max(len(live[g]) for g in active), per_group)
-        backend.set_batch([sorted(live[g]) if i < len(active) else [] for i, g in enumerate(chosen)], rows, chosen)
+        """The batch from the live rows (batch_layout): groups without any take no place, and a member's rows
+        may fill several batch groups, each running that member's perturbation."""
+        chunk, count, rows = batch_layout([len(g) for g in live], groups, per_group)
+        members, pieces = [], []
+        for g in range(groups):
+            slots = sorted(live[g])
+            k = -(-len(slots) // chunk)
+            members += [g] * k
+            pieces += [slots[i::k] for i in range(k)]
+        members += [members[-1]] * (count - len(members))  # padding groups: scratch rows only
+        pieces += [[]] * (count - len(pieces))
+        backend.set_batch(pieces, rows, members)
         return count, rows
 
     refill()
     count, rows = rebuild()
     with clock.phase("decode"):
         backend.decode(sync_every)
-    steps = sync_every
+    steps, row_steps = sync_every, count * rows * sync_every
     while any(live):
         # what the queued steps will have left, copied behind them; the next steps are queued before the host
         # waits for it, so the device decodes on while the host detokenises tails and picks finished rows
@@ -150,6 +181,7 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
         with clock.phase("decode"):
             backend.decode(sync_every)
         steps += sync_every
+        row_steps += count * rows * sync_every
         with clock.host("waits"):  # the device runs the queued steps meanwhile
             done, tails = snapshot.wait()
         if check_stops:
@@ -163,8 +195,7 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
             continue
         finishing = Counter(backend.group_of(s) for s in finished)
         still = [len(g) - finishing[i] for i, g in enumerate(live)]
-        shrinks = not any(waiting) and (bucket(max(still), per_group) < rows
-                                        or group_bucket(sum(n > 0 for n in still), groups) < count)
+        shrinks = not any(waiting) and any(still) and prod(batch_layout(still, groups, per_group)[1:]) < count * rows
         if len(finished) < max(1, count * rows * REBUILD_SHARE) and len(finished) < len(done) and not shrinks:
             continue
         with clock.host("rebuilds"):  # prefill launches, and a graph capture for a new bucket
@@ -182,4 +213,4 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
     for rows, copy in copies:
         for (group, prompt), row in zip(rows, copy.wait()):
             tokens[group][prompt] = trim_at_eos(row, eos_token_ids)
-    return StreamResult(tokens, steps, max(refills, 0), clock.seconds(), clock.host_seconds)
+    return StreamResult(tokens, steps, row_steps, max(refills, 0), clock.seconds(), clock.host_seconds)

@@ -133,7 +133,7 @@ class ESRun:
                  for m, texts in zip(self.members, out.texts)}
         fitness = distributed.gather_fitness(local, self.config.es.population, self.loaded.device)
         return fitness, Cost(tokens=out.num_tokens, prompts=len(indices), generate=t1 - t0,
-                             score=time.perf_counter() - t1, generate_parts=out.seconds)
+                             score=time.perf_counter() - t1, generate_parts=out.seconds, row_steps=out.row_steps)
 
     def evaluate_theta(self, generation: int, name: str = TEST_SET) -> tuple[dict, list[dict]]:
         """Metrics of the unperturbed θ (greedy by default) on one evaluation set, with its completions."""
@@ -434,6 +434,7 @@ class Cost:
     update: float = 0.0
     eval: float = 0.0
     generate_parts: dict[str, float] = field(default_factory=dict)
+    row_steps: int = 0  # rows the engine decoded, summed over its steps (padding included)
 
     @property
     def training_seconds(self) -> float:
@@ -459,6 +460,7 @@ def history_row(generation: int, fitness: np.ndarray, cost: Cost, update: dict, 
         "best_member": int(fitness.argmax()),
         "tokens": cost.tokens, "prompts": cost.prompts,
         "tokens_per_s": cost.tokens / max(cost.generate, 1e-9),
+        "row_steps": cost.row_steps,  # tokens / row_steps: the share of the decoded rows that wrote a token
         "time": cost.seconds(),
         **update,
     }

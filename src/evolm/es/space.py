@@ -132,7 +132,8 @@ def merge_completions(parts: list[Completions]) -> Completions:
     return Completions(
         tokens=[p.tokens[0] for p in parts], texts=[p.texts[0] for p in parts],
         num_tokens=sum(p.num_tokens for p in parts), rows_at_once=max(p.rows_at_once for p in parts),
-        steps=sum(p.steps for p in parts), refills=sum(p.refills for p in parts),
+        steps=sum(p.steps for p in parts), row_steps=sum(p.row_steps for p in parts),
+        refills=sum(p.refills for p in parts),
         seconds=_summed([p.seconds for p in parts]), host_seconds=_summed([p.host_seconds for p in parts]),
     )
 
