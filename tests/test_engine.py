@@ -215,14 +215,14 @@ def test_batch_layout_covers_every_live_row_in_at_most_the_groups_and_fewer_rows
     for live, groups, per_group in [([152] * 30, 30, 152), ([150] + [2] * 7 + [0] * 22, 30, 152),
                                     ([3, 150, 150, 150] + [4] * 10 + [0] * 16, 30, 152), ([5, 1, 0, 0], 4, 8),
                                     ([0, 0, 7], 3, 7), ([1], 1, 1)]:
-        chunk, count, rows = batch_layout(live, groups, per_group)
-        pieces = [-(-n // chunk) for n in live]
+        pieces, count, rows = batch_layout(live, groups, per_group)
+        assert all(k >= 1 for n, k in zip(live, pieces) if n)  # every live row has a place
         assert sum(pieces) <= count <= groups and rows <= per_group
         assert all(-(-n // k) <= rows for n, k in zip(live, pieces) if k)  # every piece fits its batch group
         widest = bucket(sum(n > 0 for n in live), groups) * bucket(max(live), per_group)
         assert count * rows <= widest
-    assert batch_layout([152] * 30, 30, 152) == (152, 30, 152)  # a full batch stays as it is
-    chunk, count, rows = batch_layout([150] + [2] * 7 + [0] * 22, 30, 152)
+    assert batch_layout([152] * 30, 30, 152) == ([1] * 30, 30, 152)  # a full batch stays as it is
+    _, count, rows = batch_layout([150] + [2] * 7 + [0] * 22, 30, 152)
     assert count * rows <= 256 < 8 * 152  # one long member beside seven short ones
 
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from evolm.config import TEST_SET
 from evolm.metrics import best_of, compare_scores, headline_metric_name, sign_test
 from evolm.reports import DPI, step_key
-from evolm.runs import RunDir, RunDirError, atomic_write_text, evaluations_by_set, read_jsonl
+from evolm.runs import RunDir, RunDirError, atomic_write_text, evaluations_by_set, read_jsonl, read_summary
 from evolm.tasks import Score
 from evolm.tasks.base import split_slice
 
@@ -49,7 +49,7 @@ def read_curve(run_dir: Path) -> RunCurve:
                           "before evolm recorded one cannot be compared on it")
     metric = headline_metric_name(rows)
     optimizer = "grpo" if "grpo" in config else "es"
-    status = json.loads(run.summary_file.read_text()).get("status") if run.summary_file.is_file() else None
+    status = read_summary(run).get("status")
     return RunCurve(label=Path(run_dir).name, optimizer=optimizer if status in (None, "finished") else
                     f"{optimizer}, {status}", metric=metric, rows=rows, root=Path(run_dir), config=config)
 

@@ -19,6 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from math import prod
 
 import torch
@@ -90,23 +91,22 @@ def bucket(rows: int, per_group: int) -> int:
     return min(size, per_group)
 
 
-def chunk_sizes(per_group: int) -> list[int]:
+@lru_cache
+def chunk_sizes(per_group: int) -> tuple[int, ...]:
     """The rows a batch group may run (the values `bucket` takes), largest first."""
-    return sorted({bucket(n, per_group) for n in (*(1 << i for i in range(4)), *range(BUCKET_STEP, per_group + 1,
-                                                                                       BUCKET_STEP), per_group)},
-                  reverse=True)
+    return tuple(sorted({bucket(n, per_group) for n in range(1, per_group + 1)}, reverse=True))
 
 
-def batch_layout(live: Sequence[int], groups: int, per_group: int) -> tuple[int, int, int]:
-    """(chunk, count, rows) for member groups with `live` rows each: every member's rows split evenly into
-    pieces of at most `chunk`, one batch group a piece (padded to `count` groups of `rows` rows; at most `groups`
-    pieces, which the factor buffers hold), at the chunk size that decodes the fewest rows, count × rows.
+def batch_layout(live: Sequence[int], groups: int, per_group: int) -> tuple[list[int], int, int]:
+    """(pieces, count, rows) for member groups with `live` rows each: member g's rows split evenly into
+    pieces[g] pieces, one batch group a piece (padded to `count` groups of `rows` rows; at most `groups` pieces,
+    which the factor buffers hold), at the piece size that decodes the fewest rows, count × rows.
 
     A padding row costs a whole row's matmuls, so a batch as wide as its fullest member is wasteful once
-    rows drain unevenly: one member's 150 long rows beside seven members' few would run 8 × 152 rows a step;
-    in pieces of 24 they run 16 × 24.
+    rows drain unevenly: one member's 150 long rows beside seven members' 2 (of 30 members) would run 8 × 152
+    rows a step; in pieces of at most 8 they run 30 × 8.
     """
-    best: tuple[int, int, int, int] | None = None
+    best: tuple[int, list[int], int, int] | None = None
     for chunk in chunk_sizes(per_group):
         pieces = [-(-n // chunk) for n in live]
         if sum(pieces) > groups:
@@ -114,7 +114,7 @@ def batch_layout(live: Sequence[int], groups: int, per_group: int) -> tuple[int,
         count = bucket(sum(pieces), groups)
         rows = bucket(max(-(-n // k) for n, k in zip(live, pieces) if k), per_group)
         if best is None or count * rows < best[0]:
-            best = (count * rows, chunk, count, rows)
+            best = (count * rows, pieces, count, rows)
     assert best is not None, "the largest chunk always fits: one piece a member"
     return best[1:]
 
@@ -156,11 +156,10 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
     def rebuild() -> tuple[int, int]:
         """The batch from the live rows (batch_layout): groups without any take no place, and a member's rows
         may fill several batch groups, each running that member's perturbation."""
-        chunk, count, rows = batch_layout([len(g) for g in live], groups, per_group)
+        split, count, rows = batch_layout([len(g) for g in live], groups, per_group)
         members, pieces = [], []
-        for g in range(groups):
+        for g, k in enumerate(split):
             slots = sorted(live[g])
-            k = -(-len(slots) // chunk)
             members += [g] * k
             pieces += [slots[i::k] for i in range(k)]
         members += [members[-1]] * (count - len(members))  # padding groups: scratch rows only
