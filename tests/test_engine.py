@@ -174,6 +174,39 @@ def test_refill_gives_every_row_what_it_gets_alone(request, fixture, monkeypatch
         assert out.texts == results["waves"].texts, name
 
 
+def test_a_shared_prompt_prefix_is_prefilled_once_per_member_and_decodes_as_in_waves(tiny_qwen3, monkeypatch):
+    """Prompts that open with the same instructions: the prefix's keys are computed once per member group and
+    copied into every slot (first admission and refills alike), and every token equals the wave reference."""
+    tokenizer = load_tokenizer(str(tiny_qwen3))
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    template = "You are a careful assistant. Think, then answer: "
+    prompts = [tokenizer(template + p).input_ids for p in PROMPTS * 2]
+    prefilled = []  # tokens each prefill computes
+    layers = fused_backend.FusedBackend._layers
+
+    def counting(self, slots, parts, start):
+        prefilled.append(sum(len(p) for p in parts))
+        return layers(self, slots, parts, start)
+
+    monkeypatch.setattr(fused_backend.FusedBackend, "_layers", counting)
+    results = {}
+    for name, backend, rows in [("waves", "transformers", None), ("refill", "fused", 6)]:
+        engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id],
+                                  max_batch_rows=rows, backend=backend)
+        space = LoRASpace(engine.shapes(), 2, 4.0)
+        engine.set_factors(space.unflatten(_members(space, 3, seed=4)), space.scale)
+        if backend == "transformers":
+            eos = _mid_text_token(engine.generate(prompts, [0, 1, 2], SamplingParams(max_new_tokens=16)).tokens)
+        engine.eos_token_ids = [eos]
+        results[name] = engine.generate(prompts, [1, 2, 0], SamplingParams(max_new_tokens=16))
+    shared = len(tokenizer(template).input_ids)
+    assert results["refill"].refills > 0
+    assert sum(prefilled) == 3 * shared + sum(len(p) - shared for p in prompts) * 3  # the prefix once a member
+    assert results["refill"].tokens == results["waves"].tokens
+    assert len({str(member) for member in results["refill"].tokens}) == 3
+
+
 def test_a_members_rows_split_over_several_batch_groups_decode_as_in_waves(tiny_llama, monkeypatch):
     """As rows drain unevenly, one member's live rows run in several batch groups, each with that member's
     factors (scheduler.batch_layout): every row's tokens are still the wave-by-wave reference's, and the

@@ -273,6 +273,9 @@ class FusedBackend:
         self.layout: tuple | None = None  # what the buffers below were allocated for
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
+        self.prefix: list[int] = []  # the call's shared prompt prefix, and its keys and values per member group
+        self.prefix_k: list[torch.Tensor] = []  # per layer [groups, kv_heads, len(prefix), head_dim]
+        self.prefix_v: list[torch.Tensor] = []
 
     def slot_bytes(self, capacity: int) -> int:
         """KV cache bytes of one slot of `capacity` tokens."""
@@ -295,6 +298,7 @@ class FusedBackend:
         param = next(self.model.parameters())
         device, dtype = param.device, param.dtype
         self.members = list(members or [])
+        self.prefix, self.prefix_k, self.prefix_v = [], [], []  # share_prefix sets this call's
         self.num_groups = max(len(self.members), 1)
         self.batch_group_ids: list[int] | None = None  # load() below points every group at all its factors
         shapes = []
@@ -342,9 +346,17 @@ class FusedBackend:
 
         A chunk holds rows of similar length. When every group admits the same prompts (a call's first
         admission), a chunk takes the same prompts for every group: equal segments, one bmm per matmul.
+        Every prompt starts with the call's shared prefix (share_prefix), whose keys are copied, not computed.
         """
         device = self.last.device
-        self.keys[_on_device(slots, device)] = _on_device(row_keys(self.params.seed, prompt_indices), device)
+        index = _on_device(slots, device)
+        self.keys[index] = _on_device(row_keys(self.params.seed, prompt_indices), device)
+        if self.prefix_k:  # the call's shared prefix: its keys copied in, only the rest of each prompt prefilled
+            start = self.prefix_k[0].shape[2]
+            groups = _on_device([self.group_of(s) for s in slots], device)
+            for k_cache, v_cache, k, v in zip(self.k_cache, self.v_cache, self.prefix_k, self.prefix_v):
+                k_cache[index, :, :start] = k[groups]
+                v_cache[index, :, :start] = v[groups]
         by_group: dict[int, list[int]] = {}
         for i, slot in enumerate(slots):
             by_group.setdefault(self.group_of(slot), []).append(i)
@@ -353,15 +365,33 @@ class FusedBackend:
         balanced = len(columns) > 1 and all(
             len(c) == len(shared) and all(prompts[i] is p or prompts[i] == p for i, p in zip(c, shared))
             for c in columns[1:])
+        start = len(self.prefix)
         if balanced:
             for part in _chunks(sorted(range(len(shared)), key=lambda j: len(shared[j])),
-                                lambda j: len(shared[j]), len(columns)):
+                                lambda j: len(shared[j]) - start, len(columns)):
                 chunk = [column[j] for column in columns for j in part]  # group-major
                 self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk])
             return
-        for part in _chunks(sorted(range(len(slots)), key=lambda i: len(prompts[i])), lambda i: len(prompts[i]), 1):
+        for part in _chunks(sorted(range(len(slots)), key=lambda i: len(prompts[i])),
+                            lambda i: len(prompts[i]) - start, 1):
             chunk = sorted(part, key=lambda i: slots[i])  # a group's rows together
             self._prefill([slots[i] for i in chunk], [prompts[i] for i in chunk])
+
+    @torch.inference_mode()
+    def share_prefix(self, prefix: Sequence[int]) -> None:
+        """Every prompt of this call starts with `prefix` (maybe empty): prefill it once per member group, and
+        let admit copy its keys into each admitted slot (a prompt template's instructions, the system prompt),
+        so that a grid of groups × prompts pays the prefix's matmuls `groups` times, not groups × prompts times.
+
+        Call it after open and before the first admit; it uses each group's first slot, which admit refills."""
+        self.prefix, self.prefix_k, self.prefix_v = list(prefix), [], []
+        if not prefix:
+            return
+        slots = [g * self.per_group for g in range(self.num_groups)]
+        index = _on_device(slots, self.last.device)
+        self._layers(slots, [prefix] * len(slots), 0)
+        self.prefix_k = [k[index, :, : len(prefix)] for k in self.k_cache]  # advanced indexing: copies
+        self.prefix_v = [v[index, :, : len(prefix)] for v in self.v_cache]
 
     @torch.inference_mode()
     def set_batch(self, slots_by_group: Sequence[Sequence[int]], per_group: int,
@@ -427,6 +457,7 @@ class FusedBackend:
     def release(self) -> None:
         """Free the slot buffers, the merged copy and the graphs."""
         self.k_cache, self.v_cache, self.graphs, self.layout, self.batch_slots = [], [], {}, None, None
+        self.prefix, self.prefix_k, self.prefix_v = [], [], []
         for layer in self.groups:
             for group in layer.values():
                 group.picked, group.merged = None, None
@@ -496,17 +527,32 @@ class FusedBackend:
         return self.model.lm_head(h[:, 0])
 
     def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
-        """Right-padded prefill of a chunk of rows; their keys go to positions [0, len) of their slots."""
+        """Prefill a chunk of rows after the call's shared prefix (already in their slots) and pick each row's
+        first token."""
         device = self.last.device
-        n, width = len(prompts), max(len(p) for p in prompts)
+        start = len(self.prefix)
+        h = self._layers(slots, [p[start:] for p in prompts], start)
+        index = _on_device(slots, device)
+        lengths = _on_device([len(p) for p in prompts], device)
+        last = h[torch.arange(len(prompts), device=device), lengths - start - 1]
+        token = pick_token(self.model.lm_head(last), self.params, self.keys[index], torch.zeros_like(index))
+        self.length[index] = lengths
+        self.count[index] = 0
+        self.done[index] = False
+        self._advance(index, token)
+
+    def _layers(self, slots: list[int], parts: list[Sequence[int]], start: int) -> torch.Tensor:
+        """Right-padded prefill of `parts` at positions [start, start + len) of their slots, whose keys before
+        `start` are in place; the last layer's normed hidden states [rows, width, hidden] out."""
+        device = self.last.device
+        n, width = len(parts), max(len(p) for p in parts)
         ids = torch.zeros((n, width), dtype=torch.long)
-        for r, p in enumerate(prompts):
+        for r, p in enumerate(parts):
             ids[r, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
         ids = _on_device(ids, device)
-        lengths = _on_device([len(p) for p in prompts], device)
         index = _on_device(slots, device)
         x = self.inner.embed_tokens(ids)
-        positions = torch.arange(width, device=device)[None].expand(n, -1)
+        positions = torch.arange(start, start + width, device=device)[None].expand(n, -1)
         cos, sin = self.inner.rotary_emb(x, positions)
         chunk = Chunk.of(slots, self.per_group, self.num_groups, device)
         layers = self.inner.layers
@@ -521,26 +567,24 @@ class FusedBackend:
                 q = rotary_to_cache(qkv.view(n * width, -1), cos, sin, self.k_cache[i], self.v_cache[i],
                                     token_slots, token_positions, self.heads)
                 q = q.view(n, width, self.heads, self.head_dim).transpose(1, 2)
-                k, v = self.k_cache[i][index, :, :width], self.v_cache[i][index, :, :width]
             else:
                 q, k, v = self._qkv(layer, groups["qkv"], qkv, cos, sin)
-                self.k_cache[i][index, :, :width] = k
-                self.v_cache[i][index, :, :width] = v
-            # plain causal attention: right padding only ever follows a row's prompt, so a prompt query never
-            # meets a padding key (padding queries do, and their keys land past the row's length, unread)
+                self.k_cache[i][index, :, start : start + width] = k
+                self.v_cache[i][index, :, start : start + width] = v
+            k, v = self.k_cache[i][index, :, : start + width], self.v_cache[i][index, :, : start + width]
+            # plain causal attention, the queries left-padded by `start` rows so that query t meets keys ≤ t:
+            # right padding only ever follows a row's prompt, so a prompt query never meets a padding key
+            # (padding queries do, and their keys land past the row's length, unread)
+            if start:
+                q = F.pad(q, (0, 0, start, 0))
             with sdpa_kernel(PREFILL_ATTENTION):
                 attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
-            attn = attn.transpose(1, 2).reshape(n, width, -1)
+            attn = attn[:, :, start:].transpose(1, 2).reshape(n, width, -1)
             x, h = add_rms_norm(x, groups["o"].prefill(attn, chunk), layer.post_attention_layernorm)
             up = silu_mul(groups["gate_up"].prefill(h, chunk))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
             x, h = add_rms_norm(x, groups["down"].prefill(up, chunk), following)
-        last = h[torch.arange(n, device=device), lengths - 1]
-        token = pick_token(self.model.lm_head(last), self.params, self.keys[index], torch.zeros_like(index))
-        self.length[index] = lengths
-        self.count[index] = 0
-        self.done[index] = False
-        self._advance(index, token)
+        return h
 
     def _qkv(self, layer, group: Group, qkv: torch.Tensor, cos, sin):
         b, t, _ = qkv.shape

@@ -8,6 +8,9 @@ every `sync_every` steps, through a snapshot taken while the next steps already 
 when enough rows finished to be worth it. As rows drain unevenly, a member's rows are split over several
 batch groups (`batch_layout`), so the batch is not as wide as its fullest member for every member.
 
+The prompts' shared prefix (a template's instructions, a system prompt) is prefilled once per member group
+and its keys copied into every admitted slot, so only the rest of each prompt is computed.
+
 Waiting rows are admitted longest-expected first (`order`, e.g. the lengths the same prompts reached last
 time), so the rows that start late are short ones and the stream does not end on a tail of long rows.
 """
@@ -28,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from evolm.engine.decoding import STOP_CHECK_INTERVAL, STOP_WINDOW, stopped, trim_at_eos
 from evolm.engine.sampling import SamplingParams
 
+MIN_SHARED_PREFIX = 8  # prompt tokens all of a call's prompts must share before their prefill is shared
 REBUILD_SHARE = 1 / 32  # rebuild the batch once this share of its rows finished (or nothing is left waiting)
 BUCKET_STEP = 8  # batch buckets above this many rows a group are its multiples (one CUDA graph each)
 
@@ -119,6 +123,20 @@ def batch_layout(live: Sequence[int], groups: int, per_group: int) -> tuple[list
     return best[1:]
 
 
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens every prompt starts with (a template's instructions, a system prompt), short of each prompt's
+    last token, whose logits pick the row's first token; empty when too short or only one prompt to share it."""
+    if len(prompts) < 2:
+        return []
+    first, length = prompts[0], min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        same = 0
+        while same < length and prompt[same] == first[same]:
+            same += 1
+        length = same
+    return list(first[:length]) if length >= MIN_SHARED_PREFIX else []
+
+
 def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]], params: SamplingParams,
            eos_token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, sync_every: int,
            on_rows: Callable[[int], object] | None = None, order: Sequence[int] | None = None,
@@ -167,6 +185,9 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
         backend.set_batch(pieces, rows, members)
         return count, rows
 
+    prefix = shared_prefix(prompts)
+    with clock.phase("prefill"):
+        backend.share_prefix(prefix)
     refill()
     count, rows = rebuild()
     with clock.phase("decode"):
