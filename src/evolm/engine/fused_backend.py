@@ -523,7 +523,9 @@ class FusedBackend:
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
             x, h = add_rms_norm(x, groups["down"].decode(up, self.batch_groups), following)
         self.length[slots] = position + 1
-        self.length[self.scratch] = 0  # padding rows attend to one key, not to a scratch slot grown to capacity
+        # padding rows attend to one key, not to a scratch slot grown to capacity (a view's fill: no host copy
+        # inside a CUDA graph's capture)
+        self.length[self.scratch : self.scratch + 1].zero_()
         return self.model.lm_head(h[:, 0])
 
     def _prefill(self, slots: list[int], prompts: list[Sequence[int]]) -> None:
