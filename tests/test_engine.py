@@ -185,9 +185,9 @@ def test_a_shared_prompt_prefix_is_prefilled_once_per_member_and_decodes_as_in_w
     prefilled = []  # tokens each prefill computes
     layers = fused_backend.FusedBackend._layers
 
-    def counting(self, slots, parts, start):
+    def counting(self, slots, index, parts, start):
         prefilled.append(sum(len(p) for p in parts))
-        return layers(self, slots, parts, start)
+        return layers(self, slots, index, parts, start)
 
     monkeypatch.setattr(fused_backend.FusedBackend, "_layers", counting)
     results = {}

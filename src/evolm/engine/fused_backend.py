@@ -273,8 +273,8 @@ class FusedBackend:
         self.layout: tuple | None = None  # what the buffers below were allocated for
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
-        self.prefix: list[int] = []  # the call's shared prompt prefix, and its keys and values per member group
-        self.prefix_k: list[torch.Tensor] = []  # per layer [groups, kv_heads, len(prefix), head_dim]
+        # the keys and values of the call's shared prompt prefix, per layer [groups, kv_heads, prefix, head_dim]
+        self.prefix_k: list[torch.Tensor] = []
         self.prefix_v: list[torch.Tensor] = []
 
     def slot_bytes(self, capacity: int) -> int:
@@ -298,7 +298,7 @@ class FusedBackend:
         param = next(self.model.parameters())
         device, dtype = param.device, param.dtype
         self.members = list(members or [])
-        self.prefix, self.prefix_k, self.prefix_v = [], [], []  # share_prefix sets this call's
+        self.prefix_k, self.prefix_v = [], []  # share_prefix sets this call's
         self.num_groups = max(len(self.members), 1)
         self.batch_group_ids: list[int] | None = None  # load() below points every group at all its factors
         shapes = []
@@ -339,6 +339,11 @@ class FusedBackend:
     def group_of(self, slot: int) -> int:
         return slot // self.per_group
 
+    @property
+    def prefix_length(self) -> int:
+        """Tokens of the call's shared prompt prefix (share_prefix) already in every admitted slot."""
+        return self.prefix_k[0].shape[2] if self.prefix_k else 0
+
     @torch.inference_mode()
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], prompt_indices: Sequence[int]) -> None:
         """Prefill these prompts (the call's prompts number `prompt_indices`, which key their sampling) into
@@ -351,8 +356,8 @@ class FusedBackend:
         device = self.last.device
         index = _on_device(slots, device)
         self.keys[index] = _on_device(row_keys(self.params.seed, prompt_indices), device)
-        if self.prefix_k:  # the call's shared prefix: its keys copied in, only the rest of each prompt prefilled
-            start = self.prefix_k[0].shape[2]
+        start = self.prefix_length
+        if start:  # the call's shared prefix: its keys copied in, only the rest of each prompt prefilled
             groups = _on_device([self.group_of(s) for s in slots], device)
             for k_cache, v_cache, k, v in zip(self.k_cache, self.v_cache, self.prefix_k, self.prefix_v):
                 k_cache[index, :, :start] = k[groups]
@@ -365,7 +370,6 @@ class FusedBackend:
         balanced = len(columns) > 1 and all(
             len(c) == len(shared) and all(prompts[i] is p or prompts[i] == p for i, p in zip(c, shared))
             for c in columns[1:])
-        start = len(self.prefix)
         if balanced:
             for part in _chunks(sorted(range(len(shared)), key=lambda j: len(shared[j])),
                                 lambda j: len(shared[j]) - start, len(columns)):
@@ -384,12 +388,12 @@ class FusedBackend:
         so that a grid of groups × prompts pays the prefix's matmuls `groups` times, not groups × prompts times.
 
         Call it after open and before the first admit; it uses each group's first slot, which admit refills."""
-        self.prefix, self.prefix_k, self.prefix_v = list(prefix), [], []
+        self.prefix_k, self.prefix_v = [], []
         if not prefix:
             return
         slots = [g * self.per_group for g in range(self.num_groups)]
         index = _on_device(slots, self.last.device)
-        self._layers(slots, [prefix] * len(slots), 0)
+        self._layers(slots, index, [prefix] * len(slots), 0)
         self.prefix_k = [k[index, :, : len(prefix)] for k in self.k_cache]  # advanced indexing: copies
         self.prefix_v = [v[index, :, : len(prefix)] for v in self.v_cache]
 
@@ -457,7 +461,7 @@ class FusedBackend:
     def release(self) -> None:
         """Free the slot buffers, the merged copy and the graphs."""
         self.k_cache, self.v_cache, self.graphs, self.layout, self.batch_slots = [], [], {}, None, None
-        self.prefix, self.prefix_k, self.prefix_v = [], [], []
+        self.prefix_k, self.prefix_v = [], []
         for layer in self.groups:
             for group in layer.values():
                 group.picked, group.merged = None, None
@@ -532,9 +536,9 @@ class FusedBackend:
         """Prefill a chunk of rows after the call's shared prefix (already in their slots) and pick each row's
         first token."""
         device = self.last.device
-        start = len(self.prefix)
-        h = self._layers(slots, [p[start:] for p in prompts], start)
+        start = self.prefix_length
         index = _on_device(slots, device)
+        h = self._layers(slots, index, [p[start:] for p in prompts], start)
         lengths = _on_device([len(p) for p in prompts], device)
         last = h[torch.arange(len(prompts), device=device), lengths - start - 1]
         token = pick_token(self.model.lm_head(last), self.params, self.keys[index], torch.zeros_like(index))
@@ -543,16 +547,15 @@ class FusedBackend:
         self.done[index] = False
         self._advance(index, token)
 
-    def _layers(self, slots: list[int], parts: list[Sequence[int]], start: int) -> torch.Tensor:
-        """Right-padded prefill of `parts` at positions [start, start + len) of their slots, whose keys before
-        `start` are in place; the last layer's normed hidden states [rows, width, hidden] out."""
+    def _layers(self, slots: list[int], index: torch.Tensor, parts: list[Sequence[int]], start: int) -> torch.Tensor:
+        """Right-padded prefill of `parts` at positions [start, start + len) of their slots (`index`: the same, on
+        the device), whose keys before `start` are in place; the last layer's normed hidden states out."""
         device = self.last.device
         n, width = len(parts), max(len(p) for p in parts)
         ids = torch.zeros((n, width), dtype=torch.long)
         for r, p in enumerate(parts):
             ids[r, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
         ids = _on_device(ids, device)
-        index = _on_device(slots, device)
         x = self.inner.embed_tokens(ids)
         positions = torch.arange(start, start + width, device=device)[None].expand(n, -1)
         cos, sin = self.inner.rotary_emb(x, positions)
