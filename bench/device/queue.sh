@@ -15,6 +15,18 @@ if [ ! -f $R/tail4/tail-row.txt ]; then
       logging.progress=false output_dir=$R/tail4; fi
   python3 bench/engine_gpu.py --history $R/tail4/results/history.jsonl | tee $R/tail4/tail-row.txt
 fi
+echo "== issue 18: the reasoning and fixed-length rows with the same engine (chunked layout, shared prefix)"
+engine_row() {  # NAME ARGS…: one bench/engine_gpu.py row into $R/NAME (its log holds the JSON before the reference)
+  local name=$1; shift
+  [ -f $R/$name/done ] && return
+  mkdir -p $R/$name
+  timeout 330 python3 bench/engine_gpu.py --model $M --data $D --space full-lowrank --rank 8 --out $R/$name "$@" \
+    > $R/$name/log.txt 2>&1
+  touch $R/$name/done
+  grep -E "^device|^generation|tok|seconds|identical" $R/$name/log.txt | tail -n 20
+}
+engine_row chat-row --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1
+engine_row fixed-row --max-new-tokens 256 --reference-prompts 1
 echo "== issue 20: conciseness GRPO again, now that a non-finite step is skipped (ES's side: docs/runs/es-conciseness-1.5b-h2h)"
 TASK=conciseness bash bench/es_vs_grpo_gpu.sh $M $DC $R/conc 300 900 grpo
 echo "== issue 20: GRPO learning-rate and β sweep on chat countdown, 300 s each (lr 1e-5 collapsed: docs/results.md)"
