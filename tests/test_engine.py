@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from evolm.adapters import Adapter, layer_of, peft_key
 from evolm.engine import PopulationEngine, fused_backend
-from evolm.engine.decoding import decode_texts, trim_at_stops
+from evolm.engine.decoding import StopCheck, decode_texts, trim_at_stops
 from evolm.engine.sampling import SamplingParams
 from evolm.es.lora_space import LoRASpace
 from evolm.models import load_tokenizer
@@ -328,6 +328,25 @@ def test_batched_detokenising_matches_decode_row_by_row(tiny_llama, clean_up):
                  for k in range(len(row) + 1)]
         assert cut == (row[: holds.index(True)] if True in holds else row)
     assert trimmed[2] == rows[2] and tokenizer.decode(trimmed[1]) == "héllo wörld →"
+
+
+@pytest.mark.parametrize("stop", ["</answer>", " .", "→"])
+def test_stop_check_skips_only_rows_that_cannot_have_completed_a_stop_string(tiny_llama, stop):
+    """A row whose text had no stop string before its last `new` tokens holds one after them exactly when
+    the check says so, though the check detokenises only rows whose new tokens hold the stop's last character
+    (every row where that character is not ASCII)."""
+    tokenizer = load_tokenizer(str(tiny_llama))
+    check = StopCheck(tokenizer, [stop])
+    assert (check.enders is None) == (not stop[-1].isascii())
+    texts = ["so <answer> 3 </answer> done", "x = 1 , y = 2 . z", "héllo → wörld </ans", "a . b → c </answer>",
+             "no stop here at all", "</answer></answer>", "it ends in an arrow →"]
+    rows = [tokenizer(t).input_ids for t in texts]
+    cases = [(row, new) for row in rows for new in range(1, 9)
+             if stop not in tokenizer.decode(row[: max(len(row) - new, 0)], skip_special_tokens=True)]
+    expected = [stop in tokenizer.decode(row, skip_special_tokens=True) for row, _ in cases]
+    assert any(expected) and not all(expected)
+    assert [check([row], new)[0] for row, new in cases] == expected
+    assert check([[-1, -1, *rows[0]], rows[4]], 8) == [stop in texts[0], False]  # -1: no token yet
 
 
 def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_llama, tmp_path):

@@ -47,12 +47,12 @@ def decode(
     row_members: torch.Tensor | None,
     params: SamplingParams,
     eos_token_ids: Sequence[int],
-    tokenizer: PreTrainedTokenizerBase,
+    stop_check: StopCheck,
     keys: torch.Tensor,
     sync_every: int = 1,
 ) -> tuple[list[list[int]], int]:
     """Generated tokens per row (up to and including EOS), and how many decoding steps ran; `keys` [rows, 2]
-    are the rows' sampling keys (`sampling.row_keys`).
+    are the rows' sampling keys (`sampling.row_keys`), `stop_check` is for `params.stop_strings`.
 
     The host looks at which rows finished only every `sync_every` steps, so that on a GPU the
     host can queue work ahead; rows that finished in between run on idly until then.
@@ -78,7 +78,7 @@ def decode(
             if (step + 1) % sync_every == 0:
                 if params.stop_strings and (step + 1) % STOP_CHECK_INTERVAL == 0:
                     tails = out[live, max(0, step + 1 - STOP_WINDOW) : step + 1].tolist()
-                    finished |= torch.tensor(stopped(tokenizer, tails, params.stop_strings), device=device)
+                    finished |= torch.tensor(stop_check(tails, STOP_CHECK_INTERVAL), device=device)
                 if finished.any():
                     keep = (~finished).nonzero().squeeze(1)
                     if keep.numel() == 0:
@@ -103,10 +103,35 @@ def decode_texts(tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sequence[int
     return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
-def stopped(tokenizer: PreTrainedTokenizerBase, tails: list[list[int]], stop_strings: Sequence[str]) -> list[bool]:
-    """Whether each row's trailing tokens hold a stop string."""
-    texts = decode_texts(tokenizer, [[t for t in row if t >= 0] for row in tails])
-    return [cut_at_stop(t, stop_strings)[1] for t in texts]
+class StopCheck:
+    """Whether rows' trailing tokens hold a stop string, detokenising only the rows that may newly hold one.
+
+    The token that completes a stop string holds its last character, so a row none of whose tokens since the
+    last look holds one cannot have completed a stop string since; most rows are skipped. Where that is not
+    safe to tell token by token (a last character outside ASCII, whose bytes a byte-level token may split),
+    every row is detokenised. Build one per tokenizer and stop strings: it decodes the vocabulary once.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str]):
+        self.tokenizer, self.stop_strings = tokenizer, tuple(s for s in stop_strings if s)
+        lasts = {s[-1] for s in self.stop_strings}
+        self.enders: frozenset[int] | None = None
+        if lasts and all(c.isascii() for c in lasts):
+            vocab = range(len(tokenizer))
+            texts = decode_texts(tokenizer, [[i] for i in vocab])
+            self.enders = frozenset(i for i, text in zip(vocab, texts) if any(c in text for c in lasts))
+
+    def __call__(self, tails: Sequence[Sequence[int]], new: int) -> list[bool]:
+        """Per row of trailing tokens (-1: none), of which the last `new` came since the last look."""
+        rows = [[t for t in row if t >= 0] for row in tails]
+        hits = [False] * len(rows)
+        if not self.stop_strings:
+            return hits
+        maybe = [i for i, row in enumerate(rows) if self.enders is None or not self.enders.isdisjoint(row[-new:])]
+        texts = decode_texts(self.tokenizer, [rows[i] for i in maybe])
+        for i, text in zip(maybe, texts):
+            hits[i] = cut_at_stop(text, self.stop_strings)[1]
+        return hits
 
 
 def trim_at_stops(tokenizer: PreTrainedTokenizerBase, rows: list[list[int]],

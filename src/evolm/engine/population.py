@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evolm.engine import fused_backend
-from evolm.engine.decoding import cut_at_stop, decode, decode_texts, trim_at_stops
+from evolm.engine.decoding import StopCheck, cut_at_stop, decode, decode_texts, trim_at_stops
 from evolm.engine.layer import LowRankWeights, PopulationLinear, Routing, find_target_linears
 from evolm.engine.sampling import SamplingParams, row_keys
 from evolm.engine.scheduler import PhaseClock, stream
@@ -80,6 +80,7 @@ class PopulationEngine:
             self.layers[name] = wrapped
         self.backend = self._choose_backend(backend)
         self.last_lengths: dict[tuple[int, ...], float] = {}  # prompt -> mean completion length, last time
+        self.stop_checks: dict[tuple[str, ...], StopCheck] = {}
         self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY_ON_GPU
 
     def _choose_backend(self, name: str):
@@ -173,7 +174,8 @@ class PopulationEngine:
         per_group = min(len(prompts), max(1, budget // groups))
         self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids, merge)
         try:
-            result = stream(self.backend, groups, per_group, prompts, params, self.eos_token_ids, self.tokenizer,
+            result = stream(self.backend, groups, per_group, prompts, params, self.eos_token_ids,
+                            self._stop_check(params.stop_strings),
                             self.sync_every, on_rows, order=self._longest_first(prompts),
                             clock=PhaseClock(self.device))
         except BaseException:
@@ -184,6 +186,13 @@ class PopulationEngine:
         self._remember_lengths(prompts, result.tokens)
         return (result.tokens, groups * per_group, result.steps, result.row_steps, result.refills, result.seconds,
                 result.host_seconds)
+
+    def _stop_check(self, stop_strings: Sequence[str]) -> StopCheck:
+        """One StopCheck per stop strings for this engine's life: building one decodes the vocabulary."""
+        key = tuple(stop_strings)
+        if key not in self.stop_checks:
+            self.stop_checks[key] = StopCheck(self.tokenizer, key)
+        return self.stop_checks[key]
 
     def _longest_first(self, prompts) -> list[int]:
         expected = [self.last_lengths.get(tuple(p), float("inf")) for p in prompts]
@@ -206,7 +215,7 @@ class PopulationEngine:
             member_ids = None if members is None else [slots[s] for s, _ in wave]
             members_tensor = None if member_ids is None else torch.as_tensor(member_ids, device=self.device)
             outputs, wave_steps = decode(self.backend, [prompts[p] for _, p in wave], members_tensor, params,
-                                         self.eos_token_ids, self.tokenizer,
+                                         self.eos_token_ids, self._stop_check(params.stop_strings),
                                          row_keys(params.seed, [p for _, p in wave]), self.sync_every)
             for (slot, p), out in zip(wave, outputs):
                 tokens[slot][p] = out

@@ -26,9 +26,8 @@ from functools import lru_cache
 from math import prod
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from evolm.engine.decoding import STOP_CHECK_INTERVAL, STOP_WINDOW, stopped, trim_at_eos
+from evolm.engine.decoding import STOP_CHECK_INTERVAL, STOP_WINDOW, StopCheck, trim_at_eos
 from evolm.engine.sampling import SamplingParams
 
 MIN_SHARED_PREFIX = 8  # prompt tokens all of a call's prompts must share before their prefill is shared
@@ -138,12 +137,13 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
 
 
 def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]], params: SamplingParams,
-           eos_token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, sync_every: int,
+           eos_token_ids: Sequence[int], stop_check: StopCheck, sync_every: int,
            on_rows: Callable[[int], object] | None = None, order: Sequence[int] | None = None,
            clock: PhaseClock | None = None) -> StreamResult:
     """Every (group, prompt) row through the backend's slots; tokens up to and including EOS.
 
-    `order` is the order in which each group admits its prompts (default: as given).
+    `order` is the order in which each group admits its prompts (default: as given); `stop_check` is for
+    `params.stop_strings`.
     """
     order = list(range(len(prompts))) if order is None else list(order)
     if sorted(order) != list(range(len(prompts))):
@@ -193,11 +193,12 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
     with clock.phase("decode"):
         backend.decode(sync_every)
     steps, row_steps = sync_every, count * rows * sync_every
+    checked = 0  # the steps queued when the stop strings were last looked for
     while any(live):
         # what the queued steps will have left, copied behind them; the next steps are queued before the host
         # waits for it, so the device decodes on while the host detokenises tails and picks finished rows
         check_stops = bool(params.stop_strings) and steps % STOP_CHECK_INTERVAL == 0
-        snapshot = backend.snapshot(STOP_WINDOW if check_stops else 0)
+        snapshot, at = backend.snapshot(STOP_WINDOW if check_stops else 0), steps
         with clock.phase("decode"):
             backend.decode(sync_every)
         steps += sync_every
@@ -208,8 +209,9 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
             running = [s for s, d in done.items() if not d and s not in stopped_slots]
             if running:
                 with clock.host("stop_checks"):
-                    hits = stopped(tokenizer, [tails[s] for s in running], params.stop_strings)
+                    hits = stop_check([tails[s] for s in running], at - checked)
                 stopped_slots.update(s for s, hit in zip(running, hits) if hit)
+            checked = at
         finished = [s for s, d in done.items() if d or s in stopped_slots]
         if not finished:
             continue
