@@ -26,16 +26,16 @@ engine_row() {  # NAME ARGS…: one bench/engine_gpu.py row into $R/NAME (its lo
   grep -E "^device|^generation|tok|seconds|identical" $R/$name/log.txt | tail -n 20
 }
 engine_row chat-row --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1
-echo "== issue 20: conciseness GRPO again, now that a non-finite step is skipped (ES's side: docs/runs/es-conciseness-1.5b-h2h)"
-TASK=conciseness bash bench/es_vs_grpo_gpu.sh $M $DC $R/conc 300 900 grpo
-echo "== issue 20: GRPO learning-rate and β sweep on chat countdown, 300 s each (lr 1e-5 collapsed: docs/results.md)"
-bash bench/short_runs_gpu.sh $M $D $R/sweep 300 grpo "grpo.learning_rate=3e-6" "grpo.learning_rate=3e-6 grpo.beta=0.04"
 echo "== issue 18: the fixed-length row with today's engine"
 engine_row fixed-row --max-new-tokens 256 --reference-prompts 1
+echo "== issue 18: the reasoning row again, stop checks detokenising only rows that may have completed one"
+engine_row chat-row2 --chat --stop '</answer>' --generations 1 --skip-plain --reference-prompts 1
+echo "== issue 20: GRPO learning-rate and β sweep on chat countdown, 300 s each (lr 1e-5 collapsed: docs/results.md)"
+bash bench/short_runs_gpu.sh $M $D $R/sweep 300 grpo "grpo.learning_rate=3e-6" "grpo.learning_rate=3e-6 grpo.beta=0.04"
+echo "== issue 20: conciseness GRPO again, now that a non-finite step is skipped (ES's side: docs/runs/es-conciseness-1.5b-h2h)"
+TASK=conciseness bash bench/es_vs_grpo_gpu.sh $M $DC $R/conc 300 900 grpo
 echo "== issue 20: GRPO with a KL term on conciseness (reward against KL past the β = 0 run)"
 TASK=conciseness bash bench/short_runs_gpu.sh $M $DC $R/conc-beta 300 grpo "grpo.beta=0.04"
-echo "== issue 18: the reasoning row again, stop checks detokenising only rows that may have completed one"
-engine_row chat-row2 --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1
 echo "== issue 21: ES on GSM8K with the forgetting check (~1.3 sessions of calls; resumes from $R/gsm8k)"
 bash bench/es_gsm8k_gpu.sh $M $PWD/.stage/data $PWD/.stage/data/suite $R/gsm8k 1500 540
 echo "== chain done"
