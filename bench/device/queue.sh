@@ -36,6 +36,8 @@ echo "== issue 20: conciseness GRPO again, now that a non-finite step is skipped
 TASK=conciseness bash bench/es_vs_grpo_gpu.sh $M $DC $R/conc 300 900 grpo
 echo "== issue 20: GRPO with a KL term on conciseness (reward against KL past the β = 0 run)"
 TASK=conciseness bash bench/short_runs_gpu.sh $M $DC $R/conc-beta 300 grpo "grpo.beta=0.04"
+echo "== issue 18: the fixed-length row again, two generations (the first, on a fresh machine, left the device idle 4.8 s)"
+engine_row fixed-row2 --max-new-tokens 256 --generations 2 --reference-prompts 1
 echo "== issue 21: ES on GSM8K with the forgetting check (~1.3 sessions of calls; resumes from $R/gsm8k)"
 bash bench/es_gsm8k_gpu.sh $M $PWD/.stage/data $PWD/.stage/data/suite $R/gsm8k 1500 540
 echo "== chain done"
