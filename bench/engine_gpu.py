@@ -401,7 +401,7 @@ def report(r: dict) -> None:
     if device_s:
         host = e["generate_s"] - sum(v for k, v in device_s.items() if k in ("prefill", "decode"))
         print("device seconds: " + ", ".join(f"{k} {v:.3g}" for k, v in device_s.items())
-              + f"; the host's share of generate (the device idle) {host:.3g} s; host loop blocks: "
+              + f"; the host's share of generate (the device idle) {host:.3g} s; host blocks: "
               + ", ".join(f"{k} {v:.3g}" for k, v in (e.get("host_s") or {}).items()))
     if len(r.get("generations", [])) > 1:
         print("generations: " + ", ".join(f"{g['seconds']:.3g} s ({g['steps']} steps)" for g in r["generations"]))

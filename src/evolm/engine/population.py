@@ -7,6 +7,7 @@ GPU). The engine knows nothing of ES: it takes low-rank factors and prompts and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ class Completions:
     row_steps: int = 0
     refills: int = 0  # times finished rows' slots went to waiting rows (0 for the wave-by-wave backend)
     seconds: dict[str, float] = field(default_factory=dict)  # time by part: the engine's prefill and decode, ...
-    # host seconds of the fused engine's loop blocks (waits, stop checks, rebuilds): they overlap device time
+    # host seconds of the call's blocks (the fused engine's open, waits, stop checks, rebuilds, collect, release;
+    # every backend's texts): the loop's overlap device time, so where the device idles is what they leave out
     host_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -150,8 +152,10 @@ class PopulationEngine:
         else:
             tokens, rows_at_once, steps, row_steps = self._waves(prompts, members, slots, params, on_rows)
             refills = 0
+        started = time.perf_counter()
         flat = trim_at_stops(self.tokenizer, [t for row in tokens for t in row], params.stop_strings)
         texts = [cut_at_stop(text, params.stop_strings)[0] for text in decode_texts(self.tokenizer, flat)]
+        host = {**host, "texts": time.perf_counter() - started}
         width = len(prompts)
         tokens = [flat[i : i + width] for i in range(0, len(flat), width)]
         texts = [texts[i : i + width] for i in range(0, len(texts), width)]
@@ -172,20 +176,22 @@ class PopulationEngine:
         budget = self.max_batch_rows or self._slots_in_memory(capacity, max(len(p) for p in prompts),
                                                               memory - (merged if merge else 0))
         per_group = min(len(prompts), max(1, budget // groups))
-        self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids, merge)
+        clock = PhaseClock(self.device)
+        with clock.host("open"):  # KV slots allocated, a lone member's merged weights written
+            self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids, merge)
         try:
             result = stream(self.backend, groups, per_group, prompts, params, self.eos_token_ids,
                             self._stop_check(params.stop_strings),
-                            self.sync_every, on_rows, order=self._longest_first(prompts),
-                            clock=PhaseClock(self.device))
+                            self.sync_every, on_rows, order=self._longest_first(prompts), clock=clock)
         except BaseException:
             self.backend.release()
             raise
         if not keep_slots:
-            self.backend.release()
+            with clock.host("release"):
+                self.backend.release()
         self._remember_lengths(prompts, result.tokens)
         return (result.tokens, groups * per_group, result.steps, result.row_steps, result.refills, result.seconds,
-                result.host_seconds)
+                clock.host_seconds)
 
     def _stop_check(self, stop_strings: Sequence[str]) -> StopCheck:
         """One StopCheck per stop strings for this engine's life: building one decodes the vocabulary."""

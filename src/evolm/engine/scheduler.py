@@ -42,7 +42,7 @@ class StreamResult:
     row_steps: int  # rows decoded, summed over the steps: padding and rows finished since the last look included
     refills: int  # admissions of waiting rows after the first
     seconds: dict[str, float] = field(default_factory=dict)  # device time of "prefill" and "decode"
-    host_seconds: dict[str, float] = field(default_factory=dict)  # host time of the loop's blocks (overlapping)
+    host_seconds: dict[str, float] = field(default_factory=dict)  # host time of the call's blocks (overlapping)
 
 
 class PhaseClock:
@@ -189,7 +189,8 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
     with clock.phase("prefill"):
         backend.share_prefix(prefix)
     refill()
-    count, rows = rebuild()
+    with clock.host("rebuilds"):
+        count, rows = rebuild()
     with clock.phase("decode"):
         backend.decode(sync_every)
     steps, row_steps = sync_every, count * rows * sync_every
@@ -232,7 +233,8 @@ def stream(backend, groups: int, per_group: int, prompts: Sequence[Sequence[int]
             refill()
             if any(live):
                 count, rows = rebuild()
-    for rows, copy in copies:
-        for (group, prompt), row in zip(rows, copy.wait()):
-            tokens[group][prompt] = trim_at_eos(row, eos_token_ids)
+    with clock.host("collect"):  # the finished rows read back (the queue's last steps first), cut at EOS
+        for rows, copy in copies:
+            for (group, prompt), row in zip(rows, copy.wait()):
+                tokens[group][prompt] = trim_at_eos(row, eos_token_ids)
     return StreamResult(tokens, steps, row_steps, max(refills, 0), clock.seconds(), clock.host_seconds)
