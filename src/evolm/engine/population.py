@@ -7,7 +7,6 @@ GPU). The engine knows nothing of ES: it takes low-rank factors and prompts and 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -144,25 +143,24 @@ class PopulationEngine:
             raise ValueError(f"members must lie in [0, {self.population})")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        clock = PhaseClock(self.device)
         seconds: dict[str, float] = {}
-        host: dict[str, float] = {}
         if isinstance(self.backend, fused_backend.FusedBackend):
-            tokens, rows_at_once, steps, row_steps, refills, seconds, host = self._stream(prompts, members, params,
-                                                                                          on_rows, keep_slots)
+            tokens, rows_at_once, steps, row_steps, refills, seconds = self._stream(prompts, members, params,
+                                                                                    on_rows, keep_slots, clock)
         else:
             tokens, rows_at_once, steps, row_steps = self._waves(prompts, members, slots, params, on_rows)
             refills = 0
-        started = time.perf_counter()
-        flat = trim_at_stops(self.tokenizer, [t for row in tokens for t in row], params.stop_strings)
-        texts = [cut_at_stop(text, params.stop_strings)[0] for text in decode_texts(self.tokenizer, flat)]
-        host = {**host, "texts": time.perf_counter() - started}
+        with clock.host("texts"):
+            flat = trim_at_stops(self.tokenizer, [t for row in tokens for t in row], params.stop_strings)
+            texts = [cut_at_stop(text, params.stop_strings)[0] for text in decode_texts(self.tokenizer, flat)]
         width = len(prompts)
         tokens = [flat[i : i + width] for i in range(0, len(flat), width)]
         texts = [texts[i : i + width] for i in range(0, len(texts), width)]
         return Completions(tokens, texts, sum(len(t) for row in tokens for t in row), rows_at_once, steps,
-                           row_steps, refills, seconds, host)
+                           row_steps, refills, seconds, clock.host_seconds)
 
-    def _stream(self, prompts, members, params, on_rows, keep_slots):
+    def _stream(self, prompts, members, params, on_rows, keep_slots, clock: PhaseClock):
         """The fused backend: every row through a fixed set of KV slots, finished rows refilled.
 
         Prompts seen before are admitted longest first by their last completion length (ES asks the
@@ -176,7 +174,6 @@ class PopulationEngine:
         budget = self.max_batch_rows or self._slots_in_memory(capacity, max(len(p) for p in prompts),
                                                               memory - (merged if merge else 0))
         per_group = min(len(prompts), max(1, budget // groups))
-        clock = PhaseClock(self.device)
         with clock.host("open"):  # KV slots allocated, a lone member's merged weights written
             self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids, merge)
         try:
@@ -190,8 +187,7 @@ class PopulationEngine:
             with clock.host("release"):
                 self.backend.release()
         self._remember_lengths(prompts, result.tokens)
-        return (result.tokens, groups * per_group, result.steps, result.row_steps, result.refills, result.seconds,
-                clock.host_seconds)
+        return result.tokens, groups * per_group, result.steps, result.row_steps, result.refills, result.seconds
 
     def _stop_check(self, stop_strings: Sequence[str]) -> StopCheck:
         """One StopCheck per stop strings for this engine's life: building one decodes the vocabulary."""
