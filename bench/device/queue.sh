@@ -7,15 +7,6 @@ R=/tmp/runs
 mkdir -p $R
 # a hold that ended mid-chain: the last call's $OUT/chain.tgz, copied here as .stage/chain.tgz, continues it
 [ -f .stage/chain.tgz ] && [ -z "$(ls -A $R)" ] && tar -C $R -xzf .stage/chain.tgz
-echo "== issue 18: the tail row again, with a draining batch split into pieces (same command as docs/runs/tail-countdown-1.5b-3)"
-if [ ! -f $R/tail4/tail-row.txt ]; then
-  if [ -f $R/tail4/config.yaml ]; then python3 -m evolm.cli es --resume $R/tail4
-  else python3 -m evolm.cli es countdown model.name_or_path=$M "task.train=$D[:200]" "task.test=$D[-2000:-1500]" \
-      task.test_size=200 space.kind=full-lowrank space.rank=8 es.generations=22 eval.every=0 export=false \
-      logging.progress=false output_dir=$R/tail4; fi
-  python3 bench/engine_gpu.py --history $R/tail4/results/history.jsonl | tee $R/tail4/tail-row.txt
-fi
-echo "== issue 18: the reasoning and fixed-length rows with the same engine (chunked layout, shared prefix)"
 engine_row() {  # NAME ARGS…: one bench/engine_gpu.py row into $R/NAME (its log holds the JSON before the reference)
   local name=$1; shift
   [ -f $R/$name/done ] && return
@@ -25,15 +16,8 @@ engine_row() {  # NAME ARGS…: one bench/engine_gpu.py row into $R/NAME (its lo
   touch $R/$name/done
   grep -E "^device|^generation|tok|seconds|identical" $R/$name/log.txt | tail -n 20
 }
-engine_row chat-row --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1
-echo "== issue 18: the fixed-length row with today's engine"
-engine_row fixed-row --max-new-tokens 256 --reference-prompts 1
-echo "== issue 18: the reasoning row again, stop checks detokenising only rows that may have completed one"
-engine_row chat-row2 --chat --stop '</answer>' --generations 1 --skip-plain --reference-prompts 1
-echo "== issue 20: GRPO learning-rate and β sweep on chat countdown, 300 s each (lr 1e-5 collapsed: docs/results.md)"
-bash bench/short_runs_gpu.sh $M $D $R/sweep 300 grpo "grpo.learning_rate=3e-6" "grpo.learning_rate=3e-6 grpo.beta=0.04"
-echo "== issue 20: conciseness GRPO again, now that a non-finite step is skipped (ES's side: docs/runs/es-conciseness-1.5b-h2h)"
-TASK=conciseness bash bench/es_vs_grpo_gpu.sh $M $DC $R/conc 300 900 grpo
+echo "== issue 20: ES's population, prompts a generation and σ by 300-s short runs (α = 0.002 chosen before: docs/results.md)"
+bash bench/short_runs_gpu.sh $M $D $R/es-short 300 es "es.population=60" "es.prompts_per_generation=100" "es.sigma=0.002"
 echo "== issue 20: GRPO with a KL term on conciseness (reward against KL past the β = 0 run)"
 TASK=conciseness bash bench/short_runs_gpu.sh $M $DC $R/conc-beta 300 grpo "grpo.beta=0.04"
 echo "== issue 18: the fixed-length row again, two generations (the first, on a fresh machine, left the device idle 4.8 s)"
