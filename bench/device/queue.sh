@@ -20,6 +20,13 @@ echo "== issue 20: ES's population, prompts a generation and σ by 300-s short r
 bash bench/short_runs_gpu.sh $M $D $R/es-short 300 es "es.population=60" "es.prompts_per_generation=100" "es.sigma=0.002"
 echo "== issue 20: GRPO with a KL term on conciseness (reward against KL past the β = 0 run)"
 TASK=conciseness bash bench/short_runs_gpu.sh $M $DC $R/conc-beta 300 grpo "grpo.beta=0.04"
+echo "== issue 20: the swept GRPO (lr 3e-6, β 0.04) for 900 s with all 2,000 records kept: ES against GRPO paired on the 2,000"
+# its full-weight checkpoint cannot leave the machine, so it runs only as a hold's first step (~1,450 s of the hold)
+if [ ! -f $R/grpo-h2h-tuned/results/summary.json ] && [ $SECONDS -lt 120 ]; then
+  bash bench/grpo_gpu.sh $M $D $R/grpo-h2h-tuned 900 grpo.learning_rate=3e-6 grpo.beta=0.04 > $R/grpo-h2h-tuned.log 2>&1
+  rm -rf $R/grpo-h2h-tuned/checkpoints/checkpoint-* $R/grpo-h2h-tuned/model
+  grep -v Warning $R/grpo-h2h-tuned.log | tail -3
+fi
 echo "== issue 18: the fixed-length row again, two generations (the first, on a fresh machine, left the device idle 4.8 s)"
 engine_row fixed-row2 --max-new-tokens 256 --generations 2 --reference-prompts 1
 echo "== issue 21: ES on GSM8K with the forgetting check (~1.3 sessions of calls; resumes from $R/gsm8k)"
