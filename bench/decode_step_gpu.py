@@ -105,7 +105,8 @@ def parts(engine: PopulationEngine, backend, rows: int, context: int, variants: 
     for block, warps, stages in KERNEL_VARIANTS if variants else KERNEL_VARIANTS[:1]:
         def attend(block=block, warps=warps, stages=stages):
             for k, v in zip(backend.k_cache, backend.v_cache):
-                attention._kernel_attention(q, k, v, slots, lengths, backend.scaling, block, warps, stages)
+                attention._kernel_attention(q, k, v, slots, lengths, backend.scaling, block=block, warps=warps,
+                                             stages=stages)
         try:
             out[f"attention b{block} w{warps} s{stages}"] = timed(attend)
         except Exception as error:  # a variant that does not compile (shared memory) is reported, not fatal

@@ -29,8 +29,40 @@ print("ok")
 """
 
 
+FP8 = r"""
+import torch
+from evolm.engine import attention, kv_quant
+torch.manual_seed(0)
+heads, kv_heads, dim, capacity, slots = 6, 2, 32, 150, 8
+k = torch.randn(slots, kv_heads, capacity, dim)
+k[:, :, :, 3] += 60.0  # a large channel, as k_proj's bias gives Qwen2.5's keys
+v = torch.randn(slots, kv_heads, capacity, dim) * torch.tensor([1.0, 5.0])[None, :, None, None]
+k_scale, v_scale = kv_quant.head_scales(k), kv_quant.head_scales(v)
+k8, v8 = kv_quant.quantise(k, k_scale), kv_quant.quantise(v, v_scale)
+assert k8.dtype == torch.float8_e4m3fn and torch.isfinite(kv_quant.dequantise(k8, k_scale, torch.float32)).all()
+rows, n = torch.tensor([5, 0, 7, 2]), torch.tensor([1, 64, 150, 33])
+for count in (4, 1):  # one row: its keys split across programs
+    q = torch.randn(count, heads, dim) * 0.2
+    ours = attention._kernel_attention(q, k8, v8, rows[:count], n[:count], 0.3, k_scale, v_scale)
+    same_cache = attention.reference_attention(q, k8, v8, rows[:count], n[:count], 0.3, k_scale, v_scale)
+    assert torch.allclose(ours, same_cache, atol=1e-5), (ours - same_cache).abs().max()
+    exact = attention.reference_attention(q, k, v, rows[:count], n[:count], 0.3)
+    error = (ours - exact).abs().max() / exact.abs().max()
+    assert 0 < error < 0.05, error  # e4m3 keeps 3 mantissa bits: a few percent at most, never exact
+huge = kv_quant.quantise(k * 100, k_scale)  # past the headroom: saturates at ±448, never NaN
+assert huge.float().abs().max() == kv_quant.FP8_MAX and not huge.float().isnan().any()
+print("ok")
+"""
+
+
 def test_kernel_matches_reference_for_every_length():
     run_interpreted(CHECK)
+
+
+def test_kernel_over_an_fp8_cache_matches_the_reference_over_the_same_cache():
+    """The kernel dequantises as the reference does (tight), and an fp8 cache stays within a few percent of the
+    exact attention (loose): the keys carry one large channel, which a per-head scale must fit."""
+    run_interpreted(FP8)
 
 
 def test_reference_reads_only_each_rows_own_keys():

@@ -65,6 +65,8 @@ def test_overrides_parse_yaml_values():
                                        "space.target_modules=[q_proj, v_proj]", "output_dir=runs/x"])
     assert config.es.population == 8 and config.es.sigma == 0.01 and config.es.antithetic is False
     assert config.space.target_modules == ["q_proj", "v_proj"] and config.output_dir == "runs/x"
+    assert config.decoding.kv_cache_dtype == "model"  # exact unless asked
+    assert load_config("countdown", ["decoding.kv_cache_dtype=fp8"]).decoding.kv_cache_dtype == "fp8"
 
 
 @pytest.mark.parametrize(
@@ -74,6 +76,7 @@ def test_overrides_parse_yaml_values():
         ("es.population=7", "even"),
         ("es.fitness=softmax", "es.fitness"),
         ("model.device=tpu", "model.device"),
+        ("decoding.kv_cache_dtype=fp16", "decoding.kv_cache_dtype"),
         ("es.generations=many", "es.generations"),
         ("nonsense", "key=value"),
     ],

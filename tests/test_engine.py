@@ -13,6 +13,7 @@ from evolm.adapters import Adapter, layer_of, peft_key
 from evolm.engine import PopulationEngine, fused_backend
 from evolm.engine.decoding import StopCheck, decode_texts, trim_at_stops
 from evolm.engine.sampling import SamplingParams
+from evolm.errors import UserError
 from evolm.es.lora_space import LoRASpace
 from evolm.models import load_tokenizer
 
@@ -406,3 +407,52 @@ def test_batch_buckets_pad_little_and_never_exceed_the_slots():
             assert rows <= size <= per_group
             assert size - rows < max(BUCKET_STEP, rows)  # powers of two below the step, its multiples above
         assert len(sizes) <= 4 + per_group // BUCKET_STEP  # one CUDA graph per bucket: a bounded number
+
+
+def test_an_fp8_kv_cache_decodes_close_to_the_exact_cache_in_half_the_bytes(tiny_qwen, monkeypatch):
+    """kv_cache_dtype="fp8" is inexact by design, so it is held to what is stable in float32: the logits of a
+    call's first prefill (whose attention reads the fp8 keys) stay within a tenth of their spread of the exact
+    cache's (about a twentieth on this model) without equalling them. Tokens are a weaker check: a random tiny
+    model's top two logits lie a few hundredths apart, so a greedy row may part at any step and then writes
+    another text; most rows' first token still agrees. The run covers calibration by a shared prefix's
+    prefill, the prefix's fp8 keys copied into slots, and refills prefilled under the fixed scales."""
+    tokenizer = load_tokenizer(str(tiny_qwen))
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen, dtype=torch.float32).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    prompts = [tokenizer("Instructions every prompt shares: " + p).input_ids for p in PROMPTS * 2]
+    picked = []  # the logits of every pick, in order: the first is the first prefill chunk's
+    pick = fused_backend.pick_token
+    monkeypatch.setattr(fused_backend, "pick_token", lambda logits, *rest: picked.append(logits) or pick(logits, *rest))
+    out, engines, first_logits = {}, {}, {}
+    for dtype in ("model", "fp8"):
+        picked.clear()
+        engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id],
+                                  max_batch_rows=6, backend="fused", kv_cache_dtype=dtype)
+        space = LoRASpace(engine.shapes(), 2, 4.0)
+        engine.set_factors(space.unflatten(_members(space, 2, seed=6)), space.scale)
+        out[dtype] = engine.generate(prompts, [1, 0], SamplingParams(max_new_tokens=16), keep_slots=True)
+        engines[dtype], first_logits[dtype] = engine, picked[0]
+    fp8 = engines["fp8"].backend
+    assert fp8.k_cache[0].dtype == torch.float8_e4m3fn and torch.isfinite(fp8.k_scale).all()
+    assert out["fp8"].refills > 0
+    exact, ours = first_logits["model"], first_logits["fp8"]
+    spread = exact.amax(-1) - exact.amin(-1)
+    assert not torch.equal(exact, ours) and ((exact - ours).abs().amax(-1) < 0.1 * spread).all()
+    rows = [(a, b) for d in zip(out["model"].tokens, out["fp8"].tokens) for a, b in zip(*d)]
+    assert sum(a[0] == b[0] for a, b in rows) >= 0.75 * len(rows)
+    # a slot takes a quarter of a float32 slot's bytes, so more than twice the rows fit the same memory
+    assert engines["model"].backend.slot_bytes(100) == 4 * fp8.slot_bytes(100)
+    fit = {d: e._slots_in_memory(100, 40, 2**30) for d, e in engines.items()}
+    assert fit["fp8"] > 2 * fit["model"]
+
+
+def test_an_fp8_kv_cache_is_refused_where_the_engine_cannot_honour_it(tiny_llama):
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with pytest.raises(UserError, match="kv_cache_dtype=fp8 needs the fused engine"):
+        PopulationEngine(model, tokenizer, ["q_proj"], backend="transformers", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        PopulationEngine(model, tokenizer, ["q_proj"], kv_cache_dtype="fp16")
+    # on a CPU "auto" takes the transformers backend, except for an fp8 cache, which only the fused one has
+    assert isinstance(PopulationEngine(model, tokenizer, ["q_proj"], kv_cache_dtype="fp8").backend,
+                      fused_backend.FusedBackend)

@@ -3,13 +3,15 @@ transformers backend, run by Triton's interpreter on the CPU (on a GPU the same 
 
 from __future__ import annotations
 
+import json
+
 from helpers.interpreter import run_interpreted
 
 KERNELS = r"""
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
-from evolm.engine import rowwise
+from evolm.engine import kv_quant, rowwise
 assert rowwise.use_kernel(torch.zeros(1))
 torch.manual_seed(0)
 
@@ -54,6 +56,14 @@ for dtype in (torch.float32, torch.bfloat16):
     assert torch.equal(v_cache[rows, :, position], v_ref.view(3, kv_heads, dim))
     untouched = ~written[:, None, :, None].expand_as(k_cache)
     assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
+    # an fp8 cache gets what kv_quant.quantise makes of the same keys and values, bit for bit
+    k_scale, v_scale = torch.tensor([0.01, 0.002]), torch.tensor([0.004, 0.02])  # the second saturates some
+    k8, v8 = (torch.zeros(slots, kv_heads, capacity, dim, dtype=kv_quant.FP8) for _ in range(2))
+    rowwise.rotary_to_cache(qkv, cos, sin, k8, v8, rows, position, heads, k_scale, v_scale)
+    for cache, exact, scale in ((k8, k_cache, k_scale), (v8, v_cache, v_scale)):
+        written_bits = cache[rows, :, position].view(torch.uint8)
+        assert torch.equal(written_bits, kv_quant.quantise(exact[rows, :, position], scale).view(torch.uint8))
+    assert not k8[untouched].float().any() and (k8.float().abs() == kv_quant.FP8_MAX).any()
 print("ok")
 """
 
@@ -93,3 +103,38 @@ def test_fused_backend_with_every_kernel_matches_the_transformers_backend(tiny_q
     """Norm, SiLU, rotary-to-cache and attention kernels wired into prefill and decoding, refill and a shared
     prompt prefix included, for perturbed members with every projection targeted."""
     run_interpreted(ENGINE, str(tiny_qwen))
+
+
+FP8_ENGINE = r"""
+import copy, json, sys
+import torch
+from transformers import AutoModelForCausalLM
+from evolm.engine import PopulationEngine, SamplingParams
+from evolm.engine.layer import LowRankWeights
+from evolm.models import load_tokenizer
+
+def fp8_tokens(path):
+    tokenizer = load_tokenizer(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [tokenizer("Instructions shared by every prompt: " + p).input_ids for p in ["Count: 1 2 3", "x", "ab"]]
+    engine = PopulationEngine(base, tokenizer, ["k_proj", "v_proj"], eos_token_ids=[tokenizer.eos_token_id],
+                              backend="fused", max_batch_rows=4, kv_cache_dtype="fp8")
+    g = torch.Generator().manual_seed(3)
+    engine.set_factors({n: LowRankWeights(torch.randn(2, 2, i, generator=g), torch.randn(2, o, 2, generator=g))
+                        for n, (i, o) in engine.shapes().items()}, 0.05)
+    return engine.generate(prompts, [1, 0], SamplingParams(max_new_tokens=10)).tokens
+
+if __name__ == "__main__":
+    assert fp8_tokens(sys.argv[1]) == json.loads(sys.argv[2])
+    print("ok")
+"""
+
+
+def test_fused_backend_with_every_kernel_over_an_fp8_cache_matches_its_pytorch_path(tiny_qwen):
+    """The rotary kernel's quantised writes (later prefills, every decoding step) and the attention kernel's
+    scaled reads give the tokens the PyTorch path gives over the same fp8 cache (its first prefill sets the
+    scales in PyTorch on both paths); two groups of two slots, so the third prompt refills one."""
+    namespace: dict = {}
+    exec(FP8_ENGINE, namespace)
+    expected = namespace["fp8_tokens"](str(tiny_qwen))  # this process: no interpreter, the PyTorch path
+    run_interpreted(FP8_ENGINE, str(tiny_qwen), json.dumps(expected))

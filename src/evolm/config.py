@@ -105,6 +105,9 @@ class DecodingConfig(Section):
                                    "</answer>), [] = none.")
     max_batch_rows: int | None = Field(None, ge=1, description="Cap on rows decoded at once (KV slots); None = from the memory budget.")
     memory_fraction: float = Field(0.85, gt=0, le=1, description="Share of free accelerator memory a generation may use.")
+    kv_cache_dtype: Literal["model", "fp8"] = Field("model", description="KV cache storage: the model's dtype "
+                                                    "(exact), or fp8 (e4m3, scaled per head): half the KV bytes "
+                                                    "and about twice the rows at once, inexact; fused engine only.")
 
 
 TEST_SET = "test"  # the name of a run's own test split among its evaluation sets

@@ -23,6 +23,10 @@ so that a group's perturbation is two plain matmuls on a slice of the chunk.
 When a batch has one member group left (a generation's tail: one member still writing long rows), its
 perturbation is merged into a copy of the weights, W + (A B)ᵀ, written once per such batch, so each of
 the tail's steps is a plain forward rather than one with two small bmm's per matmul.
+
+The KV cache holds the model's dtype, or fp8 with per-head scales when asked (kv_cache_dtype="fp8",
+engine/kv_quant.py): every write into it quantises, every read dequantises, and a slot takes half a bf16 slot's
+bytes, so about twice the rows fit.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from evolm.engine import kv_quant
 from evolm.engine.attention import decode_attention
 from evolm.engine.layer import PopulationLinear, Routing
 from evolm.engine.rowwise import add_rms_norm, rotary_to_cache, silu_mul
@@ -42,6 +47,7 @@ from evolm.engine.sampling import SamplingParams, pick_token, row_keys
 from evolm.kernels import use_kernel
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+KV_CACHE_DTYPES = ("model", "fp8")  # the model's dtype (exact), or float8 e4m3 with per-head scales
 GROUPS = {
     "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
     "o": ("self_attn", ("o_proj",)),
@@ -243,7 +249,7 @@ class Generated:
 class FusedBackend:
     """Slot-based prefill and decoding for supported architectures (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, PopulationLinear]):
+    def __init__(self, model: nn.Module, layers: dict[str, PopulationLinear], kv_cache_dtype: str = "model"):
         self.model = model
         self.config = model.config
         self.inner = model.model
@@ -276,11 +282,22 @@ class FusedBackend:
         # the keys and values of the call's shared prompt prefix, per layer [groups, kv_heads, prefix, head_dim]
         self.prefix_k: list[torch.Tensor] = []
         self.prefix_v: list[torch.Tensor] = []
+        self.kv_cache_dtype = kv_cache_dtype
+        # an fp8 cache's scales [layers, kv_heads], from the first prefill of the backend's life (kv_quant)
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+
+    @property
+    def quantised(self) -> bool:
+        return self.kv_cache_dtype == "fp8"
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return kv_quant.FP8 if self.quantised else next(self.model.parameters()).dtype
 
     def slot_bytes(self, capacity: int) -> int:
         """KV cache bytes of one slot of `capacity` tokens."""
-        param = next(self.model.parameters())
-        per_token = 2 * len(self.groups) * self.kv_heads * self.head_dim * param.element_size()
+        per_token = 2 * len(self.groups) * self.kv_heads * self.head_dim * self.cache_dtype.itemsize
         return per_token * capacity
 
     def merge_bytes(self, routing: Routing) -> int:
@@ -295,8 +312,7 @@ class FusedBackend:
              params: SamplingParams, eos_token_ids: Sequence[int], merge_lone_group: bool = False) -> None:
         """Allocate slots for len(members) groups of `per_group` rows (members None: one unperturbed group);
         `merge_lone_group`: also a merged copy of the perturbed weights (merge_bytes), for batches of one group."""
-        param = next(self.model.parameters())
-        device, dtype = param.device, param.dtype
+        device = next(self.model.parameters()).device
         self.members = list(members or [])
         self.prefix_k, self.prefix_v = [], []  # share_prefix sets this call's
         self.num_groups = max(len(self.members), 1)
@@ -322,8 +338,8 @@ class FusedBackend:
         slots = self.num_groups * per_group + 1  # the last slot is scratch: padding rows of a batch write there
         self.scratch = slots - 1
         # zeros, not empty: masked keys still meet the values in the reference attention, and 0 · NaN is NaN
-        self.k_cache = [torch.zeros((slots, self.kv_heads, capacity, self.head_dim), device=device, dtype=dtype)
-                        for _ in self.groups]
+        self.k_cache = [torch.zeros((slots, self.kv_heads, capacity, self.head_dim), device=device,
+                                    dtype=self.cache_dtype) for _ in self.groups]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
         self.width = params.max_new_tokens + 1  # generated tokens kept per slot (+1: writes past the end land there)
         self.last = torch.zeros(slots, dtype=torch.long, device=device)
@@ -512,15 +528,17 @@ class FusedBackend:
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
             qkv = groups["qkv"].decode(h, self.batch_groups)
+            scales = self._scales(i)
             if use_kernel(qkv) and not self.has_qk_norm:
                 q = rotary_to_cache(qkv[:, 0], cos[:, 0], sin[:, 0], self.k_cache[i], self.v_cache[i], slots,
-                                    position, self.heads)
+                                    position, self.heads, *scales)
             else:
                 q, k, v = self._qkv(layer, groups["qkv"], qkv, cos, sin)
-                self.k_cache[i][slots, :, position] = k[:, :, 0]
-                self.v_cache[i][slots, :, position] = v[:, :, 0]
+                self.k_cache[i][slots, :, position] = self._stored(k[:, :, 0], self.k_scale, i)
+                self.v_cache[i][slots, :, position] = self._stored(v[:, :, 0], self.v_scale, i)
                 q = q[:, :, 0]
-            attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling)
+            attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling,
+                                    *scales)
             x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), self.batch_groups),
                                 layer.post_attention_layernorm)
             up = silu_mul(groups["gate_up"].decode(h, self.batch_groups))
@@ -562,7 +580,11 @@ class FusedBackend:
         chunk = Chunk.of(slots, self.per_group, self.num_groups, device)
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
-        fused_rotary = use_kernel(x) and not self.has_qk_norm
+        calibrating = self.quantised and self.k_scale is None  # the backend's first prefill sets the scales
+        if calibrating:
+            self.k_scale = torch.empty((len(layers), self.kv_heads), device=device)
+            self.v_scale = torch.empty_like(self.k_scale)
+        fused_rotary = use_kernel(x) and not self.has_qk_norm and not calibrating
         if fused_rotary:  # every (row, token) a row of the rotary kernel, its keys written into the row's slot
             token_slots, token_positions = index.repeat_interleave(width), positions.reshape(-1).contiguous()
             cos, sin = cos.reshape(n * width, -1), sin.reshape(n * width, -1)
@@ -570,13 +592,17 @@ class FusedBackend:
             qkv = groups["qkv"].prefill(h, chunk)
             if fused_rotary:
                 q = rotary_to_cache(qkv.view(n * width, -1), cos, sin, self.k_cache[i], self.v_cache[i],
-                                    token_slots, token_positions, self.heads)
+                                    token_slots, token_positions, self.heads, *self._scales(i))
                 q = q.view(n, width, self.heads, self.head_dim).transpose(1, 2)
             else:
                 q, k, v = self._qkv(layer, groups["qkv"], qkv, cos, sin)
-                self.k_cache[i][index, :, start : start + width] = k
-                self.v_cache[i][index, :, start : start + width] = v
+                if calibrating:
+                    self.k_scale[i], self.v_scale[i] = kv_quant.head_scales(k), kv_quant.head_scales(v)
+                self.k_cache[i][index, :, start : start + width] = self._stored(k, self.k_scale, i)
+                self.v_cache[i][index, :, start : start + width] = self._stored(v, self.v_scale, i)
             k, v = self.k_cache[i][index, :, : start + width], self.v_cache[i][index, :, : start + width]
+            if self.quantised:
+                k, v = (kv_quant.dequantise(t, scale, x.dtype) for t, scale in zip((k, v), self._scales(i)))
             # plain causal attention, the queries left-padded by `start` rows so that query t meets keys ≤ t:
             # right padding only ever follows a row's prompt, so a prompt query never meets a padding key
             # (padding queries do, and their keys land past the row's length, unread)
@@ -590,6 +616,16 @@ class FusedBackend:
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
             x, h = add_rms_norm(x, groups["down"].prefill(up, chunk), following)
         return h
+
+    def _scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[()]:
+        """(k_scale, v_scale) of a layer's fp8 cache, as the attention and rotary functions take them; () when
+        the cache holds the model's dtype."""
+        return (self.k_scale[layer], self.v_scale[layer]) if self.quantised else ()
+
+    def _stored(self, x: torch.Tensor, scales: torch.Tensor | None, layer: int) -> torch.Tensor:
+        """Keys or values [rows, kv_heads, ...] of a layer as its cache holds them (`scales`: k_scale or
+        v_scale)."""
+        return kv_quant.quantise(x, scales[layer]) if self.quantised else x
 
     def _qkv(self, layer, group: Group, qkv: torch.Tensor, cos, sin):
         b, t, _ = qkv.shape

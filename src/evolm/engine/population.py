@@ -20,6 +20,7 @@ from evolm.engine.layer import LowRankWeights, PopulationLinear, Routing, find_t
 from evolm.engine.sampling import SamplingParams, row_keys
 from evolm.engine.scheduler import PhaseClock, stream
 from evolm.engine.transformers_backend import TransformersBackend
+from evolm.errors import UserError
 
 SYNC_EVERY_ON_GPU = 8  # decoding steps between host checks for finished rows on an accelerator
 REMEMBERED_PROMPTS = 1 << 16  # completion lengths kept for ordering the next generations' rows
@@ -58,9 +59,12 @@ class PopulationEngine:
         memory_fraction: float = 0.85,
         backend: str = "auto",
         merge_share: float = 0.1,
+        kv_cache_dtype: str = "model",
     ):
         """`merge_share`: the share of a generation's memory a merged copy of the perturbed weights may take, for
-        the batches of one member group left (the fused backend; 0 never merges; see fused_backend)."""
+        the batches of one member group left (the fused backend; 0 never merges; see fused_backend).
+        `kv_cache_dtype`: "model" (exact) or "fp8" (engine/kv_quant.py; only the fused backend has it, so
+        "auto" picks that backend wherever the model allows, on a CPU too)."""
         self.model = model
         self.tokenizer = tokenizer
         self.routing = Routing()
@@ -68,6 +72,9 @@ class PopulationEngine:
         self.max_batch_rows = max_batch_rows
         self.memory_fraction = memory_fraction
         self.merge_share = merge_share
+        if kv_cache_dtype not in fused_backend.KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {fused_backend.KV_CACHE_DTYPES} (got {kv_cache_dtype!r})")
+        self.kv_cache_dtype = kv_cache_dtype
         self.layers: dict[str, PopulationLinear] = {}
         targets = find_target_linears(model, target_modules, layers) if target_modules else {}
         for name, linear in targets.items():
@@ -87,10 +94,15 @@ class PopulationEngine:
     def _choose_backend(self, name: str):
         on_gpu = self.device.type == "cuda"  # on a CPU the transformers path is as fast and simpler
         supported = fused_backend.supports(self.model)
-        if name == "fused" or (name == "auto" and on_gpu and supported):
+        fp8 = self.kv_cache_dtype == "fp8"
+        if name == "fused" or (name == "auto" and (on_gpu or fp8) and supported):
             if not supported:
                 raise ValueError(f"the fused backend does not support {self.model.config.model_type} models")
-            return fused_backend.FusedBackend(self.model, self.layers)
+            return fused_backend.FusedBackend(self.model, self.layers, self.kv_cache_dtype)
+        if fp8:
+            raise UserError("decoding.kv_cache_dtype=fp8 needs the fused engine, which runs Llama, Qwen2/2.5, "
+                            f"Qwen3 and Mistral (no sliding window) models, not this {self.model.config.model_type}"
+                            " model (or backend=transformers was asked for): use kv_cache_dtype=model")
         return TransformersBackend(self.model, self.routing, self.pad_token_id)
 
     @property

@@ -9,6 +9,7 @@ model's own modules compute. Elsewhere, and as the kernels' reference, the model
     add_rms_norm      x + delta, and RMSNorm of that (the residual add fused into the next norm)
     silu_mul          SiLU(gate) · up from the concatenated gate|up projection
     rotary_to_cache   rotary q and k of one decoding step; k and v written straight into the KV cache
+                      (quantised on the way for an fp8 cache, engine/kv_quant.py)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evolm.engine.kv_quant import FP8_MAX
 from evolm.kernels import tl, triton, use_kernel
 
 
@@ -55,21 +57,24 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, slots: torch.Tensor, position: torch.Tensor, heads: int) -> torch.Tensor:
+                    v_cache: torch.Tensor, slots: torch.Tensor, position: torch.Tensor, heads: int,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [rows, (heads + 2·kv_heads)·dim] of a decoding step's rows (or a prefill's tokens, one row each)
     -> rotary q [rows, heads, dim].
 
     The rotary k and the v of row b are written to slot slots[b] at position[b] of the caches
-    [slots, kv_heads, capacity, dim]; cos and sin are [rows, dim]. Kernel only (see use_kernel).
+    [slots, kv_heads, capacity, dim]; cos and sin are [rows, dim]. With `k_scale`, `v_scale` [kv_heads] the
+    caches are fp8 and get kv_quant.quantise's values. Kernel only (see use_kernel).
     """
     rows = qkv.shape[0]
     kv_heads, dim = k_cache.shape[1], k_cache.shape[3]
     q = qkv.new_empty((rows, heads, dim))
     _rotary_to_cache_kernel[(rows, heads + 2 * kv_heads)](
-        qkv, cos, sin, q, k_cache, v_cache, slots, position,
+        qkv, cos, sin, q, k_cache, v_cache, k_scale, v_scale, slots, position,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), HEADS=heads, KV_HEADS=kv_heads, HALF=dim // 2,
+        v_cache.stride(2), HEADS=heads, KV_HEADS=kv_heads, HALF=dim // 2, QUANTISED=k_scale is not None,
+        FP8_MAX=FP8_MAX,
     )
     return q
 
@@ -107,10 +112,10 @@ if triton is not None:
         tl.store(Out + row * so + cols, (activated * up).to(dtype), mask=inside)
 
     @triton.jit
-    def _rotary_to_cache_kernel(QKV, Cos, Sin, Q, KCache, VCache, Slots, Position,
+    def _rotary_to_cache_kernel(QKV, Cos, Sin, Q, KCache, VCache, KScale, VScale, Slots, Position,
                                 s_qkv, s_cos, s_sin, sq_row, sq_head, sk_slot, sk_head, sk_pos,
                                 sv_slot, sv_head, sv_pos, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                                HALF: tl.constexpr):
+                                HALF: tl.constexpr, QUANTISED: tl.constexpr, FP8_MAX: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         d = tl.arange(0, HALF)
@@ -133,9 +138,30 @@ if triton is not None:
                 target = Q + row * sq_row + head * sq_head
             else:
                 target = KCache + slot * sk_slot + (head - HEADS) * sk_head + position * sk_pos
+                if QUANTISED:
+                    k_scale = tl.load(KScale + head - HEADS)
+                    out_1 = _saturate(out_1, k_scale, FP8_MAX).to(KCache.dtype.element_ty)
+                    out_2 = _saturate(out_2, k_scale, FP8_MAX).to(KCache.dtype.element_ty)
             tl.store(target + d, out_1)
             tl.store(target + HALF + d, out_2)
         else:
             target = VCache + slot * sv_slot + (head - HEADS - KV_HEADS) * sv_head + position * sv_pos
+            if QUANTISED:
+                v_scale = tl.load(VScale + head - HEADS - KV_HEADS)
+                first = _saturate(first, v_scale, FP8_MAX).to(VCache.dtype.element_ty)
+                second = _saturate(second, v_scale, FP8_MAX).to(VCache.dtype.element_ty)
             tl.store(target + d, first)
             tl.store(target + HALF + d, second)
+
+    @triton.jit
+    def _saturate(x, scale, FP8_MAX: tl.constexpr):
+        """x / scale within e4m3's range and already on its grid (round to nearest even, as kv_quant.quantise's
+        cast rounds), so that the cast after it is exact: Triton's interpreter rounds ties away and loses the
+        carry into the exponent when it casts to fp8 itself."""
+        y = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
+        bits = y.to(tl.int32, bitcast=True)
+        power = (bits & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2 |y|)
+        step = tl.maximum(power * 0.125, 0.001953125)  # 3 mantissa bits; subnormals below 2^-6 step by 2^-9
+        shift = step * 12582912.0  # 1.5 · 2^23 steps: a float32 add there rounds to a multiple of step
+        rounded = (tl.abs(y) + shift) - shift
+        return tl.where(bits < 0, -rounded, rounded)  # the sign bit's: -0 stays -0

@@ -83,6 +83,7 @@ class ESRun:
             loaded.model, tokenizer, space_cfg.target_modules, space_cfg.layers,
             eos_token_ids=eos_token_ids(loaded.model, tokenizer),
             max_batch_rows=gen.max_batch_rows, memory_fraction=gen.memory_fraction,
+            kv_cache_dtype=gen.kv_cache_dtype,
         )
         self.space = make_space(config.space, self.engine, keep_base=config.eval.kl)
         self.strategy = self.new_strategy()
