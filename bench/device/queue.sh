@@ -18,6 +18,9 @@ engine_row() {  # NAME ARGS…: one bench/engine_gpu.py row into $R/NAME (its lo
 }
 echo "== issue 20: ES's population, prompts a generation and σ by 300-s short runs (α = 0.002 chosen before: docs/results.md)"
 bash bench/short_runs_gpu.sh $M $D $R/es-short 300 es "es.population=60" "es.prompts_per_generation=100" "es.sigma=0.002"
+echo "== issue 18: the reasoning and fixed-length rows with an fp8 KV cache (opt-in, inexact: compare mean_fitness)"
+engine_row chat-row-fp8 --chat --stop '</answer>' --generations 1 --skip-plain --reference-prompts 1 --kv-cache-dtype fp8
+engine_row fixed-row-fp8 --max-new-tokens 256 --reference-prompts 1 --kv-cache-dtype fp8
 echo "== issue 20: GRPO with a KL term on conciseness (reward against KL past the β = 0 run)"
 TASK=conciseness bash bench/short_runs_gpu.sh $M $DC $R/conc-beta 300 grpo "grpo.beta=0.04"
 echo "== issue 20: the swept GRPO (lr 3e-6, β 0.04) for 900 s with all 2,000 records kept: ES against GRPO paired on the 2,000"
