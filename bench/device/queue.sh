@@ -32,6 +32,11 @@ if [ ! -f $R/grpo-h2h-tuned/results/summary.json ] && [ $SECONDS -lt 120 ]; then
 fi
 echo "== issue 18: the fixed-length row again, two generations (the first, on a fresh machine, left the device idle 4.8 s)"
 engine_row fixed-row2 --max-new-tokens 256 --generations 2 --reference-prompts 1
+echo "== issue 22: the search with a held-out test split and a default-LoRA baseline (~25 min: a hold's first step only)"
+# its adapters stay on the machine; what travels (TAR: search-copy) is the report, scores, splits, targets, figures
+if [ ! -f $R/search-copy/summary.json ] && [ $SECONDS -lt 120 ]; then
+  bash bench/search_gsm8k_gpu.sh $DG $R/search $R/search-copy > $R/search.log 2>&1; tail -n 5 $R/search.log
+fi
 echo "== issue 21: ES on GSM8K with the forgetting check (~1.3 sessions of calls; resumes from $R/gsm8k)"
 bash bench/es_gsm8k_gpu.sh $M $PWD/.stage/data $PWD/.stage/data/suite $R/gsm8k 1500 540
 echo "== chain done"
