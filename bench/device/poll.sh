@@ -4,6 +4,7 @@
 # what it did so far comes back even if the machine goes away before the next call. Call it back to back.
 set -u
 name=$1 seconds=$2
+TAR=${TAR:-$(sed -n 's/^# QUEUE_FOLDERS: //p' bench/device/queue.sh)}  # by default the queue's folders
 deadline=$((SECONDS + seconds))
 while [ ! -f "/tmp/bg/$name.rc" ] && [ $SECONDS -lt $deadline ]; do sleep 5; done
 tail -n 40 "/tmp/bg/$name.log"

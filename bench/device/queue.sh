@@ -2,6 +2,8 @@
 # The GPU runs still owed to the open issues, in priority order, for one lent machine: each step resumes or skips
 # what is already done under /tmp/runs. Start it with bg.sh (README.md); its results go to docs/ afterwards.
 set -u
+# the run folders (and logs) under /tmp/runs that the steps below write: poll.sh packs these when TAR is not given
+# QUEUE_FOLDERS: es-short chat-row-fp8 fixed-row-fp8 conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log fixed-row2 gsm8k gsm8k.log
 . bench/device/env.sh
 R=/tmp/runs
 mkdir -p $R
