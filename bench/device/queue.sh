@@ -3,7 +3,7 @@
 # what is already done under /tmp/runs. Start it with bg.sh (README.md); its results go to docs/ afterwards.
 set -u
 # the run folders (and logs) under /tmp/runs that the steps below write: poll.sh packs these when TAR is not given
-# QUEUE_FOLDERS: es-short chat-row-fp8 fixed-row-fp8 conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log fixed-row2 gsm8k gsm8k.log
+# QUEUE_FOLDERS: es-short chat-row-fp8 fixed-row-fp8 kv-agree conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log fixed-row2 gsm8k gsm8k.log
 . bench/device/env.sh
 R=/tmp/runs
 mkdir -p $R
@@ -23,11 +23,17 @@ bash bench/short_runs_gpu.sh $M $D $R/es-short 300 es "es.population=60" "es.pro
 echo "== issue 18: the reasoning and fixed-length rows with an fp8 KV cache (opt-in, inexact: compare mean_fitness)"
 engine_row chat-row-fp8 --chat --stop '</answer>' --generations 1 --skip-plain --reference-prompts 1 --kv-cache-dtype fp8
 engine_row fixed-row-fp8 --max-new-tokens 256 --reference-prompts 1 --kv-cache-dtype fp8
+if [ ! -f $R/kv-agree/agree.json ]; then  # the base model's 200 chat completions with both caches: accuracy and parting
+  mkdir -p $R/kv-agree
+  timeout 300 python3 bench/kv_cache_agreement.py --model $M --data $D --chat --out $R/kv-agree/agree.json \
+    > $R/kv-agree/log.txt 2>&1; grep -v Warning $R/kv-agree/log.txt | tail -n 22
+fi
 echo "== issue 20: GRPO with a KL term on conciseness (reward against KL past the β = 0 run)"
 TASK=conciseness bash bench/short_runs_gpu.sh $M $DC $R/conc-beta 300 grpo "grpo.beta=0.04"
 echo "== issue 20: the swept GRPO (lr 3e-6, β 0.04) for 900 s with all 2,000 records kept: ES against GRPO paired on the 2,000"
 # its full-weight checkpoint cannot leave the machine, so it runs only as a hold's first step (~1,450 s of the hold)
 if [ ! -f $R/grpo-h2h-tuned/results/summary.json ] && [ $SECONDS -lt 120 ]; then
+  rm -rf $R/grpo-h2h-tuned  # an unfinished one from another machine: its checkpoint did not travel, so start again
   bash bench/grpo_gpu.sh $M $D $R/grpo-h2h-tuned 900 grpo.learning_rate=3e-6 grpo.beta=0.04 > $R/grpo-h2h-tuned.log 2>&1
   rm -rf $R/grpo-h2h-tuned/checkpoints/checkpoint-* $R/grpo-h2h-tuned/model
   grep -v Warning $R/grpo-h2h-tuned.log | tail -3
