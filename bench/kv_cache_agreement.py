@@ -16,19 +16,13 @@ import json
 import statistics
 from pathlib import Path
 
+from engine_gpu import first_divergence  # a sibling script: bench/ is sys.path[0] when run
+
 from evolm.config import ModelConfig
 from evolm.engine import PopulationEngine, SamplingParams
 from evolm.models import eos_token_ids, load_model
 from evolm.scoring import render_all, score_all, summarize
 from evolm.tasks.countdown import CountdownTask
-
-
-def parted_at(a: list[int], b: list[int]) -> int | None:
-    """The first token position where two completions differ; None when they are identical."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def main() -> None:
@@ -59,7 +53,7 @@ def main() -> None:
                   f"{engine.backend.v_scale.min():.3g}-{engine.backend.v_scale.max():.3g}", flush=True)
         del engine
     exact, fp8 = out["model"].tokens[0], out["fp8"].tokens[0]
-    parts = [parted_at(a, b) for a, b in zip(exact, fp8)]
+    parts = [first_divergence(a, b) for a, b in zip(exact, fp8)]  # token positions here
     report = {
         "model": args.model, "device": args.device, "dtype": str(loaded.dtype), "prompts": len(prompts),
         "chat": args.chat, "max_new_tokens": args.max_new_tokens,
