@@ -3,7 +3,7 @@
 # what is already done under /tmp/runs. Start it with bg.sh (README.md); its results go to docs/ afterwards.
 set -u
 # the run folders (and logs) under /tmp/runs that the steps below write: poll.sh packs these when TAR is not given
-# QUEUE_FOLDERS: es-short chat-row-fp8 fixed-row-fp8 kv-agree conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log fixed-row2 gsm8k gsm8k.log
+# QUEUE_FOLDERS: chat-row-fp8 fixed-row-fp8 kv-agree fixed-row2 es-short conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log gsm8k gsm8k.log
 . bench/device/env.sh
 R=/tmp/runs
 mkdir -p $R
@@ -18,8 +18,6 @@ engine_row() {  # NAME ARGS…: one bench/engine_gpu.py row into $R/NAME (its lo
   touch $R/$name/done
   grep -E "^device|^generation|tok|seconds|identical" $R/$name/log.txt | tail -n 20
 }
-echo "== issue 20: ES's population, prompts a generation and σ by 300-s short runs (α = 0.002 chosen before: docs/results.md)"
-bash bench/short_runs_gpu.sh $M $D $R/es-short 300 es "es.population=60" "es.prompts_per_generation=100" "es.sigma=0.002"
 echo "== issue 18: the reasoning and fixed-length rows with an fp8 KV cache (opt-in, inexact: compare mean_fitness)"
 engine_row chat-row-fp8 --chat --stop '</answer>' --generations 1 --skip-plain --reference-prompts 1 --kv-cache-dtype fp8
 engine_row fixed-row-fp8 --max-new-tokens 256 --reference-prompts 1 --kv-cache-dtype fp8
@@ -28,6 +26,10 @@ if [ ! -f $R/kv-agree/agree.json ]; then  # the base model's 200 chat completion
   timeout 300 python3 bench/kv_cache_agreement.py --model $M --data $D --chat --out $R/kv-agree/agree.json \
     > $R/kv-agree/log.txt 2>&1; grep -v Warning $R/kv-agree/log.txt | tail -n 22
 fi
+echo "== issue 18: the fixed-length row again, two generations (the first, on a fresh machine, left the device idle 4.8 s)"
+engine_row fixed-row2 --max-new-tokens 256 --generations 2 --reference-prompts 1
+echo "== issue 20: ES's population, prompts a generation and σ by 300-s short runs (α = 0.002 chosen before: docs/results.md)"
+bash bench/short_runs_gpu.sh $M $D $R/es-short 300 es "es.population=60" "es.prompts_per_generation=100" "es.sigma=0.002"
 echo "== issue 20: GRPO with a KL term on conciseness (reward against KL past the β = 0 run)"
 TASK=conciseness bash bench/short_runs_gpu.sh $M $DC $R/conc-beta 300 grpo "grpo.beta=0.04"
 echo "== issue 20: the swept GRPO (lr 3e-6, β 0.04) for 900 s with all 2,000 records kept: ES against GRPO paired on the 2,000"
@@ -38,8 +40,6 @@ if [ ! -f $R/grpo-h2h-tuned/results/summary.json ] && [ $SECONDS -lt 120 ]; then
   rm -rf $R/grpo-h2h-tuned/checkpoints/checkpoint-* $R/grpo-h2h-tuned/model
   grep -v Warning $R/grpo-h2h-tuned.log | tail -3
 fi
-echo "== issue 18: the fixed-length row again, two generations (the first, on a fresh machine, left the device idle 4.8 s)"
-engine_row fixed-row2 --max-new-tokens 256 --generations 2 --reference-prompts 1
 echo "== issue 22: the search with a held-out test split and a default-LoRA baseline (~25 min: a hold's first step only)"
 # its adapters stay on the machine; what travels (TAR: search-copy) is the report, scores, splits, targets, figures
 if [ ! -f $R/search-copy/summary.json ] && [ $SECONDS -lt 120 ]; then
