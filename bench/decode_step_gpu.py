@@ -14,6 +14,12 @@ The perturbation's cost is the step minus the step with none (what its two produ
 step, launches and all); the unperturbed step minus its parts is the rest: norms, rotary, SiLU,
 cache writes, argmax. `--profile` lists the kernels of a few eager steps of one shape by device time;
 `--prefill` times and profiles one prefill chunk. The KV cache holds random keys, not zeros.
+
+`--overlap` shapes measure two levers before building them: the attention of half the rows issued on one
+stream while the other half's matmuls run on another (memory-bound beside compute-bound work: if the pair
+costs less than its parts in sequence, a step split in two interleaved halves would too), and the attention
+with every row of a group reading its group's first slot (what rows sharing a prompt prefix would read from
+the L2 cache instead of memory, if the kernel read the prefix from one copy a group).
 """
 
 from __future__ import annotations
@@ -133,6 +139,41 @@ def parts(engine: PopulationEngine, backend, rows: int, context: int, variants: 
     return out
 
 
+def overlap(engine: PopulationEngine, backend, rows: int, context: int) -> dict:
+    """Half the rows' attention (all layers) beside the other half's matmuls on two streams, against each alone;
+    and the attention with a group's rows all on one slot (see the module docstring)."""
+    cfg = engine.model.config
+    half = rows // 2
+    slots = backend.batch_slots
+    lengths = torch.full_like(slots, context)
+    q = torch.randn(rows, cfg.num_attention_heads, backend.head_dim, dtype=engine.dtype, device="cuda")
+    xs = {key: torch.randn(half, 1, group.weight.shape[1], dtype=engine.dtype, device="cuda")
+          for key, group in backend.groups[0].items()}
+
+    def attend(index=slots[:half]):
+        for k, v in zip(backend.k_cache, backend.v_cache):
+            attention._kernel_attention(q[: index.shape[0]], k, v, index, lengths[: index.shape[0]], backend.scaling)
+
+    def matmuls():
+        for groups in backend.groups:
+            for key, group in groups.items():
+                F.linear(xs[key], group.weight, group.bias)
+    streams = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both():
+        current = torch.cuda.current_stream()
+        for stream, work in zip(streams, (attend, matmuls)):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                work()
+        for stream in streams:
+            current.wait_stream(stream)
+    shared = (slots // backend.per_group) * backend.per_group  # every row of a group on the group's first slot
+    return {"half attention": timed(attend), "half matmuls": timed(matmuls), "both on two streams": timed(both),
+            "attention": timed(lambda: attend(slots)), "attention, group rows on one slot":
+            timed(lambda: attend(shared))}
+
+
 def profile(work, times: int = 3) -> str:
     """The kernels of `work()` run `times` times, by device time."""
     from torch.profiler import ProfilerActivity
@@ -184,6 +225,8 @@ def main() -> None:
     ap.add_argument("--lone", default="1x700,8x700,32x700",
                     help="CxL shapes of a batch of one member group (a tail): its step through the factors, through "
                          "the merged weights and unperturbed ('' for none)")
+    ap.add_argument("--overlap", default="107x700,200x300",
+                    help="shapes at which the two-stream overlap and a group's shared slot are timed ('' for none)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +250,8 @@ def main() -> None:
         backend = open_shape(engine, members, per_group, context)
         row = {"shape": shape, "rows": rows, "context": context, "step": step_seconds(backend, context)}
         row.update(parts(engine, backend, rows, context, shape in args.variants.split(",")))
+        if shape in args.overlap.split(","):
+            row["overlap"] = overlap(engine, backend, rows, context)
         if shape == args.profile:
             row["profile"] = profile(lambda backend=backend: eager_step(backend))
         backend.release()
@@ -257,6 +302,18 @@ def main() -> None:
         if len(variants) > 1:
             print(r["shape"], ", ".join(f"{k[10:]}: {v * 1e3:.2f}" if isinstance(v, float) else f"{k[10:]}: {v}"
                                         for k, v in variants.items()))
+
+    overlaps = [r for r in results["shapes"] if "overlap" in r]
+    if overlaps:
+        print("\n| shape | half attention ms | half matmuls ms | both on two streams ms | saved | attention ms | "
+              "a group's rows on one slot ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in overlaps:
+            o = r["overlap"]
+            pair = o["half attention"] + o["half matmuls"]
+            print(f"| {r['shape']} | {o['half attention'] * 1e3:.2f} | {o['half matmuls'] * 1e3:.2f} | "
+                  f"{o['both on two streams'] * 1e3:.2f} | {1 - o['both on two streams'] / pair:.0%} | "
+                  f"{o['attention'] * 1e3:.2f} | {o['attention, group rows on one slot'] * 1e3:.2f} |")
 
     if results["lone"]:
         print("\n| one member group, C x L | step ms through the factors | merged | no perturbation |")

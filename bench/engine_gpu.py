@@ -15,7 +15,7 @@ written in, for full-lowrank the model with W + σ·E_i written in), greedy agre
 `--scaling` a table over population sizes and token limits. `--profile` profiles decoding steps and exits;
 `--agreement` compares fp32 and bf16 engine vs reference. Prints Markdown tables and writes
 bench-SPACE.json (bench-SPACE-stop.json with --stop; a -kv-fp8 suffix with --kv-cache-dtype fp8, whose rows the
-exact reference then checks for greedy agreement as any others).
+exact reference then checks for greedy agreement as any others; an -interleave suffix with --interleave).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def setup(args, dtype: str):
     base = copy.deepcopy(loaded.model)  # the engine wraps (and a full space writes) the model's own layers
     eos = eos_token_ids(loaded.model, loaded.tokenizer)
     engine = PopulationEngine(loaded.model, loaded.tokenizer, TARGETS, eos_token_ids=eos, merge_share=args.merge_share,
-                              kv_cache_dtype=args.kv_cache_dtype)
+                              kv_cache_dtype=args.kv_cache_dtype, interleave=args.interleave)
     space = make_space(SpaceConfig(kind=args.space, rank=args.rank, target_modules=TARGETS), engine)
     return loaded, base, engine, space, eos
 
@@ -226,6 +226,8 @@ def main() -> None:
                     help="the engine's merge_share: 0 decodes a lone member's batches without merging its weights")
     ap.add_argument("--kv-cache-dtype", choices=["model", "fp8"], default="model",
                     help="the engine's KV cache storage: the model's dtype (exact) or fp8 (engine/kv_quant.py)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="decode each batch as two halves on two CUDA streams (fused_backend.FusedBackend._step)")
     ap.add_argument("--skip-plain", action="store_true", help="leave out the no-perturbation row")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--scaling-members", default="8,30,64,128")
@@ -258,7 +260,7 @@ def main() -> None:
     print(f"device {device_name(device)}, {loaded.dtype}, backend {type(engine.backend).__name__}, space {space.kind} "
           f"rank {args.rank}, sigma {sigma}, {len(prompt_ids)} prompts, mean prompt "
           f"{sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens, stop {args.stop or 'none'}, chat {args.chat}, "
-          f"kv cache {args.kv_cache_dtype}",
+          f"kv cache {args.kv_cache_dtype}, interleave {args.interleave}",
           flush=True)
 
     def strategy(n):
@@ -272,7 +274,7 @@ def main() -> None:
     results: dict = {"device": device_name(device), "dtype": str(loaded.dtype), "space": space.kind, "rank": args.rank,
                      "sigma": sigma, "members": args.members, "prompts": len(prompt_ids), "chat": args.chat,
                      "max_new_tokens": args.max_new_tokens, "stop": args.stop, "kv_cache_dtype": args.kv_cache_dtype,
-                     "roofline": peaks}
+                     "interleave": args.interleave, "roofline": peaks}
     es = strategy(args.members)
     runs = []
     for g in range(args.generations):  # later generations admit rows longest first (the engine saw these prompts)
@@ -315,7 +317,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         results["scaling"] = table
     name = (f"bench-{space.kind}-r{args.rank}{'-chat' if args.chat else ''}{'-stop' if args.stop else ''}"
-            f"-{args.max_new_tokens}{'-kv-fp8' if args.kv_cache_dtype == 'fp8' else ''}.json")
+            f"-{args.max_new_tokens}{'-kv-fp8' if args.kv_cache_dtype == 'fp8' else ''}"
+            f"{'-interleave' if args.interleave else ''}.json")
     (args.out / name).write_text(json.dumps(results, indent=1))
     report(results)
 

@@ -3,7 +3,7 @@
 # what is already done under /tmp/runs. Start it with bg.sh (README.md); its results go to docs/ afterwards.
 set -u
 # the run folders (and logs) under /tmp/runs that the steps below write: poll.sh packs these when TAR is not given
-# QUEUE_FOLDERS: chat-row-fp8 fixed-row-fp8 kv-agree fixed-row2 es-short conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log gsm8k gsm8k.log
+# QUEUE_FOLDERS: overlap fixed-row-interleave chat-row-fp8 fixed-row-fp8 chat-row2 chat-row-interleave kv-agree es-short conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log gsm8k gsm8k.log
 . bench/device/env.sh
 R=/tmp/runs
 mkdir -p $R
@@ -15,19 +15,33 @@ engine_row() {  # NAME ARGS…: one bench/engine_gpu.py row into $R/NAME (its lo
   mkdir -p $R/$name
   timeout 330 python3 bench/engine_gpu.py --model $M --data $D --space full-lowrank --rank 8 --out $R/$name "$@" \
     > $R/$name/log.txt 2>&1
-  touch $R/$name/done
+  local status=$?  # done when it ran (or ran out of time in its reference), not when it failed
+  { [ $status -eq 0 ] || [ $status -eq 124 ]; } && touch $R/$name/done
   grep -E "^device|^generation|tok|seconds|identical" $R/$name/log.txt | tail -n 20
 }
+echo "== issue 18: does one half's attention run beside the other half's matmuls on two streams? (decode_step_gpu.py)"
+if [ ! -f $R/overlap/decode-step.json ]; then
+  mkdir -p $R/overlap
+  timeout 200 python3 bench/decode_step_gpu.py --model $M --shapes 107x700,200x300 --variants '' --profile '' \
+    --prefill '' --lone '' --out $R/overlap > $R/overlap/log.txt 2>&1; tail -n 8 $R/overlap/log.txt
+fi
+# the interleaved rows only where the pair cost at least 5 % less than its parts in turn
+saved=$(python3 -c "import json; o = json.load(open('$R/overlap/decode-step.json'))['shapes'][0]['overlap']
+print(int(o['both on two streams'] < 0.95 * (o['half attention'] + o['half matmuls'])))" 2>/dev/null || echo 0)
+echo "== issue 18: the fixed-length row with an interleaved step (against fixed-row2: 18.4 s, the second generation)"
+[ "$saved" = 1 ] && engine_row fixed-row-interleave --max-new-tokens 256 --generations 2 --reference-prompts 1 --interleave
 echo "== issue 18: the reasoning and fixed-length rows with an fp8 KV cache (opt-in, inexact: compare mean_fitness)"
 engine_row chat-row-fp8 --chat --stop '</answer>' --generations 1 --skip-plain --reference-prompts 1 --kv-cache-dtype fp8
-engine_row fixed-row-fp8 --max-new-tokens 256 --reference-prompts 1 --kv-cache-dtype fp8
+engine_row fixed-row-fp8 --max-new-tokens 256 --generations 2 --reference-prompts 1 --kv-cache-dtype fp8
+echo "== issue 18: the reasoning row's second generation (graphs captured), plain and interleaved"
+engine_row chat-row2 --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1
+[ "$saved" = 1 ] && engine_row chat-row-interleave --chat --stop '</answer>' --generations 2 --skip-plain \
+  --reference-prompts 1 --interleave
 if [ ! -f $R/kv-agree/agree.json ]; then  # the base model's 200 chat completions with both caches: accuracy and parting
   mkdir -p $R/kv-agree
   timeout 300 python3 bench/kv_cache_agreement.py --model $M --data $D --chat --out $R/kv-agree/agree.json \
     > $R/kv-agree/log.txt 2>&1; grep -v Warning $R/kv-agree/log.txt | tail -n 22
 fi
-echo "== issue 18: the fixed-length row again, two generations (the first, on a fresh machine, left the device idle 4.8 s)"
-engine_row fixed-row2 --max-new-tokens 256 --generations 2 --reference-prompts 1
 echo "== issue 20: ES's population, prompts a generation and σ by 300-s short runs (α = 0.002 chosen before: docs/results.md)"
 bash bench/short_runs_gpu.sh $M $D $R/es-short 300 es "es.population=60" "es.prompts_per_generation=100" "es.sigma=0.002"
 echo "== issue 20: GRPO with a KL term on conciseness (reward against KL past the β = 0 run)"

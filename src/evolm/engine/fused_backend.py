@@ -141,15 +141,16 @@ class Group:
             torch.addmm(self.weight, self.up[group].T, self.down[group].T, out=self.merged)
             self.merged_group = group
 
-    def decode(self, x: torch.Tensor, groups: int) -> torch.Tensor:
-        """x [G·C, 1, in], rows group-major, G the decoding batch's groups (see pick)."""
+    def decode(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """x [G·C, 1, in], rows group-major, G the decoding batch's groups `part` (see pick)."""
         if self.lone:
             return F.linear(x, self.merged, self.bias)
         y = F.linear(x, self.weight, self.bias)
         if self.down is not None:
             down, up = self.batch
+            groups = part.stop - part.start
             rows = x.view(groups, -1, x.shape[-1])
-            y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, down), up)
+            y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, down[part]), up[part])
         return y
 
     def prefill(self, x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
@@ -249,8 +250,12 @@ class Generated:
 class FusedBackend:
     """Slot-based prefill and decoding for supported architectures (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, PopulationLinear], kv_cache_dtype: str = "model"):
+    def __init__(self, model: nn.Module, layers: dict[str, PopulationLinear], kv_cache_dtype: str = "model",
+                 interleave: bool = False):
+        """`interleave`: decode a batch as two halves on two CUDA streams (see _step)."""
         self.model = model
+        self.interleave = interleave
+        self.streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
         self.config = model.config
         self.inner = model.model
         names = {layer.base: name for name, layer in layers.items()}
@@ -506,8 +511,39 @@ class FusedBackend:
         return self.graphs[key]
 
     def _step(self, slots: torch.Tensor) -> None:
-        """One decoding step: the next token of every row of these slots, from its key and position."""
-        self._advance(slots, pick_token(self._forward(slots), self.params, self.keys[slots], self.count[slots]))
+        """One decoding step: the next token of every row of these slots, from its key and position.
+
+        With `interleave`, the batch's groups run as two halves, each on its own CUDA stream, the second half
+        starting once the first is past its first layer's attention: one half's attention (bound by reading the
+        KV cache) may then run beside the other's matmuls (bound by compute). On a CPU the halves run one after
+        the other; a row's token is the same either way."""
+        count = self.batch_groups
+        if not self.interleave or count < 2:
+            self._half_step(slots, slice(0, count))
+            return
+        middle = count // 2 * self.batch_rows
+        halves = [(slots[:middle], slice(0, count // 2)), (slots[middle:], slice(count // 2, count))]
+        if slots.device.type != "cuda":
+            for rows, part in halves:
+                self._half_step(rows, part)
+            return
+        if self.streams is None:
+            self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
+        current, ahead = torch.cuda.current_stream(), torch.cuda.Event()
+        for (rows, part), stream, first in zip(halves, self.streams, (True, False)):
+            stream.wait_stream(current)
+            if not first:
+                stream.wait_event(ahead)
+            with torch.cuda.stream(stream):
+                self._half_step(rows, part, ahead if first else None)
+        for stream in self.streams:
+            current.wait_stream(stream)
+
+    def _half_step(self, slots: torch.Tensor, part: slice, ahead: torch.cuda.Event | None = None) -> None:
+        """The step of the batch groups `part`, whose rows are these slots (`ahead`: recorded after layer 0's
+        attention)."""
+        logits = self._forward(slots, part, ahead)
+        self._advance(slots, pick_token(logits, self.params, self.keys[slots], self.count[slots]))
 
     def _advance(self, slots: torch.Tensor, token: torch.Tensor) -> None:
         """Per-slot state after one step: the new token stored and counted, finished rows marked."""
@@ -518,8 +554,9 @@ class FusedBackend:
         hit_eos = (token[:, None] == self.eos[None, :]).any(dim=1)
         self.done[slots] = self.done[slots] | hit_eos | (count + 1 >= self.params.max_new_tokens)
 
-    def _forward(self, slots: torch.Tensor) -> torch.Tensor:
-        """One decoding step of these slots: their last tokens in, next-token logits out; keys appended."""
+    def _forward(self, slots: torch.Tensor, part: slice, ahead: torch.cuda.Event | None = None) -> torch.Tensor:
+        """One decoding step of these slots, the batch groups `part`: their last tokens in, next-token logits out;
+        keys appended (`ahead`: an event recorded after layer 0's attention)."""
         b = slots.shape[0]
         position = self.length[slots].clamp(max=self.capacity - 1)  # the scratch slot never runs past its end
         x = self.inner.embed_tokens(self.last[slots])[:, None]
@@ -527,7 +564,7 @@ class FusedBackend:
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
-            qkv = groups["qkv"].decode(h, self.batch_groups)
+            qkv = groups["qkv"].decode(h, part)
             scales = self._scales(i)
             if use_kernel(qkv) and not self.has_qk_norm:
                 q = rotary_to_cache(qkv[:, 0], cos[:, 0], sin[:, 0], self.k_cache[i], self.v_cache[i], slots,
@@ -539,11 +576,12 @@ class FusedBackend:
                 q = q[:, :, 0]
             attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling,
                                     *scales)
-            x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), self.batch_groups),
-                                layer.post_attention_layernorm)
-            up = silu_mul(groups["gate_up"].decode(h, self.batch_groups))
+            if i == 0 and ahead is not None:
+                ahead.record()
+            x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), part), layer.post_attention_layernorm)
+            up = silu_mul(groups["gate_up"].decode(h, part))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
-            x, h = add_rms_norm(x, groups["down"].decode(up, self.batch_groups), following)
+            x, h = add_rms_norm(x, groups["down"].decode(up, part), following)
         self.length[slots] = position + 1
         # padding rows attend to one key, not to a scratch slot grown to capacity (a view's fill: no host copy
         # inside a CUDA graph's capture)

@@ -134,24 +134,29 @@ if triton is not None:
             x1, x2 = first.to(tl.float32), second.to(tl.float32)
             out_1 = ((x1 * cos_1).to(dtype).to(tl.float32) + (-x2 * sin_1).to(dtype).to(tl.float32)).to(dtype)
             out_2 = ((x2 * cos_2).to(dtype).to(tl.float32) + (x1 * sin_2).to(dtype).to(tl.float32)).to(dtype)
+            # each branch stores its own: Triton types a variable once, and the cache may hold fp8, not bf16
             if head < HEADS:
-                target = Q + row * sq_row + head * sq_head
+                q_target = Q + row * sq_row + head * sq_head
+                tl.store(q_target + d, out_1)
+                tl.store(q_target + HALF + d, out_2)
             else:
-                target = KCache + slot * sk_slot + (head - HEADS) * sk_head + position * sk_pos
+                k_target = KCache + slot * sk_slot + (head - HEADS) * sk_head + position * sk_pos
                 if QUANTISED:
                     k_scale = tl.load(KScale + head - HEADS)
-                    out_1 = _saturate(out_1, k_scale, FP8_MAX).to(KCache.dtype.element_ty)
-                    out_2 = _saturate(out_2, k_scale, FP8_MAX).to(KCache.dtype.element_ty)
-            tl.store(target + d, out_1)
-            tl.store(target + HALF + d, out_2)
+                    tl.store(k_target + d, _saturate(out_1, k_scale, FP8_MAX).to(KCache.dtype.element_ty))
+                    tl.store(k_target + HALF + d, _saturate(out_2, k_scale, FP8_MAX).to(KCache.dtype.element_ty))
+                else:
+                    tl.store(k_target + d, out_1)
+                    tl.store(k_target + HALF + d, out_2)
         else:
-            target = VCache + slot * sv_slot + (head - HEADS - KV_HEADS) * sv_head + position * sv_pos
+            v_target = VCache + slot * sv_slot + (head - HEADS - KV_HEADS) * sv_head + position * sv_pos
             if QUANTISED:
                 v_scale = tl.load(VScale + head - HEADS - KV_HEADS)
-                first = _saturate(first, v_scale, FP8_MAX).to(VCache.dtype.element_ty)
-                second = _saturate(second, v_scale, FP8_MAX).to(VCache.dtype.element_ty)
-            tl.store(target + d, first)
-            tl.store(target + HALF + d, second)
+                tl.store(v_target + d, _saturate(first, v_scale, FP8_MAX).to(VCache.dtype.element_ty))
+                tl.store(v_target + HALF + d, _saturate(second, v_scale, FP8_MAX).to(VCache.dtype.element_ty))
+            else:
+                tl.store(v_target + d, first)
+                tl.store(v_target + HALF + d, second)
 
     @triton.jit
     def _saturate(x, scale, FP8_MAX: tl.constexpr):
