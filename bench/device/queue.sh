@@ -3,7 +3,7 @@
 # what is already done under /tmp/runs. Start it with bg.sh (README.md); its results go to docs/ afterwards.
 set -u
 # the run folders (and logs) under /tmp/runs that the steps below write: poll.sh packs these when TAR is not given
-# QUEUE_FOLDERS: overlap fixed-row-interleave chat-row-fp8 fixed-row-fp8 chat-row2 chat-row-interleave kv-agree es-short conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log gsm8k gsm8k.log
+# QUEUE_FOLDERS: overlap fixed-row-interleave chat-row-fp8 fixed-row-fp8 chat-row2 chat-row-interleave kv-agree conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log gsm8k gsm8k.log
 . bench/device/env.sh
 R=/tmp/runs
 mkdir -p $R
@@ -42,8 +42,6 @@ if [ ! -f $R/kv-agree/agree.json ]; then  # the base model's 200 chat completion
   timeout 300 python3 bench/kv_cache_agreement.py --model $M --data $D --chat --out $R/kv-agree/agree.json \
     > $R/kv-agree/log.txt 2>&1; grep -v Warning $R/kv-agree/log.txt | tail -n 22
 fi
-echo "== issue 20: ES's population, prompts a generation and σ by 300-s short runs (α = 0.002 chosen before: docs/results.md)"
-bash bench/short_runs_gpu.sh $M $D $R/es-short 300 es "es.population=60" "es.prompts_per_generation=100" "es.sigma=0.002"
 echo "== issue 20: GRPO with a KL term on conciseness (reward against KL past the β = 0 run)"
 TASK=conciseness bash bench/short_runs_gpu.sh $M $DC $R/conc-beta 300 grpo "grpo.beta=0.04"
 echo "== issue 20: the swept GRPO (lr 3e-6, β 0.04) for 900 s with all 2,000 records kept: ES against GRPO paired on the 2,000"
