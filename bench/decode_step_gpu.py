@@ -10,7 +10,8 @@ with CUDA events over replays of the captured step:
   the matmuls alone (the base weights of every layer and the head);
   the members' x·A products alone (the first bmm of every matmul group's perturbation);
 and prints µs per row-step against the ceilings measured in the same call (a device copy, a bf16 matmul).
-The perturbation's cost is the step minus the step with none (what its two products cost inside the
+The step is timed twice, with the perturbation's B product by torch.baddbmm_ (the engine's default) and by
+engine/lowrank.py's kernel. The perturbation's cost is the step minus the step with none (what its two products cost inside the
 step, launches and all); the unperturbed step minus its parts is the rest: norms, rotary, SiLU,
 cache writes, argmax. `--profile` lists the kernels of a few eager steps of one shape by device time;
 `--prefill` times and profiles one prefill chunk. The KV cache holds random keys, not zeros.
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from evolm.config import ModelConfig, SpaceConfig
-from evolm.engine import PopulationEngine, SamplingParams, attention
+from evolm.engine import PopulationEngine, SamplingParams, attention, lowrank
 from evolm.engine.layer import LowRankWeights
 from evolm.models import eos_token_ids, load_model
 
@@ -255,6 +256,11 @@ def main() -> None:
         if shape == args.profile:
             row["profile"] = profile(lambda backend=backend: eager_step(backend))
         backend.release()
+        lowrank.KERNEL = True  # the same step with the perturbation's B product by engine/lowrank.py's kernel
+        backend = open_shape(engine, members, per_group, context)
+        row["step, lowrank kernel"] = step_seconds(backend, context)
+        backend.release()
+        lowrank.KERNEL = False
         plain = open_shape(engine, None, rows, context)
         row["step, no perturbation"] = step_seconds(plain, context)
         plain.release()
@@ -285,14 +291,15 @@ def main() -> None:
               f"{chunk['matmul floor'] * 1e3:.1f} ms ({chunk['matmul floor'] / chunk['seconds']:.0%})\n"
               + chunk["profile"], flush=True)
     (args.out / "decode-step.json").write_text(json.dumps(results, indent=1))
-    print(f"\n| shape (C x L, N={args.members}) | rows | step ms | µs/row | no perturbation ms | "
-          "attention ms (floor) | matmuls ms (floor) | low-rank ms (x·A) | rest ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| shape (C x L, N={args.members}) | rows | step ms | step with the lowrank kernel ms | µs/row | "
+          "no perturbation ms | attention ms (floor) | matmuls ms (floor) | low-rank ms (x·A) | rest ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["shapes"]:
         attn = r["attention b64 w4 s3"]
         plain = r["step, no perturbation"]
         rest = plain - attn - r["matmuls"]
-        print(f"| {r['shape']} | {r['rows']} | {r['step'] * 1e3:.2f} | {r['step'] / r['rows'] * 1e6:.2f} | "
+        print(f"| {r['shape']} | {r['rows']} | {r['step'] * 1e3:.2f} | {r['step, lowrank kernel'] * 1e3:.2f} | "
+              f"{r['step'] / r['rows'] * 1e6:.2f} | "
               f"{plain * 1e3:.2f} | {attn * 1e3:.2f} ({r['attention floor'] * 1e3:.2f}) | "
               f"{r['matmuls'] * 1e3:.2f} ({r['matmul floor'] * 1e3:.2f}) | "
               f"{(r['step'] - plain) * 1e3:.2f} ({r['low-rank x·A'] * 1e3:.2f}) | {rest * 1e3:.2f} |")

@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from evolm.engine import attention, rowwise, sampling  # noqa: E402
+from evolm.engine import attention, lowrank, rowwise, sampling  # noqa: E402
 from evolm.es import noise  # noqa: E402
 
 H200 = GPUTarget("cuda", 90, 32)
@@ -62,3 +62,9 @@ def test_the_sampling_and_noise_kernels_compile():
     # keys are 32-bit values (Triton types those past 2**31 u32), offsets reach past 2**31 in a 1.5B model
     compiles(noise._gaussian_kernel, {"Out": "*fp32", "start": "i64", "count": "i64", "k1": "u32", "k2": "i32"},
              {"BLOCK": noise.BLOCK})
+
+
+@pytest.mark.parametrize("dtype,widen", [("bf16", False), ("fp32", True)])
+def test_the_lowrank_add_kernel_compiles(dtype, widen):
+    compiles(lowrank._add_lowrank_kernel, {"Y": f"*{dtype}", "T": f"*{dtype}", "B": f"*{dtype}"},
+             {"BLOCK_M": lowrank.BLOCK_ROWS, "BLOCK_N": lowrank.BLOCK_COLUMNS, "RANK_PAD": 16, "WIDEN": widen})

@@ -71,7 +71,7 @@ ENGINE = r"""
 import copy, sys
 import torch
 from transformers import AutoModelForCausalLM
-from evolm.engine import PopulationEngine, SamplingParams
+from evolm.engine import PopulationEngine, SamplingParams, lowrank
 from evolm.engine.layer import LowRankWeights
 from evolm.models import load_tokenizer
 path = sys.argv[1]
@@ -82,14 +82,17 @@ texts = ["Count: 1 2 3", "The answer is", "abc" * 9, "x"]
 for opening in ("", "Instructions shared by every prompt: "):  # the second prefills its prefix once a member
     prompts = [tokenizer(opening + p).input_ids for p in texts]
     out = {}
-    for backend in ("transformers", "fused"):  # fused: 3 groups of 3 slots, so a 4th prompt refills one
+    # fused: 3 groups of 3 slots, so a 4th prompt refills one; with the perturbation's B product by baddbmm_
+    # and by the low-rank add kernel
+    for backend, kernel in [("transformers", False), ("fused", False), ("fused, lowrank kernel", True)]:
+        lowrank.KERNEL = kernel
         engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id],
-                                  backend=backend, max_batch_rows=9)
+                                  backend=backend.split(",")[0], max_batch_rows=9)
         g = torch.Generator().manual_seed(3)
         engine.set_factors({n: LowRankWeights(torch.randn(3, 2, i, generator=g), torch.randn(3, o, 2, generator=g))
                             for n, (i, o) in engine.shapes().items()}, 0.05)
         out[backend] = engine.generate(prompts, [2, 0, 1], SamplingParams(max_new_tokens=12)).tokens
-    assert out["fused"] == out["transformers"], (opening, out)
+    assert out["fused"] == out["transformers"] == out["fused, lowrank kernel"], (opening, out)
     assert len({str(member) for member in out["fused"]}) == 3  # each member's perturbation shows in its text
 print("ok")
 """
@@ -100,8 +103,8 @@ def test_kernels_compute_what_the_modules_compute():
 
 
 def test_fused_backend_with_every_kernel_matches_the_transformers_backend(tiny_qwen):
-    """Norm, SiLU, rotary-to-cache and attention kernels wired into prefill and decoding, refill and a shared
-    prompt prefix included, for perturbed members with every projection targeted."""
+    """Norm, SiLU, rotary-to-cache, attention and low-rank add kernels wired into prefill and decoding, refill and
+    a shared prompt prefix included, for perturbed members with every projection targeted."""
     run_interpreted(ENGINE, str(tiny_qwen))
 
 

@@ -42,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from evolm.engine import kv_quant
 from evolm.engine.attention import decode_attention
 from evolm.engine.layer import PopulationLinear, Routing
+from evolm.engine.lowrank import add_lowrank_
 from evolm.engine.rowwise import add_rms_norm, rotary_to_cache, silu_mul
 from evolm.engine.sampling import SamplingParams, pick_token, row_keys
 from evolm.kernels import use_kernel
@@ -150,7 +151,7 @@ class Group:
             down, up = self.batch
             groups = part.stop - part.start
             rows = x.view(groups, -1, x.shape[-1])
-            y.view(groups, -1, y.shape[-1]).baddbmm_(torch.bmm(rows, down[part]), up[part])
+            add_lowrank_(y.view(groups, -1, y.shape[-1]), torch.bmm(rows, down[part]), up[part])
         return y
 
     def prefill(self, x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
@@ -165,10 +166,10 @@ class Group:
             return y
         if chunk.equal is not None:
             rows = x.reshape(len(chunk.segments), -1, x.shape[-1])
-            y.view(len(chunk.segments), -1, y.shape[-1]).baddbmm_(torch.bmm(rows, self.down[chunk.equal]),
-                                                                  self.up[chunk.equal])
+            add_lowrank_(y.view(len(chunk.segments), -1, y.shape[-1]), torch.bmm(rows, self.down[chunk.equal]),
+                         self.up[chunk.equal])
         elif x.shape[0] * self.up.shape[1] * max(self.up.shape[2], self.down.shape[1]) <= PREFILL_GATHER:
-            y.baddbmm_(torch.bmm(x, self.down[chunk.row_groups]), self.up[chunk.row_groups])
+            add_lowrank_(y, torch.bmm(x, self.down[chunk.row_groups]), self.up[chunk.row_groups])
         else:
             for group, start, end in chunk.segments:
                 rows = x[start:end].reshape(-1, x.shape[-1])
