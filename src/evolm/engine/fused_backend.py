@@ -56,6 +56,7 @@ GROUPS = {
     "down": ("mlp", ("down_proj",)),
 }
 PREFILL_TOKENS = 32768  # padded prompt tokens per prefill chunk: bounds activation memory
+PREFIX_COPY = 256  # tokens of a call's shared prefix that decoding reads from one copy a group (attention.py)
 PREFILL_GATHER = 1 << 26  # factor elements a chunk's rows may gather (a refill's rows from many groups)
 # cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200)
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -288,6 +289,11 @@ class FusedBackend:
         # the keys and values of the call's shared prompt prefix, per layer [groups, kv_heads, prefix, head_dim]
         self.prefix_k: list[torch.Tensor] = []
         self.prefix_v: list[torch.Tensor] = []
+        # the same, up to PREFIX_COPY tokens, in buffers of the layout's life (the decode step's CUDA graphs read
+        # them), with how many tokens they hold this call
+        self.copy_k: list[torch.Tensor] = []
+        self.copy_v: list[torch.Tensor] = []
+        self.copied: torch.Tensor | None = None
         self.kv_cache_dtype = kv_cache_dtype
         # an fp8 cache's scales [layers, kv_heads], from the first prefill of the backend's life (kv_quant)
         self.k_scale: torch.Tensor | None = None
@@ -347,6 +353,11 @@ class FusedBackend:
         self.k_cache = [torch.zeros((slots, self.kv_heads, capacity, self.head_dim), device=device,
                                     dtype=self.cache_dtype) for _ in self.groups]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        copy = min(PREFIX_COPY, capacity)
+        self.copy_k = [torch.zeros((self.num_groups, self.kv_heads, copy, self.head_dim), device=device,
+                                   dtype=self.cache_dtype) for _ in self.groups]
+        self.copy_v = [torch.zeros_like(k) for k in self.copy_k]
+        self.copied = torch.zeros(1, dtype=torch.long, device=device)
         self.width = params.max_new_tokens + 1  # generated tokens kept per slot (+1: writes past the end land there)
         self.last = torch.zeros(slots, dtype=torch.long, device=device)
         self.length = torch.zeros(slots, dtype=torch.long, device=device)
@@ -411,6 +422,7 @@ class FusedBackend:
 
         Call it after open and before the first admit; it uses each group's first slot, which admit refills."""
         self.prefix_k, self.prefix_v = [], []
+        self.copied.fill_(min(len(prefix), self.copy_k[0].shape[2]))
         if not prefix:
             return
         slots = [g * self.per_group for g in range(self.num_groups)]
@@ -418,6 +430,9 @@ class FusedBackend:
         self._layers(slots, index, [prefix] * len(slots), 0)
         self.prefix_k = [k[index, :, : len(prefix)] for k in self.k_cache]  # advanced indexing: copies
         self.prefix_v = [v[index, :, : len(prefix)] for v in self.v_cache]
+        for copies, keys in ((self.copy_k, self.prefix_k), (self.copy_v, self.prefix_v)):
+            for copy, key in zip(copies, keys):
+                copy[:, :, : key.shape[2]] = key[:, :, : copy.shape[2]]
 
     @torch.inference_mode()
     def set_batch(self, slots_by_group: Sequence[Sequence[int]], per_group: int,
@@ -478,12 +493,13 @@ class FusedBackend:
         """Accelerator memory the slot buffers (and a merged copy) hold between calls (a next call of another
         layout frees it)."""
         merged = [group.merged for layer in self.groups for group in layer.values() if group.merged is not None]
-        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache, *merged))
+        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache, *self.copy_k, *self.copy_v,
+                                                          *merged))
 
     def release(self) -> None:
         """Free the slot buffers, the merged copy and the graphs."""
         self.k_cache, self.v_cache, self.graphs, self.layout, self.batch_slots = [], [], {}, None, None
-        self.prefix_k, self.prefix_v = [], []
+        self.prefix_k, self.prefix_v, self.copy_k, self.copy_v, self.copied = [], [], [], [], None
         for layer in self.groups:
             for group in layer.values():
                 group.picked, group.merged = None, None
@@ -576,7 +592,7 @@ class FusedBackend:
                 self.v_cache[i][slots, :, position] = self._stored(v[:, :, 0], self.v_scale, i)
                 q = q[:, :, 0]
             attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling,
-                                    *scales)
+                                    *scales, prefix=(self.copy_k[i], self.copy_v[i], self.per_group, self.copied))
             if i == 0 and ahead is not None:
                 ahead.record()
             x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), part), layer.post_attention_layernorm)

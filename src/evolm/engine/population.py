@@ -186,8 +186,9 @@ class PopulationEngine:
         memory = self._budget_bytes()
         merged = self.backend.merge_bytes(self.routing) if members is not None else 0
         merge = 0 < merged <= self.merge_share * memory
+        copies = groups * self.backend.slot_bytes(min(fused_backend.PREFIX_COPY, capacity))  # a shared prefix's
         budget = self.max_batch_rows or self._slots_in_memory(capacity, max(len(p) for p in prompts),
-                                                              memory - (merged if merge else 0))
+                                                              memory - (merged if merge else 0) - copies)
         per_group = min(len(prompts), max(1, budget // groups))
         with clock.host("open"):  # KV slots allocated, a lone member's merged weights written
             self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids, merge)
