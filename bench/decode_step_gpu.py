@@ -216,6 +216,9 @@ def prefill_chunk(engine: PopulationEngine, members: list[int], rows_per_group: 
     linear = sum(i * o for i, o in engine.shapes().values())
     result = {"rows": len(slots), "length": length, "tokens": tokens, "seconds": timed(chunk, repeat=5),
               "matmul floor": 2 * tokens * linear / peak["flops_per_s"], "profile": profile(chunk, times=2)}
+    lowrank.KERNEL = True  # the perturbation's B product by engine/lowrank.py's kernel
+    result["seconds, lowrank kernel"] = timed(chunk, repeat=5)
+    lowrank.KERNEL = False
     backend.release()
     return result
 
@@ -296,7 +299,8 @@ def main() -> None:
         rows_per_group, length = map(int, args.prefill.split("x"))
         chunk = prefill_chunk(engine, members, rows_per_group, length, peak)
         results["prefill"] = chunk
-        print(f"prefill chunk {chunk['rows']} rows x {length} tokens: {chunk['seconds'] * 1e3:.1f} ms, matmul floor "
+        print(f"prefill chunk {chunk['rows']} rows x {length} tokens: {chunk['seconds'] * 1e3:.1f} ms "
+              f"({chunk['seconds, lowrank kernel'] * 1e3:.1f} ms with the lowrank kernel), matmul floor "
               f"{chunk['matmul floor'] * 1e3:.1f} ms ({chunk['matmul floor'] / chunk['seconds']:.0%})\n"
               + chunk["profile"], flush=True)
     (args.out / "decode-step.json").write_text(json.dumps(results, indent=1))
