@@ -151,9 +151,9 @@ def test_refill_gives_every_row_what_it_gets_alone(request, fixture, monkeypatch
             halves = []
             half_step = fused_backend.FusedBackend._half_step
 
-            def recording(self, slots, part, ahead=None):
+            def recording(self, slots, part):
                 halves.append((part.start, part.stop, self.batch_groups))
-                return half_step(self, slots, part, ahead)
+                return half_step(self, slots, part)
             monkeypatch.setattr(fused_backend.FusedBackend, "_half_step", recording)
         engine = PopulationEngine(copy.deepcopy(base), tokenizer, targets, eos_token_ids=[tokenizer.eos_token_id],
                                   max_batch_rows=rows, backend=backend, interleave=name == "refill, two halves")

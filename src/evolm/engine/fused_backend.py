@@ -32,6 +32,7 @@ bytes, so about twice the rows fit.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -530,36 +531,48 @@ class FusedBackend:
     def _step(self, slots: torch.Tensor) -> None:
         """One decoding step: the next token of every row of these slots, from its key and position.
 
-        With `interleave`, the batch's groups run as two halves, each on its own CUDA stream, the second half
-        starting once the first is past its first layer's attention: one half's attention (bound by reading the
-        KV cache) may then run beside the other's matmuls (bound by compute). On a CPU the halves run one after
-        the other; a row's token is the same either way."""
+        With `interleave`, the batch's groups run as two halves, each on its own CUDA stream, their attentions
+        taking turns (layer i's of the first half, then of the second, then layer i + 1's of the first, …) and
+        everything else free: while one half reads the KV cache (memory-bound), the other may run its matmuls
+        (compute-bound). On a CPU the halves run one after the other; a row's token is the same either way."""
         count = self.batch_groups
         if not self.interleave or count < 2:
-            self._half_step(slots, slice(0, count))
+            for _ in self._half_step(slots, slice(0, count)):
+                pass
             return
         middle = count // 2 * self.batch_rows
-        halves = [(slots[:middle], slice(0, count // 2)), (slots[middle:], slice(count // 2, count))]
-        if slots.device.type != "cuda":
-            for rows, part in halves:
-                self._half_step(rows, part)
-            return
-        if self.streams is None:
+        halves = [self._half_step(slots[:middle], slice(0, count // 2)),
+                  self._half_step(slots[middle:], slice(count // 2, count))]
+        cuda = slots.device.type == "cuda"
+        if cuda and self.streams is None:
             self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
-        current, ahead = torch.cuda.current_stream(), torch.cuda.Event()
-        for (rows, part), stream, first in zip(halves, self.streams, (True, False)):
-            stream.wait_stream(current)
-            if not first:
-                stream.wait_event(ahead)
-            with torch.cuda.stream(stream):
-                self._half_step(rows, part, ahead if first else None)
-        for stream in self.streams:
-            current.wait_stream(stream)
+        streams = self.streams if cuda else (None, None)
+        if cuda:
+            current = torch.cuda.current_stream()
+            for stream in streams:
+                stream.wait_stream(current)
+        turn = None  # the last attention enqueued, of either half
+        live = [0, 1]
+        while live:
+            for h in list(live):
+                with torch.cuda.stream(streams[h]) if cuda else nullcontext():
+                    if next(halves[h], None) is None:  # up to its next attention, or to its step's end
+                        live.remove(h)
+                        continue
+                    if turn is not None:
+                        streams[h].wait_event(turn)
+                    next(halves[h])  # the attention
+                    if cuda:
+                        turn = torch.cuda.Event()
+                        turn.record()
+        if cuda:
+            for stream in streams:
+                current.wait_stream(stream)
 
-    def _half_step(self, slots: torch.Tensor, part: slice, ahead: torch.cuda.Event | None = None) -> None:
-        """The step of the batch groups `part`, whose rows are these slots (`ahead`: recorded after layer 0's
-        attention)."""
-        logits = self._forward(slots, part, ahead)
+    def _half_step(self, slots: torch.Tensor, part: slice):
+        """The step of the batch groups `part`, whose rows are these slots, as a generator that pauses before
+        and after each layer's attention (see _step)."""
+        logits = yield from self._forward(slots, part)
         self._advance(slots, pick_token(logits, self.params, self.keys[slots], self.count[slots]))
 
     def _advance(self, slots: torch.Tensor, token: torch.Tensor) -> None:
@@ -571,9 +584,10 @@ class FusedBackend:
         hit_eos = (token[:, None] == self.eos[None, :]).any(dim=1)
         self.done[slots] = self.done[slots] | hit_eos | (count + 1 >= self.params.max_new_tokens)
 
-    def _forward(self, slots: torch.Tensor, part: slice, ahead: torch.cuda.Event | None = None) -> torch.Tensor:
-        """One decoding step of these slots, the batch groups `part`: their last tokens in, next-token logits out;
-        keys appended (`ahead`: an event recorded after layer 0's attention)."""
+    def _forward(self, slots: torch.Tensor, part: slice):
+        """One decoding step of these slots, the batch groups `part`: their last tokens in, next-token logits
+        returned; keys appended. A generator: it yields "attend" before each layer's attention and "attended"
+        after (see _step)."""
         b = slots.shape[0]
         position = self.length[slots].clamp(max=self.capacity - 1)  # the scratch slot never runs past its end
         x = self.inner.embed_tokens(self.last[slots])[:, None]
@@ -591,10 +605,10 @@ class FusedBackend:
                 self.k_cache[i][slots, :, position] = self._stored(k[:, :, 0], self.k_scale, i)
                 self.v_cache[i][slots, :, position] = self._stored(v[:, :, 0], self.v_scale, i)
                 q = q[:, :, 0]
+            yield "attend"
             attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling,
                                     *scales, prefix=(self.copy_k[i], self.copy_v[i], self.per_group, self.copied))
-            if i == 0 and ahead is not None:
-                ahead.record()
+            yield "attended"
             x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), part), layer.post_attention_layernorm)
             up = silu_mul(groups["gate_up"].decode(h, part))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
