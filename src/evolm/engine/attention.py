@@ -129,13 +129,9 @@ if triton is not None:
         for n0 in range(start, end, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             valid = n < end
-            if HAS_PREFIX:  # complementary masks: each key is read from one place only
+            if HAS_PREFIX:
                 shared = n < prefix_len
-                k = tl.where(shared[:, None],
-                             tl.load(pk_base + n[:, None] * spk_pos + d[None, :], mask=(valid & shared)[:, None],
-                                     other=0.0),
-                             tl.load(k_base + n[:, None] * sk_pos + d[None, :], mask=(valid & ~shared)[:, None],
-                                     other=0.0))
+                k = _tile(k_base, sk_pos, pk_base, spk_pos, n, d, valid, shared)
             else:
                 k = tl.load(k_base + n[:, None] * sk_pos + d[None, :], mask=valid[:, None], other=0.0)
             if QUANTISED:
@@ -147,11 +143,7 @@ if triton is not None:
             alpha = tl.exp(m - m_new)
             total = total * alpha + tl.sum(p, 1)
             if HAS_PREFIX:
-                v = tl.where(shared[:, None],
-                             tl.load(pv_base + n[:, None] * spv_pos + d[None, :], mask=(valid & shared)[:, None],
-                                     other=0.0),
-                             tl.load(v_base + n[:, None] * sv_pos + d[None, :], mask=(valid & ~shared)[:, None],
-                                     other=0.0))
+                v = _tile(v_base, sv_pos, pv_base, spv_pos, n, d, valid, shared)
             else:
                 v = tl.load(v_base + n[:, None] * sv_pos + d[None, :], mask=valid[:, None], other=0.0)
             if QUANTISED:
@@ -166,3 +158,11 @@ if triton is not None:
         tl.store(Out + row * so_row + heads[:, None] * so_head + split * so_split + d[None, :], out,
                  mask=in_group[:, None])
         tl.store(Lse + row * sl_row + heads * sl_head + split, lse, mask=in_group)
+
+    @triton.jit
+    def _tile(base, s_pos, prefix_base, sp_pos, n, d, valid, shared):
+        """Keys (or values) n of a row: the shared ones from the group's copy, the rest from the row's slot
+        (complementary masks: each is read from one place only)."""
+        from_copy = tl.load(prefix_base + n[:, None] * sp_pos + d[None, :], mask=(valid & shared)[:, None], other=0.0)
+        own = tl.load(base + n[:, None] * s_pos + d[None, :], mask=(valid & ~shared)[:, None], other=0.0)
+        return tl.where(shared[:, None], from_copy, own)
