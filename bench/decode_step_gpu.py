@@ -139,7 +139,32 @@ def parts(engine: PopulationEngine, backend, rows: int, context: int, variants: 
                 for key, group in groups.items():
                     torch.bmm(xs[key].view(n, -1, xs[key].shape[-1]), group.batch[0])
         out["low-rank x·A"] = timed(times_a)
+        out.update(perturbed_matmuls(layers, xs, n))
     return out
+
+
+def perturbed_matmuls(layers, xs: dict, groups: int) -> dict:
+    """Every layer's perturbed matmuls (x·A included) three ways: the base product, then y += t·B by
+    baddbmm_ (the engine's default) or by the lowrank kernel; or t·B (+ bias) written first and the base product
+    added to it by cuBLAS's epilogue (addmm_: beta = 1 reads y while the product computes)."""
+    def run(way):
+        for layer in layers:
+            for key, group in layer.items():
+                x = xs[key]
+                down, up = group.batch
+                t = torch.bmm(x.view(groups, -1, x.shape[-1]), down)
+                if way == "addmm_":
+                    y = torch.bmm(t, up) if group.bias is None else torch.baddbmm(group.bias, t, up)
+                    y.view(-1, y.shape[-1]).addmm_(x.view(-1, x.shape[-1]), group.weight.T)
+                    continue
+                y = F.linear(x, group.weight, group.bias).view(groups, -1, up.shape[-1])
+                if way == "baddbmm_":
+                    y.baddbmm_(t, up)
+                else:
+                    lowrank.KERNEL = True
+                    lowrank.add_lowrank_(y, t, up)
+                    lowrank.KERNEL = False
+    return {f"perturbed matmuls, {way}": timed(lambda way=way: run(way)) for way in ("baddbmm_", "kernel", "addmm_")}
 
 
 def overlap(engine: PopulationEngine, backend, rows: int, context: int) -> dict:
@@ -316,6 +341,11 @@ def main() -> None:
               f"{plain * 1e3:.2f} | {attn * 1e3:.2f} ({r['attention floor'] * 1e3:.2f}) | "
               f"{r['matmuls'] * 1e3:.2f} ({r['matmul floor'] * 1e3:.2f}) | "
               f"{(r['step'] - plain) * 1e3:.2f} ({r['low-rank x·A'] * 1e3:.2f}) | {rest * 1e3:.2f} |")
+    print("\nperturbed matmuls of all layers (ms): y += t·B by baddbmm_, by the lowrank kernel; t·B first, then addmm_")
+    for r in results["shapes"]:
+        if "perturbed matmuls, baddbmm_" in r:
+            print(r["shape"], ", ".join(f"{way}: {r[f'perturbed matmuls, {way}'] * 1e3:.2f}"
+                                        for way in ("baddbmm_", "kernel", "addmm_")))
     print("\nkernel variants (ms, all layers):")
     for r in results["shapes"]:
         variants = {k: v for k, v in r.items() if k.startswith("attention b")}
