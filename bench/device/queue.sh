@@ -31,7 +31,7 @@ print(int(o['both on two streams'] < 0.95 * (o['half attention'] + o['half matmu
 echo "== issue 18: the fixed-length row with an interleaved step (against fixed-row2: 18.4 s, the second generation)"
 [ "$saved" = 1 ] && engine_row fixed-row-interleave --max-new-tokens 256 --generations 2 --reference-prompts 1 --interleave
 echo "== issue 18: the reasoning and fixed-length rows with an fp8 KV cache (opt-in, inexact: compare mean_fitness)"
-engine_row chat-row-fp8 --chat --stop '</answer>' --generations 1 --skip-plain --reference-prompts 1 --kv-cache-dtype fp8
+engine_row chat-row-fp8 --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1 --kv-cache-dtype fp8
 engine_row fixed-row-fp8 --max-new-tokens 256 --generations 2 --reference-prompts 1 --kv-cache-dtype fp8
 echo "== issue 18: the reasoning row's second generation (graphs captured), plain and interleaved"
 engine_row chat-row2 --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1
