@@ -15,7 +15,7 @@ written in, for full-lowrank the model with W + σ·E_i written in), greedy agre
 `--scaling` a table over population sizes and token limits. `--profile` profiles decoding steps and exits;
 `--agreement` compares fp32 and bf16 engine vs reference. Prints Markdown tables and writes
 bench-SPACE.json (bench-SPACE-stop.json with --stop; a -kv-fp8 suffix with --kv-cache-dtype fp8, whose rows the
-exact reference then checks for greedy agreement as any others; an -interleave suffix with --interleave).
+exact reference then checks for greedy agreement as any others; -interleave and -lowrank suffixes with those flags).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from evolm.config import STEP_DEFAULTS, ModelConfig, SpaceConfig
-from evolm.engine import PopulationEngine, SamplingParams
+from evolm.engine import PopulationEngine, SamplingParams, lowrank
 from evolm.engine.decoding import cut_at_stop, trim_at_eos
 from evolm.es.loop import make_space
 from evolm.es.space import Space
@@ -228,6 +228,8 @@ def main() -> None:
                     help="the engine's KV cache storage: the model's dtype (exact) or fp8 (engine/kv_quant.py)")
     ap.add_argument("--interleave", action="store_true",
                     help="decode each batch as two halves on two CUDA streams (fused_backend.FusedBackend._step)")
+    ap.add_argument("--lowrank-kernel", action="store_true",
+                    help="the perturbation's B product by engine/lowrank.py's kernel, not baddbmm_")
     ap.add_argument("--skip-plain", action="store_true", help="leave out the no-perturbation row")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--scaling-members", default="8,30,64,128")
@@ -240,6 +242,7 @@ def main() -> None:
     ap.add_argument("--peak-bytes", type=float, help="roofline memory bytes/s (overrides the device table)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
+    lowrank.KERNEL = args.lowrank_kernel
     if args.history:
         return tail_row(args.history)
     if not args.model:
@@ -260,7 +263,7 @@ def main() -> None:
     print(f"device {device_name(device)}, {loaded.dtype}, backend {type(engine.backend).__name__}, space {space.kind} "
           f"rank {args.rank}, sigma {sigma}, {len(prompt_ids)} prompts, mean prompt "
           f"{sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens, stop {args.stop or 'none'}, chat {args.chat}, "
-          f"kv cache {args.kv_cache_dtype}, interleave {args.interleave}",
+          f"kv cache {args.kv_cache_dtype}, interleave {args.interleave}, lowrank kernel {args.lowrank_kernel}",
           flush=True)
 
     def strategy(n):
@@ -274,7 +277,8 @@ def main() -> None:
     results: dict = {"device": device_name(device), "dtype": str(loaded.dtype), "space": space.kind, "rank": args.rank,
                      "sigma": sigma, "members": args.members, "prompts": len(prompt_ids), "chat": args.chat,
                      "max_new_tokens": args.max_new_tokens, "stop": args.stop, "kv_cache_dtype": args.kv_cache_dtype,
-                     "interleave": args.interleave, "roofline": peaks}
+                     "interleave": args.interleave, "lowrank_kernel": args.lowrank_kernel,
+                     "roofline": peaks}
     es = strategy(args.members)
     runs = []
     for g in range(args.generations):  # later generations admit rows longest first (the engine saw these prompts)
@@ -318,7 +322,7 @@ def main() -> None:
         results["scaling"] = table
     name = (f"bench-{space.kind}-r{args.rank}{'-chat' if args.chat else ''}{'-stop' if args.stop else ''}"
             f"-{args.max_new_tokens}{'-kv-fp8' if args.kv_cache_dtype == 'fp8' else ''}"
-            f"{'-interleave' if args.interleave else ''}.json")
+            f"{'-interleave' if args.interleave else ''}{'-lowrank' if args.lowrank_kernel else ''}.json")
     (args.out / name).write_text(json.dumps(results, indent=1))
     report(results)
 

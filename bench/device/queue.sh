@@ -3,7 +3,7 @@
 # what is already done under /tmp/runs. Start it with bg.sh (README.md); its results go to docs/ afterwards.
 set -u
 # the run folders (and logs) under /tmp/runs that the steps below write: poll.sh packs these when TAR is not given
-# QUEUE_FOLDERS: overlap fixed-row-interleave chat-row-fp8 fixed-row-fp8 chat-row2 chat-row-interleave kv-agree conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log gsm8k gsm8k.log
+# QUEUE_FOLDERS: overlap chat-row2 fixed-row-levers chat-row-levers fixed-row-fp8 chat-row-fp8 kv-agree conc-beta grpo-h2h-tuned grpo-h2h-tuned.log search-copy search.log gsm8k gsm8k.log
 . bench/device/env.sh
 R=/tmp/runs
 mkdir -p $R
@@ -25,18 +25,23 @@ if [ ! -f $R/overlap/decode-step.json ]; then
   timeout 240 python3 bench/decode_step_gpu.py --model $M --shapes 107x700,200x300 --variants '' --profile '' \
     --lone '' --out $R/overlap > $R/overlap/log.txt 2>&1; grep -v Warning $R/overlap/log.txt | tail -n 12
 fi
-# the interleaved rows only where the pair cost at least 5 % less than its parts in turn
-saved=$(python3 -c "import json; o = json.load(open('$R/overlap/decode-step.json'))['shapes'][0]['overlap']
-print(int(o['both on two streams'] < 0.95 * (o['half attention'] + o['half matmuls'])))" 2>/dev/null || echo 0)
-echo "== issue 18: the fixed-length row with an interleaved step (against fixed-row2: 18.4 s, the second generation)"
-[ "$saved" = 1 ] && engine_row fixed-row-interleave --max-new-tokens 256 --generations 2 --reference-prompts 1 --interleave
-echo "== issue 18: the reasoning and fixed-length rows with an fp8 KV cache (opt-in, inexact: compare mean_fitness)"
-engine_row chat-row-fp8 --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1 --kv-cache-dtype fp8
-engine_row fixed-row-fp8 --max-new-tokens 256 --generations 2 --reference-prompts 1 --kv-cache-dtype fp8
-echo "== issue 18: the reasoning row's second generation (graphs captured), plain and interleaved"
+# the levers that paid in the decode-step bench: two streams (the pair ≥ 5 % under its parts in turn), the lowrank
+# kernel (the step ≥ 2 % faster with it); LEVERS holds their engine_gpu.py flags ('' when neither paid)
+LEVERS=$(python3 -c "import json; r = json.load(open('$R/overlap/decode-step.json'))['shapes'][0]; o = r['overlap']
+flags = ['--interleave'] * (o['both on two streams'] < 0.95 * (o['half attention'] + o['half matmuls']))
+flags += ['--lowrank-kernel'] * (r['step, lowrank kernel'] < 0.98 * r['step'])
+print(' '.join(flags))" 2>/dev/null)
+echo "levers that paid: ${LEVERS:-none}"
+echo "== issue 18: the exact rows, steady state (second generation), plain and with the levers that paid"
 engine_row chat-row2 --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1
-[ "$saved" = 1 ] && engine_row chat-row-interleave --chat --stop '</answer>' --generations 2 --skip-plain \
-  --reference-prompts 1 --interleave
+if [ -n "$LEVERS" ]; then  # against fixed-row2 (18.4 s, docs/bench/2026-12-04) and chat-row2
+  engine_row fixed-row-levers --max-new-tokens 256 --generations 2 --reference-prompts 1 $LEVERS
+  engine_row chat-row-levers --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1 $LEVERS
+fi
+echo "== issue 18: the fp8 KV cache (opt-in, inexact: compare mean_fitness) with the levers that paid"
+engine_row fixed-row-fp8 --max-new-tokens 256 --generations 2 --reference-prompts 1 --kv-cache-dtype fp8 $LEVERS
+engine_row chat-row-fp8 --chat --stop '</answer>' --generations 2 --skip-plain --reference-prompts 1 \
+  --kv-cache-dtype fp8 $LEVERS
 if [ ! -f $R/kv-agree/agree.json ]; then  # the base model's 200 chat completions with both caches: accuracy and parting
   mkdir -p $R/kv-agree
   timeout 300 python3 bench/kv_cache_agreement.py --model $M --data $D --chat --out $R/kv-agree/agree.json \
