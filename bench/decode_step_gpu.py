@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,6 +59,23 @@ def timed(fn, repeat: int = 20, warmup: int = 3) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     return statistics.median(times)
+
+
+@contextmanager
+def lowrank_kernel():
+    """The perturbation's B product by engine/lowrank.py's kernel inside the block (baddbmm_ outside it)."""
+    lowrank.KERNEL = True
+    try:
+        yield
+    finally:
+        lowrank.KERNEL = False
+
+
+def base_matmuls(layers, xs: dict) -> None:
+    """Every layer's matmul groups on their inputs `xs`, base weights only."""
+    for groups in layers:
+        for key, group in groups.items():
+            F.linear(xs[key], group.weight, group.bias)
 
 
 def ceilings() -> dict:
@@ -126,9 +144,7 @@ def parts(engine: PopulationEngine, backend, rows: int, context: int, variants: 
     hidden = torch.randn(rows, cfg.hidden_size, dtype=engine.dtype, device="cuda")
 
     def matmuls():
-        for groups in layers:
-            for key, group in groups.items():
-                F.linear(xs[key], group.weight, group.bias)
+        base_matmuls(layers, xs)
         engine.model.lm_head(hidden)
     out["matmuls"] = timed(matmuls)
     if layers[0]["qkv"].down is not None:
@@ -158,13 +174,11 @@ def perturbed_matmuls(layers, xs: dict, groups: int) -> dict:
                     y.view(-1, y.shape[-1]).addmm_(x.view(-1, x.shape[-1]), group.weight.T)
                     continue
                 y = F.linear(x, group.weight, group.bias).view(groups, -1, up.shape[-1])
-                if way == "baddbmm_":
-                    y.baddbmm_(t, up)
-                else:
-                    lowrank.KERNEL = True
-                    lowrank.add_lowrank_(y, t, up)
-                    lowrank.KERNEL = False
-    return {f"perturbed matmuls, {way}": timed(lambda way=way: run(way)) for way in ("baddbmm_", "kernel", "addmm_")}
+                lowrank.add_lowrank_(y, t, up)  # baddbmm_, or the kernel inside lowrank_kernel()
+    out = {f"perturbed matmuls, {way}": timed(lambda way=way: run(way)) for way in ("baddbmm_", "addmm_")}
+    with lowrank_kernel():
+        out["perturbed matmuls, kernel"] = timed(lambda: run("kernel"))
+    return out
 
 
 def overlap(engine: PopulationEngine, backend, rows: int, context: int) -> dict:
@@ -185,9 +199,7 @@ def overlap(engine: PopulationEngine, backend, rows: int, context: int) -> dict:
                                         prefix=shared)
 
     def matmuls():
-        for groups in backend.groups:
-            for key, group in groups.items():
-                F.linear(xs[key], group.weight, group.bias)
+        base_matmuls(backend.groups, xs)
     streams = torch.cuda.Stream(), torch.cuda.Stream()
 
     def both():
@@ -241,9 +253,8 @@ def prefill_chunk(engine: PopulationEngine, members: list[int], rows_per_group: 
     linear = sum(i * o for i, o in engine.shapes().values())
     result = {"rows": len(slots), "length": length, "tokens": tokens, "seconds": timed(chunk, repeat=5),
               "matmul floor": 2 * tokens * linear / peak["flops_per_s"], "profile": profile(chunk, times=2)}
-    lowrank.KERNEL = True  # the perturbation's B product by engine/lowrank.py's kernel
-    result["seconds, lowrank kernel"] = timed(chunk, repeat=5)
-    lowrank.KERNEL = False
+    with lowrank_kernel():
+        result["seconds, lowrank kernel"] = timed(chunk, repeat=5)
     backend.release()
     return result
 
@@ -293,11 +304,10 @@ def main() -> None:
         if shape == args.profile:
             row["profile"] = profile(lambda backend=backend: eager_step(backend))
         backend.release()
-        lowrank.KERNEL = True  # the same step with the perturbation's B product by engine/lowrank.py's kernel
-        backend = open_shape(engine, members, per_group, context)
-        row["step, lowrank kernel"] = step_seconds(backend, context)
-        backend.release()
-        lowrank.KERNEL = False
+        with lowrank_kernel():  # the same step, its graph captured with the kernel
+            backend = open_shape(engine, members, per_group, context)
+            row["step, lowrank kernel"] = step_seconds(backend, context)
+            backend.release()
         plain = open_shape(engine, None, rows, context)
         row["step, no perturbation"] = step_seconds(plain, context)
         plain.release()

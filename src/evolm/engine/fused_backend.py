@@ -313,6 +313,10 @@ class FusedBackend:
         per_token = 2 * len(self.groups) * self.kv_heads * self.head_dim * self.cache_dtype.itemsize
         return per_token * capacity
 
+    def prefix_copy_bytes(self, groups: int, capacity: int) -> int:
+        """Memory the shared prefix's copies take for `groups` member groups of slots of `capacity` tokens."""
+        return groups * self.slot_bytes(_prefix_copy_tokens(capacity))
+
     def merge_bytes(self, routing: Routing) -> int:
         """Memory a merged copy of the perturbed weights takes (what a batch of one member group decodes with)."""
         return sum(group.weight.numel() * group.weight.element_size() for layer in self.groups
@@ -354,7 +358,7 @@ class FusedBackend:
         self.k_cache = [torch.zeros((slots, self.kv_heads, capacity, self.head_dim), device=device,
                                     dtype=self.cache_dtype) for _ in self.groups]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
-        copy = min(PREFIX_COPY, capacity)
+        copy = _prefix_copy_tokens(capacity)
         self.copy_k = [torch.zeros((self.num_groups, self.kv_heads, copy, self.head_dim), device=device,
                                    dtype=self.cache_dtype) for _ in self.groups]
         self.copy_v = [torch.zeros_like(k) for k in self.copy_k]
@@ -707,6 +711,11 @@ class FusedBackend:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _prefix_copy_tokens(capacity: int) -> int:
+    """Tokens of a shared prefix the decode reads from one copy a group (PREFIX_COPY, at most a slot's)."""
+    return min(PREFIX_COPY, capacity)
 
 
 def _on_device(values, device: torch.device) -> torch.Tensor:

@@ -186,7 +186,7 @@ class PopulationEngine:
         memory = self._budget_bytes()
         merged = self.backend.merge_bytes(self.routing) if members is not None else 0
         merge = 0 < merged <= self.merge_share * memory
-        copies = groups * self.backend.slot_bytes(min(fused_backend.PREFIX_COPY, capacity))  # a shared prefix's
+        copies = self.backend.prefix_copy_bytes(groups, capacity)
         budget = self.max_batch_rows or self._slots_in_memory(capacity, max(len(p) for p in prompts),
                                                               memory - (merged if merge else 0) - copies)
         per_group = min(len(prompts), max(1, budget // groups))
