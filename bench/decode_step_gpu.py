@@ -16,12 +16,11 @@ products cost inside the step, launches and all); the unperturbed step minus its
 rotary, SiLU, cache writes, argmax. `--profile` lists the kernels of a few eager steps of one shape by device
 time; `--prefill` times and profiles one prefill chunk. The KV cache holds random keys, not zeros.
 
-`--overlap` shapes measure the levers of the interleaved step and the shared-prefix reads: the attention of
-half the rows issued on one stream while the other half's matmuls run on another (memory-bound beside
-compute-bound work: if the pair costs less than its parts in sequence, a step split in two interleaved halves
-may too); the attention with every row of a group reading its group's first slot (the most a group's rows
-can gain from reading the same keys, from the L2 cache); and with the first 53 keys of every row read from
-one copy a group, as the engine reads the chat countdown's shared prompt prefix.
+`--overlap` shapes measure two levers before they are built: the attention of half the rows issued on one
+stream while the other half's matmuls run on another (memory-bound beside compute-bound work: if the pair
+costs less than its parts in sequence, a step split in two interleaved halves may too); and the attention
+with every row of a group reading its group's first slot (the most a group's rows can gain from reading the
+same keys, from the L2 cache).
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ from evolm.engine.layer import LowRankWeights
 from evolm.models import eos_token_ids, load_model
 
 TARGETS = SpaceConfig().target_modules
-PREFIX_TIMED = 53  # the chat countdown prompts' shared prefix (Qwen2.5's system prompt and the instructions)
 KERNEL_VARIANTS = [(64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 3),
                    (64, 4, 4)]  # (block, warps, stages); the first is the engine's default
 
@@ -192,11 +190,9 @@ def overlap(engine: PopulationEngine, backend, rows: int, context: int) -> dict:
     xs = {key: torch.randn(half, 1, group.weight.shape[1], dtype=engine.dtype, device="cuda")
           for key, group in backend.groups[0].items()}
 
-    def attend(index=slots[:half], prefix=False):
-        for i, (k, v) in enumerate(zip(backend.k_cache, backend.v_cache)):
-            shared = (backend.copy_k[i], backend.copy_v[i], backend.per_group, backend.copied) if prefix else None
-            attention._kernel_attention(q[: index.shape[0]], k, v, index, lengths[: index.shape[0]], backend.scaling,
-                                        prefix=shared)
+    def attend(index=slots[:half]):
+        for k, v in zip(backend.k_cache, backend.v_cache):
+            attention._kernel_attention(q[: index.shape[0]], k, v, index, lengths[: index.shape[0]], backend.scaling)
 
     def matmuls():
         base_matmuls(backend.groups, xs)
@@ -211,14 +207,9 @@ def overlap(engine: PopulationEngine, backend, rows: int, context: int) -> dict:
         for stream in streams:
             current.wait_stream(stream)
     shared = (slots // backend.per_group) * backend.per_group  # every row of a group on the group's first slot
-    first = torch.arange(backend.num_groups, device="cuda") * backend.per_group
-    for copy, cache in zip((*backend.copy_k, *backend.copy_v), (*backend.k_cache, *backend.v_cache)):
-        copy.copy_(cache[first, :, : copy.shape[2]])  # as if the slots shared their first PREFIX_TIMED keys
-    backend.copied.fill_(PREFIX_TIMED)
     return {"half attention": timed(attend), "half matmuls": timed(matmuls), "both on two streams": timed(both),
             "attention": timed(lambda: attend(slots)), "attention, group rows on one slot":
-            timed(lambda: attend(shared)), f"attention, {PREFIX_TIMED} keys from one copy a group":
-            timed(lambda: attend(slots, prefix=True))}
+            timed(lambda: attend(shared))}
 
 
 def profile(work, times: int = 3) -> str:
@@ -366,15 +357,14 @@ def main() -> None:
     overlaps = [r for r in results["shapes"] if "overlap" in r]
     if overlaps:
         print("\n| shape | half attention ms | half matmuls ms | both on two streams ms | saved | attention ms | "
-              f"a group's rows on one slot ms | {PREFIX_TIMED} keys from one copy a group ms |")
-        print("|---|---|---|---|---|---|---|---|")
+              "a group's rows on one slot ms |")
+        print("|---|---|---|---|---|---|---|")
         for r in overlaps:
             o = r["overlap"]
             pair = o["half attention"] + o["half matmuls"]
             print(f"| {r['shape']} | {o['half attention'] * 1e3:.2f} | {o['half matmuls'] * 1e3:.2f} | "
                   f"{o['both on two streams'] * 1e3:.2f} | {1 - o['both on two streams'] / pair:.0%} | "
-                  f"{o['attention'] * 1e3:.2f} | {o['attention, group rows on one slot'] * 1e3:.2f} | "
-                  f"{o[f'attention, {PREFIX_TIMED} keys from one copy a group'] * 1e3:.2f} |")
+                  f"{o['attention'] * 1e3:.2f} | {o['attention, group rows on one slot'] * 1e3:.2f} |")
 
     if results["lone"]:
         print("\n| one member group, C x L | step ms through the factors | merged | no perturbation |")

@@ -15,7 +15,7 @@ written in, for full-lowrank the model with W + σ·E_i written in), greedy agre
 `--scaling` a table over population sizes and token limits. `--profile` profiles decoding steps and exits;
 `--agreement` compares fp32 and bf16 engine vs reference. Prints Markdown tables and writes
 bench-SPACE.json (bench-SPACE-stop.json with --stop; a -kv-fp8 suffix with --kv-cache-dtype fp8, whose rows the
-exact reference then checks for greedy agreement as any others; -interleave and -lowrank suffixes with those flags).
+exact reference then checks for greedy agreement as any others; a -lowrank suffix with --lowrank-kernel).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def setup(args, dtype: str):
     base = copy.deepcopy(loaded.model)  # the engine wraps (and a full space writes) the model's own layers
     eos = eos_token_ids(loaded.model, loaded.tokenizer)
     engine = PopulationEngine(loaded.model, loaded.tokenizer, TARGETS, eos_token_ids=eos, merge_share=args.merge_share,
-                              kv_cache_dtype=args.kv_cache_dtype, interleave=args.interleave)
+                              kv_cache_dtype=args.kv_cache_dtype)
     space = make_space(SpaceConfig(kind=args.space, rank=args.rank, target_modules=TARGETS), engine)
     return loaded, base, engine, space, eos
 
@@ -226,8 +226,6 @@ def main() -> None:
                     help="the engine's merge_share: 0 decodes a lone member's batches without merging its weights")
     ap.add_argument("--kv-cache-dtype", choices=["model", "fp8"], default="model",
                     help="the engine's KV cache storage: the model's dtype (exact) or fp8 (engine/kv_quant.py)")
-    ap.add_argument("--interleave", action="store_true",
-                    help="decode each batch as two halves on two CUDA streams (fused_backend.FusedBackend._step)")
     ap.add_argument("--lowrank-kernel", action="store_true",
                     help="the perturbation's B product by engine/lowrank.py's kernel, not baddbmm_")
     ap.add_argument("--skip-plain", action="store_true", help="leave out the no-perturbation row")
@@ -263,7 +261,7 @@ def main() -> None:
     print(f"device {device_name(device)}, {loaded.dtype}, backend {type(engine.backend).__name__}, space {space.kind} "
           f"rank {args.rank}, sigma {sigma}, {len(prompt_ids)} prompts, mean prompt "
           f"{sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens, stop {args.stop or 'none'}, chat {args.chat}, "
-          f"kv cache {args.kv_cache_dtype}, interleave {args.interleave}, lowrank kernel {args.lowrank_kernel}",
+          f"kv cache {args.kv_cache_dtype}, lowrank kernel {args.lowrank_kernel}",
           flush=True)
 
     def strategy(n):
@@ -277,7 +275,7 @@ def main() -> None:
     results: dict = {"device": device_name(device), "dtype": str(loaded.dtype), "space": space.kind, "rank": args.rank,
                      "sigma": sigma, "members": args.members, "prompts": len(prompt_ids), "chat": args.chat,
                      "max_new_tokens": args.max_new_tokens, "stop": args.stop, "kv_cache_dtype": args.kv_cache_dtype,
-                     "interleave": args.interleave, "lowrank_kernel": args.lowrank_kernel,
+                     "lowrank_kernel": args.lowrank_kernel,
                      "roofline": peaks}
     es = strategy(args.members)
     runs = []
@@ -322,7 +320,7 @@ def main() -> None:
         results["scaling"] = table
     name = (f"bench-{space.kind}-r{args.rank}{'-chat' if args.chat else ''}{'-stop' if args.stop else ''}"
             f"-{args.max_new_tokens}{'-kv-fp8' if args.kv_cache_dtype == 'fp8' else ''}"
-            f"{'-interleave' if args.interleave else ''}{'-lowrank' if args.lowrank_kernel else ''}.json")
+            f"{'-lowrank' if args.lowrank_kernel else ''}.json")
     (args.out / name).write_text(json.dumps(results, indent=1))
     report(results)
 

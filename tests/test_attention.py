@@ -25,34 +25,6 @@ for heads, kv_heads, dim, capacity, lengths, splits in [(6, 2, 32, 150, [1, 64, 
     ref = attention.reference_attention(q, k, v, rows, n, 0.3)
     assert attention.splits_for(len(lengths), kv_heads, capacity) == splits
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
-# a shared prefix read from each group's one copy: the slots' own copies are overwritten, and the output is
-# still the reference's over the intact slots; prefixes within one block of keys and across two; the last row
-# is the scratch slot (past the last group), whose one key is its clamped group's; then copies longer than the
-# keys they share, of which only the first `shared` are read
-groups, per_group, heads, kv_heads, dim, capacity = 3, 3, 6, 2, 32, 150
-for prefix_len in (5, 70):
-    prefix_k, prefix_v = torch.randn(groups, kv_heads, prefix_len, dim), torch.randn(groups, kv_heads, prefix_len, dim)
-    k = torch.randn(groups * per_group + 1, kv_heads, capacity, dim)
-    v = torch.randn_like(k)
-    for slot in range(k.shape[0]):
-        owner = min(slot // per_group, groups - 1)
-        k[slot, :, :prefix_len], v[slot, :, :prefix_len] = prefix_k[owner], prefix_v[owner]
-    rows, n = torch.tensor([0, 4, 8, 5, 9]), torch.tensor([prefix_len + 1, prefix_len + 64, 150, prefix_len + 2, 1])
-    for count in (5, 1):
-        q = torch.randn(count, heads, dim)
-        ref = attention.reference_attention(q, k, v, rows[:count], n[:count], 0.3)
-        elsewhere_k, elsewhere_v = k.clone(), v.clone()
-        elsewhere_k[:, :, :prefix_len], elsewhere_v[:, :, :prefix_len] = 1e4, -1e4
-        ours = attention._kernel_attention(q, elsewhere_k, elsewhere_v, rows[:count], n[:count], 0.3,
-                                           prefix=(prefix_k, prefix_v, per_group, torch.tensor([prefix_len])))
-        assert torch.allclose(ours, ref, atol=1e-5), (prefix_len, count, (ours - ref).abs().max())
-        longer = torch.randn(groups, kv_heads, prefix_len + 9, dim)
-        longer[:, :, :prefix_len] = prefix_k
-        longer_v = torch.randn_like(longer)
-        longer_v[:, :, :prefix_len] = prefix_v
-        ours = attention._kernel_attention(q, elsewhere_k, elsewhere_v, rows[:count], n[:count], 0.3,
-                                           prefix=(longer, longer_v, per_group, torch.tensor([prefix_len])))
-        assert torch.allclose(ours, ref, atol=1e-5), (prefix_len, count, (ours - ref).abs().max())
 print("ok")
 """
 

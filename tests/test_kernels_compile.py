@@ -28,14 +28,11 @@ def compiles(kernel, types: dict[str, str], constexprs: dict) -> None:
 
 
 @CACHES
-@pytest.mark.parametrize("prefix", [False, True])
-def test_the_decode_attention_compiles(cache, prefix):
+def test_the_decode_attention_compiles(cache):
     quantised = cache != "bf16"
     types = {"Q": "*bf16", "K": f"*{cache}", "V": f"*{cache}", "Slots": "*i64", "Lengths": "*i64", "Out": "*fp32",
-             "Lse": "*fp32", "scale": "fp32", "PK": f"*{cache}", "PV": f"*{cache}", "Shared": "*i64"} | (
-        {"KScale": "*fp32", "VScale": "*fp32"} if quantised else {})
-    constexprs = {"GROUP": 6, "GROUP_PAD": 16, "DIM": 128, "BLOCK": attention.BLOCK_KEYS, "QUANTISED": quantised,
-                  "HAS_PREFIX": prefix}
+             "Lse": "*fp32", "scale": "fp32"} | ({"KScale": "*fp32", "VScale": "*fp32"} if quantised else {})
+    constexprs = {"GROUP": 6, "GROUP_PAD": 16, "DIM": 128, "BLOCK": attention.BLOCK_KEYS, "QUANTISED": quantised}
     compiles(attention._decode_kernel, types, constexprs | ({} if quantised else {"KScale": None, "VScale": None}))
 
 

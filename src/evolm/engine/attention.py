@@ -8,12 +8,6 @@ padding costs nothing. Elsewhere (and as the kernel's reference) plain PyTorch w
 
 An fp8 cache (engine/kv_quant.py) comes with its per-KV-head scales `k_scale`, `v_scale`: the kernel loads
 fp8, widens it to the queries' dtype and folds the scales into its scores and its output.
-
-A call's shared prompt prefix (a template's instructions, the system prompt) is in every slot of a member
-group, the same keys copied into each. Given `prefix` (the group's one copy and the slots a group owns), the
-kernel reads those keys from that copy instead: a group's rows then read the same few hundred kilobytes a
-layer, which stay in the L2 cache, rather than one copy each from memory. The values are the same, so is
-the output; the reference reads the slots.
 """
 
 from __future__ import annotations
@@ -33,15 +27,11 @@ TARGET_PROGRAMS = 1024  # enough programs to fill a large GPU several times over
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                      lengths: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None,
-                     prefix: tuple[torch.Tensor, torch.Tensor, int, torch.Tensor] | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [rows, heads, dim] against keys [0, lengths[b]) of slot slots[b] -> [rows, heads, dim]; `k_scale`,
-    `v_scale` [kv_heads] for an fp8 cache (None: the cache holds the keys and values themselves); `prefix`
-    (keys, values [groups, kv_heads, P, dim], slots a group, shared [1]): every slot of group
-    slot // slots-a-group holds the same keys in its first `shared` positions (≤ P; a device tensor, so that a
-    CUDA graph replays with this call's), and the kernel reads them from these copies."""
+    `v_scale` [kv_heads] for an fp8 cache (None: the cache holds the keys and values themselves)."""
     if use_kernel(q):
-        return _kernel_attention(q, k_cache, v_cache, slots, lengths, scale, k_scale, v_scale, prefix=prefix)
+        return _kernel_attention(q, k_cache, v_cache, slots, lengths, scale, k_scale, v_scale)
     return reference_attention(q, k_cache, v_cache, slots, lengths, scale, k_scale, v_scale)
 
 
@@ -64,7 +54,7 @@ def splits_for(rows: int, kv_heads: int, capacity: int) -> int:
 
 
 def _kernel_attention(q, k_cache, v_cache, slots, lengths, scale, k_scale=None, v_scale=None, block=None,
-                      warps=None, stages=None, prefix=None):
+                      warps=None, stages=None):
     """The Triton kernel; `block` (keys per iteration), `warps` and `stages` override the defaults (bench)."""
     rows, heads, dim = q.shape
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
@@ -74,17 +64,13 @@ def _kernel_attention(q, k_cache, v_cache, slots, lengths, scale, k_scale=None, 
     split_len = math.ceil(math.ceil(capacity / splits) / block) * block
     out = torch.empty((rows, heads, splits, dim), device=q.device, dtype=torch.float32)
     lse = torch.empty((rows, heads, splits), device=q.device, dtype=torch.float32)
-    prefix_k, prefix_v, per_group, shared = prefix if prefix is not None else (k_cache, v_cache, 1, lengths)
     _decode_kernel[(rows, kv_heads, splits)](
         q, k_cache, v_cache, k_scale, v_scale, slots, lengths, out, lse, scale, split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        prefix_k, prefix_v, shared, per_group, prefix_k.shape[0] - 1,
-        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-        prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=block,
-        QUANTISED=k_scale is not None, HAS_PREFIX=prefix is not None,
+        QUANTISED=k_scale is not None,
         num_warps=warps or KERNEL_WARPS, num_stages=stages or KERNEL_STAGES,
     )
     if splits == 1:
@@ -99,9 +85,8 @@ if triton is not None:
     def _decode_kernel(Q, K, V, KScale, VScale, Slots, Lengths, Out, Lse, scale, split_len,
                        sq_row, sq_head, sk_slot, sk_head, sk_pos, sv_slot, sv_head, sv_pos,
                        so_row, so_head, so_split, sl_row, sl_head,
-                       PK, PV, Shared, per_group, last_group, spk_g, spk_head, spk_pos, spv_g, spv_head, spv_pos,
                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                       QUANTISED: tl.constexpr, HAS_PREFIX: tl.constexpr):
+                       QUANTISED: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -121,19 +106,10 @@ if triton is not None:
         acc = tl.zeros([GROUP_PAD, DIM], dtype=tl.float32)
         k_base = K + slot * sk_slot + kv_head * sk_head
         v_base = V + slot * sv_slot + kv_head * sv_head
-        if HAS_PREFIX:  # the group's copy of the shared prefix (the scratch slot's group is past the last: clamped)
-            prefix_len = tl.load(Shared)
-            owner = tl.minimum(slot // per_group, last_group)
-            pk_base = PK + owner * spk_g + kv_head * spk_head
-            pv_base = PV + owner * spv_g + kv_head * spv_head
         for n0 in range(start, end, BLOCK):
             n = n0 + tl.arange(0, BLOCK)
             valid = n < end
-            if HAS_PREFIX:
-                shared = n < prefix_len
-                k = _tile(k_base, sk_pos, pk_base, spk_pos, n, d, valid, shared)
-            else:
-                k = tl.load(k_base + n[:, None] * sk_pos + d[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(k_base + n[:, None] * sk_pos + d[None, :], mask=valid[:, None], other=0.0)
             if QUANTISED:
                 k = k.to(q.dtype)
             s = tl.dot(q, tl.trans(k)) * scale
@@ -142,10 +118,7 @@ if triton is not None:
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             total = total * alpha + tl.sum(p, 1)
-            if HAS_PREFIX:
-                v = _tile(v_base, sv_pos, pv_base, spv_pos, n, d, valid, shared)
-            else:
-                v = tl.load(v_base + n[:, None] * sv_pos + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + n[:, None] * sv_pos + d[None, :], mask=valid[:, None], other=0.0)
             if QUANTISED:
                 v = v.to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -158,11 +131,3 @@ if triton is not None:
         tl.store(Out + row * so_row + heads[:, None] * so_head + split * so_split + d[None, :], out,
                  mask=in_group[:, None])
         tl.store(Lse + row * sl_row + heads * sl_head + split, lse, mask=in_group)
-
-    @triton.jit
-    def _tile(base, s_pos, prefix_base, sp_pos, n, d, valid, shared):
-        """Keys (or values) n of a row: the shared ones from the group's copy, the rest from the row's slot
-        (complementary masks: each is read from one place only)."""
-        from_copy = tl.load(prefix_base + n[:, None] * sp_pos + d[None, :], mask=(valid & shared)[:, None], other=0.0)
-        own = tl.load(base + n[:, None] * s_pos + d[None, :], mask=(valid & ~shared)[:, None], other=0.0)
-        return tl.where(shared[:, None], from_copy, own)

@@ -32,7 +32,6 @@ bytes, so about twice the rows fit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +56,6 @@ GROUPS = {
     "down": ("mlp", ("down_proj",)),
 }
 PREFILL_TOKENS = 32768  # padded prompt tokens per prefill chunk: bounds activation memory
-PREFIX_COPY = 256  # tokens of a call's shared prefix that decoding reads from one copy a group (attention.py)
 PREFILL_GATHER = 1 << 26  # factor elements a chunk's rows may gather (a refill's rows from many groups)
 # cuDNN attention plans anew for every new key length (~5 ms of host time a call, measured on an H200)
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -144,16 +142,15 @@ class Group:
             torch.addmm(self.weight, self.up[group].T, self.down[group].T, out=self.merged)
             self.merged_group = group
 
-    def decode(self, x: torch.Tensor, part: slice) -> torch.Tensor:
-        """x [G·C, 1, in], rows group-major, G the decoding batch's groups `part` (see pick)."""
+    def decode(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """x [G·C, 1, in], rows group-major, G the decoding batch's groups (see pick)."""
         if self.lone:
             return F.linear(x, self.merged, self.bias)
         y = F.linear(x, self.weight, self.bias)
         if self.down is not None:
             down, up = self.batch
-            groups = part.stop - part.start
             rows = x.view(groups, -1, x.shape[-1])
-            add_lowrank_(y.view(groups, -1, y.shape[-1]), torch.bmm(rows, down[part]), up[part])
+            add_lowrank_(y.view(groups, -1, y.shape[-1]), torch.bmm(rows, down), up)
         return y
 
     def prefill(self, x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
@@ -253,12 +250,8 @@ class Generated:
 class FusedBackend:
     """Slot-based prefill and decoding for supported architectures (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, PopulationLinear], kv_cache_dtype: str = "model",
-                 interleave: bool = False):
-        """`interleave`: decode a batch as two halves on two CUDA streams (see _step)."""
+    def __init__(self, model: nn.Module, layers: dict[str, PopulationLinear], kv_cache_dtype: str = "model"):
         self.model = model
-        self.interleave = interleave
-        self.streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
         self.config = model.config
         self.inner = model.model
         names = {layer.base: name for name, layer in layers.items()}
@@ -290,11 +283,6 @@ class FusedBackend:
         # the keys and values of the call's shared prompt prefix, per layer [groups, kv_heads, prefix, head_dim]
         self.prefix_k: list[torch.Tensor] = []
         self.prefix_v: list[torch.Tensor] = []
-        # the same, up to PREFIX_COPY tokens, in buffers of the layout's life (the decode step's CUDA graphs read
-        # them), with how many tokens they hold this call
-        self.copy_k: list[torch.Tensor] = []
-        self.copy_v: list[torch.Tensor] = []
-        self.copied: torch.Tensor | None = None
         self.kv_cache_dtype = kv_cache_dtype
         # an fp8 cache's scales [layers, kv_heads], from the first prefill of the backend's life (kv_quant)
         self.k_scale: torch.Tensor | None = None
@@ -312,10 +300,6 @@ class FusedBackend:
         """KV cache bytes of one slot of `capacity` tokens."""
         per_token = 2 * len(self.groups) * self.kv_heads * self.head_dim * self.cache_dtype.itemsize
         return per_token * capacity
-
-    def prefix_copy_bytes(self, groups: int, capacity: int) -> int:
-        """Memory the shared prefix's copies take for `groups` member groups of slots of `capacity` tokens."""
-        return groups * self.slot_bytes(_prefix_copy_tokens(capacity))
 
     def merge_bytes(self, routing: Routing) -> int:
         """Memory a merged copy of the perturbed weights takes (what a batch of one member group decodes with)."""
@@ -358,11 +342,6 @@ class FusedBackend:
         self.k_cache = [torch.zeros((slots, self.kv_heads, capacity, self.head_dim), device=device,
                                     dtype=self.cache_dtype) for _ in self.groups]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
-        copy = _prefix_copy_tokens(capacity)
-        self.copy_k = [torch.zeros((self.num_groups, self.kv_heads, copy, self.head_dim), device=device,
-                                   dtype=self.cache_dtype) for _ in self.groups]
-        self.copy_v = [torch.zeros_like(k) for k in self.copy_k]
-        self.copied = torch.zeros(1, dtype=torch.long, device=device)
         self.width = params.max_new_tokens + 1  # generated tokens kept per slot (+1: writes past the end land there)
         self.last = torch.zeros(slots, dtype=torch.long, device=device)
         self.length = torch.zeros(slots, dtype=torch.long, device=device)
@@ -427,7 +406,6 @@ class FusedBackend:
 
         Call it after open and before the first admit; it uses each group's first slot, which admit refills."""
         self.prefix_k, self.prefix_v = [], []
-        self.copied.fill_(min(len(prefix), self.copy_k[0].shape[2]))
         if not prefix:
             return
         slots = [g * self.per_group for g in range(self.num_groups)]
@@ -435,9 +413,6 @@ class FusedBackend:
         self._layers(slots, index, [prefix] * len(slots), 0)
         self.prefix_k = [k[index, :, : len(prefix)] for k in self.k_cache]  # advanced indexing: copies
         self.prefix_v = [v[index, :, : len(prefix)] for v in self.v_cache]
-        for copies, keys in ((self.copy_k, self.prefix_k), (self.copy_v, self.prefix_v)):
-            for copy, key in zip(copies, keys):
-                copy[:, :, : key.shape[2]] = key[:, :, : copy.shape[2]]
 
     @torch.inference_mode()
     def set_batch(self, slots_by_group: Sequence[Sequence[int]], per_group: int,
@@ -498,13 +473,12 @@ class FusedBackend:
         """Accelerator memory the slot buffers (and a merged copy) hold between calls (a next call of another
         layout frees it)."""
         merged = [group.merged for layer in self.groups for group in layer.values() if group.merged is not None]
-        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache, *self.copy_k, *self.copy_v,
-                                                          *merged))
+        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache, *merged))
 
     def release(self) -> None:
         """Free the slot buffers, the merged copy and the graphs."""
         self.k_cache, self.v_cache, self.graphs, self.layout, self.batch_slots = [], [], {}, None, None
-        self.prefix_k, self.prefix_v, self.copy_k, self.copy_v, self.copied = [], [], [], [], None
+        self.prefix_k, self.prefix_v = [], []
         for layer in self.groups:
             for group in layer.values():
                 group.picked, group.merged = None, None
@@ -533,51 +507,8 @@ class FusedBackend:
         return self.graphs[key]
 
     def _step(self, slots: torch.Tensor) -> None:
-        """One decoding step: the next token of every row of these slots, from its key and position.
-
-        With `interleave`, the batch's groups run as two halves, each on its own CUDA stream, their attentions
-        taking turns (layer i's of the first half, then of the second, then layer i + 1's of the first, …) and
-        everything else free: while one half reads the KV cache (memory-bound), the other may run its matmuls
-        (compute-bound). On a CPU the halves run one after the other; a row's token is the same either way."""
-        count = self.batch_groups
-        if not self.interleave or count < 2:
-            for _ in self._half_step(slots, slice(0, count)):
-                pass
-            return
-        middle = count // 2 * self.batch_rows
-        halves = [self._half_step(slots[:middle], slice(0, count // 2)),
-                  self._half_step(slots[middle:], slice(count // 2, count))]
-        cuda = slots.device.type == "cuda"
-        if cuda and self.streams is None:
-            self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
-        streams = self.streams if cuda else (None, None)
-        if cuda:
-            current = torch.cuda.current_stream()
-            for stream in streams:
-                stream.wait_stream(current)
-        turn = None  # the last attention enqueued, of either half
-        live = [0, 1]
-        while live:
-            for h in list(live):
-                with torch.cuda.stream(streams[h]) if cuda else nullcontext():
-                    if next(halves[h], None) is None:  # up to its next attention, or to its step's end
-                        live.remove(h)
-                        continue
-                    if turn is not None:
-                        streams[h].wait_event(turn)
-                    next(halves[h])  # the attention
-                    if cuda:
-                        turn = torch.cuda.Event()
-                        turn.record()
-        if cuda:
-            for stream in streams:
-                current.wait_stream(stream)
-
-    def _half_step(self, slots: torch.Tensor, part: slice):
-        """The step of the batch groups `part`, whose rows are these slots, as a generator that pauses before
-        and after each layer's attention (see _step)."""
-        logits = yield from self._forward(slots, part)
-        self._advance(slots, pick_token(logits, self.params, self.keys[slots], self.count[slots]))
+        """One decoding step: the next token of every row of these slots, from its key and position."""
+        self._advance(slots, pick_token(self._forward(slots), self.params, self.keys[slots], self.count[slots]))
 
     def _advance(self, slots: torch.Tensor, token: torch.Tensor) -> None:
         """Per-slot state after one step: the new token stored and counted, finished rows marked."""
@@ -588,10 +519,8 @@ class FusedBackend:
         hit_eos = (token[:, None] == self.eos[None, :]).any(dim=1)
         self.done[slots] = self.done[slots] | hit_eos | (count + 1 >= self.params.max_new_tokens)
 
-    def _forward(self, slots: torch.Tensor, part: slice):
-        """One decoding step of these slots, the batch groups `part`: their last tokens in, next-token logits
-        returned; keys appended. A generator: it yields "attend" before each layer's attention and "attended"
-        after (see _step)."""
+    def _forward(self, slots: torch.Tensor) -> torch.Tensor:
+        """One decoding step of these slots: their last tokens in, next-token logits out; keys appended."""
         b = slots.shape[0]
         position = self.length[slots].clamp(max=self.capacity - 1)  # the scratch slot never runs past its end
         x = self.inner.embed_tokens(self.last[slots])[:, None]
@@ -599,7 +528,7 @@ class FusedBackend:
         layers = self.inner.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm)
         for i, (layer, groups) in enumerate(zip(layers, self.groups)):
-            qkv = groups["qkv"].decode(h, part)
+            qkv = groups["qkv"].decode(h, self.batch_groups)
             scales = self._scales(i)
             if use_kernel(qkv) and not self.has_qk_norm:
                 q = rotary_to_cache(qkv[:, 0], cos[:, 0], sin[:, 0], self.k_cache[i], self.v_cache[i], slots,
@@ -609,14 +538,13 @@ class FusedBackend:
                 self.k_cache[i][slots, :, position] = self._stored(k[:, :, 0], self.k_scale, i)
                 self.v_cache[i][slots, :, position] = self._stored(v[:, :, 0], self.v_scale, i)
                 q = q[:, :, 0]
-            yield "attend"
             attn = decode_attention(q, self.k_cache[i], self.v_cache[i], slots, position + 1, self.scaling,
-                                    *scales, prefix=(self.copy_k[i], self.copy_v[i], self.per_group, self.copied))
-            yield "attended"
-            x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), part), layer.post_attention_layernorm)
-            up = silu_mul(groups["gate_up"].decode(h, part))
+                                    *scales)
+            x, h = add_rms_norm(x, groups["o"].decode(attn.reshape(b, 1, -1), self.batch_groups),
+                                layer.post_attention_layernorm)
+            up = silu_mul(groups["gate_up"].decode(h, self.batch_groups))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.inner.norm
-            x, h = add_rms_norm(x, groups["down"].decode(up, part), following)
+            x, h = add_rms_norm(x, groups["down"].decode(up, self.batch_groups), following)
         self.length[slots] = position + 1
         # padding rows attend to one key, not to a scratch slot grown to capacity (a view's fill: no host copy
         # inside a CUDA graph's capture)
@@ -711,11 +639,6 @@ class FusedBackend:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
-
-
-def _prefix_copy_tokens(capacity: int) -> int:
-    """Tokens of a shared prefix the decode reads from one copy a group (PREFIX_COPY, at most a slot's)."""
-    return min(PREFIX_COPY, capacity)
 
 
 def _on_device(values, device: torch.device) -> torch.Tensor:

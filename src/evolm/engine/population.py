@@ -60,13 +60,11 @@ class PopulationEngine:
         backend: str = "auto",
         merge_share: float = 0.1,
         kv_cache_dtype: str = "model",
-        interleave: bool = False,
     ):
         """`merge_share`: the share of a generation's memory a merged copy of the perturbed weights may take, for
         the batches of one member group left (the fused backend; 0 never merges; see fused_backend).
         `kv_cache_dtype`: "model" (exact) or "fp8" (engine/kv_quant.py; only the fused backend has it, so
-        "auto" picks that backend wherever the model allows, on a CPU too). `interleave`: the fused backend
-        decodes a batch as two halves on two CUDA streams (fused_backend.FusedBackend._step)."""
+        "auto" picks that backend wherever the model allows, on a CPU too)."""
         self.model = model
         self.tokenizer = tokenizer
         self.routing = Routing()
@@ -77,7 +75,6 @@ class PopulationEngine:
         if kv_cache_dtype not in fused_backend.KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {fused_backend.KV_CACHE_DTYPES} (got {kv_cache_dtype!r})")
         self.kv_cache_dtype = kv_cache_dtype
-        self.interleave = interleave
         self.layers: dict[str, PopulationLinear] = {}
         targets = find_target_linears(model, target_modules, layers) if target_modules else {}
         for name, linear in targets.items():
@@ -101,7 +98,7 @@ class PopulationEngine:
         if name == "fused" or (name == "auto" and (on_gpu or fp8) and supported):
             if not supported:
                 raise ValueError(f"the fused backend does not support {self.model.config.model_type} models")
-            return fused_backend.FusedBackend(self.model, self.layers, self.kv_cache_dtype, self.interleave)
+            return fused_backend.FusedBackend(self.model, self.layers, self.kv_cache_dtype)
         if fp8:
             raise UserError("decoding.kv_cache_dtype=fp8 needs the fused engine, which runs Llama, Qwen2/2.5, "
                             f"Qwen3 and Mistral (no sliding window) models, not this {self.model.config.model_type}"
@@ -186,9 +183,8 @@ class PopulationEngine:
         memory = self._budget_bytes()
         merged = self.backend.merge_bytes(self.routing) if members is not None else 0
         merge = 0 < merged <= self.merge_share * memory
-        copies = self.backend.prefix_copy_bytes(groups, capacity)
         budget = self.max_batch_rows or self._slots_in_memory(capacity, max(len(p) for p in prompts),
-                                                              memory - (merged if merge else 0) - copies)
+                                                              memory - (merged if merge else 0))
         per_group = min(len(prompts), max(1, budget // groups))
         with clock.host("open"):  # KV slots allocated, a lone member's merged weights written
             self.backend.open(self.routing, members, per_group, capacity, params, self.eos_token_ids, merge)
