@@ -107,7 +107,9 @@ class DecodingConfig(Section):
     memory_fraction: float = Field(0.85, gt=0, le=1, description="Share of free accelerator memory a generation may use.")
     kv_cache_dtype: Literal["model", "fp8"] = Field("model", description="KV cache storage: the model's dtype "
                                                     "(exact), or fp8 (e4m3, scaled per head): half the KV bytes "
-                                                    "and about twice the rows at once, inexact; fused engine only.")
+                                                    "and about twice the rows at once, inexact (it shortened and "
+                                                    "worsened long reasoning on the H200: docs/benchmarks.md); "
+                                                    "fused engine only.")
 
 
 TEST_SET = "test"  # the name of a run's own test split among its evaluation sets
