@@ -108,6 +108,7 @@ def test_the_test_split_scores_base_baseline_and_best_once_at_the_end(pipeline_r
     summary = json.loads((pipeline_run / "results" / "summary.json").read_text())
     test = json.loads((pipeline_run / "results" / "test.json").read_text())
     assert test["variant"] == summary["best"]["id"] and test["examples"] == 15
+    assert summary["status"] == "finished" and summary["stopped_by_max_seconds"] is False
     assert set(test["metrics"]) == {"base", "best", "default_lora"}
     assert summary["base"] == test["metrics"]["base"] and summary["final"] == test["metrics"]["best"]
     assert summary["test"]["default_lora"] == test["metrics"]["default_lora"]
@@ -135,6 +136,22 @@ def test_the_test_split_scores_base_baseline_and_best_once_at_the_end(pipeline_r
     stamp = (pipeline_run / "results" / "test.json").stat().st_mtime_ns
     run_search(None, [], resume=str(pipeline_run))
     assert (pipeline_run / "results" / "test.json").stat().st_mtime_ns == stamp
+
+
+def test_a_spent_seconds_budget_makes_the_generation_in_progress_the_last(tiny_llama, data_file, tmp_path):
+    """evolution.max_seconds: generation 0's variants spend the tiny budget, so no generation 1 is bred, yet the
+    run finishes as a run does (best exported, the test split scored) and says why it stopped early; a resume
+    breeds nothing more."""
+    out = run_search("gsm8k", overrides(tiny_llama, data_file, tmp_path / "run", "evolution.max_seconds=0.001"),
+                     mode="pipeline")
+    assert {v.generation for v in variants(out)} == {0} and len(variants(out)) == 3
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["stopped_by_max_seconds"] is True
+    assert summary["generations_completed"] == 1
+    assert json.loads((out / "results" / "test.json").read_text())["variant"] == summary["best"]["id"]
+    run_search(None, [], resume=str(out))
+    assert len(variants(out)) == 3
+    assert "3 of 6 (fewer once evolution.max_seconds, 0.001 s" in analyze(out).read_text()
 
 
 def test_best_adapter_is_a_peft_folder(pipeline_run, tiny_llama):

@@ -273,8 +273,11 @@ def render_report(config: dict, variants: list[Variant], figures: dict[str, str]
     scored = [v for v in variants if v.state == "done"]
     evolution = config.get("evolution", {})
     total = evolution.get("population", 0) * evolution.get("generations", 0)
+    budget = evolution.get("max_seconds")
+    planned = f"{total}" + (f" (fewer once evolution.max_seconds, {budget:g} s of the variants' training and "
+                            "scoring, is spent: the generation in progress is then the last)" if budget else "")
     text = [f"# evolm search report: {config['task']['name']} on {config['model']['name_or_path']}", "",
-            f"{len(scored)} of {total} variants scored; fitness = {config['fitness']['accuracy_weight']} x accuracy "
+            f"{len(scored)} of {planned} variants scored; fitness = {config['fitness']['accuracy_weight']} x accuracy "
             f"- {config['fitness']['perplexity_weight']} x answer perplexity, on the validation split.", ""]
     if splits:
         text += ["Splits (`splits.jsonl`): " + ", ".join(f"{r['split']} {len(r['rows'])} rows" for r in splits)

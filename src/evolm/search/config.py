@@ -50,6 +50,9 @@ class EvolutionConfig(Section):
     keep_top: int = Field(2, ge=1, description="survivors per generation; they continue training")
     mutation_rate: float = Field(0.3, ge=0, le=1, description="chance that each hyperparameter of a child mutates")
     crossover_rate: float = Field(0.2, ge=0, le=1, description="chance that a child is a crossover of two parents")
+    max_seconds: float | None = Field(None, gt=0, description="budget of the variants' training and scoring "
+                                      "seconds, summed over workers: once spent, the generation in progress is "
+                                      "the run's last, and the baseline and the test split follow as usual")
 
     @model_validator(mode="after")
     def _sizes(self) -> "EvolutionConfig":

@@ -71,10 +71,11 @@ def write_history(store: Store, run: RunDir) -> None:
     atomic_write_text(run.history_file, "".join(line + "\n" for line in lines))
 
 
-def export_best(store: Store, run: RunDir, generations: int) -> Variant | None:
+def export_best(store: Store, run: RunDir, generations: int, stopped_by_max_seconds: bool = False) -> Variant | None:
     """Put the best scored adapter in best_adapter/ (a PEFT folder of hard links to the variant's files,
     so no second copy on disk; a copy where the file system has no hard links) and write
-    results/summary.json, which names the variant."""
+    results/summary.json, which names the variant; `generations` the run will have (fewer than
+    evolution.generations where evolution.max_seconds stopped it)."""
     variants = store.variants()
     best = best_variant(variants)
     if best is None:
@@ -90,6 +91,7 @@ def export_best(store: Store, run: RunDir, generations: int) -> Variant | None:
         "validation": {"fitness": best.fitness, "accuracy": best.metrics.get("accuracy"),
                        "perplexity": best.metrics.get("perplexity")},
         "generations_completed": len(complete_generations(store)),
+        "stopped_by_max_seconds": stopped_by_max_seconds,
         "variants_scored": sum(v.state == "done" for v in variants),
         "best": {**member_record(best), "generation": best.generation, "alpha": best.genes.alpha,
                  "adapter": str(best.adapter), "exported_to": target.name},

@@ -30,7 +30,7 @@ from evolm.runs import (
     refuse_ignored_resume_arguments,
 )
 from evolm.scoring import render
-from evolm.search.config import DEFAULT_LORA_MODULES, SearchRunConfig, TrainingConfig, apply_mode
+from evolm.search.config import DEFAULT_LORA_MODULES, EvolutionConfig, SearchRunConfig, TrainingConfig, apply_mode
 from evolm.search.data import Encoded, encode
 from evolm.search.evolution import Member, Plan, generation_rng, initial_population, next_generation
 from evolm.search.fitness import GreedyAnswers, score_variant
@@ -86,8 +86,9 @@ def run_search(config_source: str | None, overrides: list[str], *, resume: str |
             worker = Worker(config, run, store, task, splits)
             worker.run()
             write_history(store, run)
-            best = export_best(store, run, config.evolution.generations)
-            if best is not None and store.finished(config.evolution.generations):
+            generations = planned_generations(store.variants(), config.evolution)
+            best = export_best(store, run, generations, generations < config.evolution.generations)
+            if best is not None and store.finished(generations):
                 log.info("run complete: best variant %d (fitness %.4f) exported to %s", best.id, best.fitness,
                          run.best_adapter_dir)
                 worker.finish(best)
@@ -136,7 +137,7 @@ class Worker:
                 write_history(self.store, self.run_dir)
             elif self.store.add_generation(self.breed):
                 log.info("generation %d of 0-%d bred", self.store.latest_generation(), evolution.generations - 1)
-            elif self.store.finished(evolution.generations):
+            elif self.store.finished(planned_generations(self.store.variants(), evolution)):
                 return
             else:  # other workers hold the rest of this generation
                 time.sleep(self.config.workers.poll_s)
@@ -144,7 +145,10 @@ class Worker:
     def breed(self, generation: int, everything: list[Variant]) -> list[Plan]:
         space, evolution = self.config.space, self.config.evolution
         rng = generation_rng(self.config.seed, generation)
-        if generation >= evolution.generations:
+        if generation >= planned_generations(everything, evolution):
+            if generation < evolution.generations:
+                log.info("evolution.max_seconds (%g s) spent: generation %d was the last", evolution.max_seconds,
+                         generation - 1)
             return []
         if generation == 0:
             return initial_population(space, evolution.population, rng)
@@ -334,6 +338,18 @@ class Worker:
                  "n/a" if accuracy is None else f"{accuracy:.3f}", v.metrics["reward"], v.metrics["perplexity"],
                  v.metrics["train_loss"], v.metrics["train_s"], v.metrics["eval_s"], best.id, best.fitness,
                  len(done), total, elapsed * (total - len(done)) / 60)
+
+
+def planned_generations(variants: list[Variant], evolution: EvolutionConfig) -> int:
+    """The generations the run will have: evolution.generations, or, once the variants' seconds reach
+    evolution.max_seconds with the latest generation complete, that generation's count."""
+    if evolution.max_seconds is None or not variants:
+        return evolution.generations
+    latest = max(v.generation for v in variants)
+    if any(v.state != "done" for v in variants if v.generation == latest):
+        return evolution.generations
+    spent = sum(v.metrics["train_s"] + v.metrics["eval_s"] for v in variants)
+    return min(evolution.generations, latest + 1) if spent >= evolution.max_seconds else evolution.generations
 
 
 def _pairs(examples: list[Example], targets: list[list[str]]) -> list[tuple[Example, str]]:
