@@ -319,10 +319,11 @@ def test_stop_strings_cut_text(tiny_llama):
 def test_batched_detokenising_matches_decode_row_by_row(tiny_llama, clean_up):
     """The batch paths (Rust decode_batch, or row by row when the tokenizer cleans up spaces) give decode()'s
     text, and the stop trimming finds the shortest prefix holding a stop string, even where a prefix ends
-    inside a multi-byte character."""
+    inside a multi-byte character or many split characters put its guess of the cut tokens away."""
     tokenizer = load_tokenizer(str(tiny_llama))
     tokenizer.clean_up_tokenization_spaces = clean_up
-    texts = ["x = 1 , y = 2 . ", "héllo wörld → ok", "no stop here at all", "→→ arrow first", "a . b → c", ""]
+    texts = ["x = 1 , y = 2 . ", "héllo wörld → ok", "no stop here at all", "→→ arrow first", "a . b → c", "",
+             "ü ö ä é à ç ñ " * 6 + "so → then", "word , " * 20 + "end ."]
     rows = [tokenizer(t).input_ids + [tokenizer.eos_token_id] for t in texts]
     assert decode_texts(tokenizer, rows) == [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
     stops = ["→", " ."]

@@ -140,23 +140,56 @@ def trim_at_stops(tokenizer: PreTrainedTokenizerBase, rows: list[list[int]],
 
     Rows run on for a few steps after their stop string until the host looks; cutting the tokens here
     makes them independent of when it looked (of the wave, the refill order, the check interval).
-    A binary search per row, all rows' probes of a round decoded in one batch.
+    The cut is guessed from where the earliest stop string ends in the row's text and the lengths of its
+    tokens' own texts, and checked by two probes (that prefix holds a stop string, one token less does
+    not). A guess that misses (characters split across tokens, cleaned-up spaces) is off by a few tokens:
+    the search gallops away from it in doubling steps until the cut is bracketed, then bisects. Each
+    round's probes of all rows are decoded in one batch.
     """
     if not stop_strings:
         return rows
     texts = decode_texts(tokenizer, rows)
-    # the prefix of length high[i] holds a stop string; the search narrows [low, high] for those that do
-    low = {i: 1 for i, text in enumerate(texts) if cut_at_stop(text, stop_strings)[1]}
-    high = {i: len(rows[i]) for i in low}
+    ends = {i: len(cut) for i, (cut, found) in enumerate(cut_at_stop(t, stop_strings) for t in texts) if found}
+    # the prefix of length high[i] holds a stop string and that of length low[i] - 1 does not
+    low = {i: 1 for i in ends}
+    high = {i: len(rows[i]) for i in ends}
+    vocab = sorted({t for i in ends for t in rows[i]})
+    piece = dict(zip(vocab, map(len, decode_texts(tokenizer, [[t] for t in vocab]))))
+    guess = {i: _tokens_to_reach(rows[i], ends[i], piece) for i in ends}
+    probed = [(i, n) for i, g in guess.items() for n in (g - 1, g) if 1 <= n < len(rows[i])]
+    for (i, n), text in zip(probed, decode_texts(tokenizer, [rows[i][:n] for i, n in probed])):
+        if cut_at_stop(text, stop_strings)[1]:
+            high[i] = min(high[i], n)
+        else:
+            low[i] = max(low[i], n + 1)
+    # rows whose guess missed: the step away from it (+: the cut lies later, -: earlier), doubled each round
+    step = {i: 1 if low[i] > guess[i] else -1 for i in ends if low[i] < high[i]}
     while open_rows := [i for i in low if low[i] < high[i]]:
-        middle = {i: (low[i] + high[i]) // 2 for i in open_rows}
-        probes = decode_texts(tokenizer, [rows[i][: middle[i]] for i in open_rows])
-        for i, text in zip(open_rows, probes):
-            if cut_at_stop(text, stop_strings)[1]:
-                high[i] = middle[i]
+        probe = {i: (low[i] + high[i]) // 2 if i not in step else
+                 min(high[i] - 1, low[i] - 1 + step[i]) if step[i] > 0 else max(low[i], high[i] + step[i])
+                 for i in open_rows}
+        for i, text in zip(open_rows, decode_texts(tokenizer, [rows[i][: probe[i]] for i in open_rows])):
+            holds = cut_at_stop(text, stop_strings)[1]
+            if holds:
+                high[i] = probe[i]
             else:
-                low[i] = middle[i] + 1
+                low[i] = probe[i] + 1
+            if i in step:
+                if holds == (step[i] > 0):  # the probe landed past the cut: bracketed, so bisect from here
+                    del step[i]
+                else:
+                    step[i] *= 2
     return [row[: high[i]] if i in high else row for i, row in enumerate(rows)]
+
+
+def _tokens_to_reach(row: list[int], characters: int, piece: dict[int, int]) -> int:
+    """The fewest leading tokens of `row` whose own texts add up to `characters` (at least 1)."""
+    total = 0
+    for n, token in enumerate(row, start=1):
+        total += piece[token]
+        if total >= characters:
+            return n
+    return len(row)
 
 
 def trim_at_eos(row: list[int], eos_ids: Sequence[int]) -> list[int]:
