@@ -21,12 +21,12 @@ engine_row() {  # NAME ARGS…: one bench/engine_gpu.py row into $R/NAME (its lo
 }
 echo "== issue 22: the search with a held-out test split and a default-LoRA baseline (a hold's first step only)"
 # its adapters stay on the machine; what travels (TAR: search-copy) is the report, scores, splits, targets, figures.
-# it must fit a hold after the staging (~400 s of 1,800): the variants get 450 s (evolution.max_seconds; the
+# it must fit a hold after the staging (400-500 s of 1,800): the variants get 400 s (evolution.max_seconds; the
 # generation in progress when it is spent runs to its end: at 120 s a variant generation 0 alone is ~480 s), the
 # sampling, baseline and test split ~350 s; a run cut by its timeout leaves its history and log in search-copy,
 # to size the next try
 if [ ! -f $R/search-copy/summary.json ] && [ $SECONDS -lt 120 ]; then
-  timeout 1300 bash bench/search_gsm8k_gpu.sh $DG $R/search $R/search-copy evolution.max_seconds=450 > $R/search.log 2>&1 \
+  timeout 1200 bash bench/search_gsm8k_gpu.sh $DG $R/search $R/search-copy evolution.max_seconds=400 > $R/search.log 2>&1 \
     || { mkdir -p $R/search-copy/cut; cp $R/search/results/history.jsonl $R/search/logs/search.log $R/search-copy/cut/; }
   tail -n 5 $R/search.log
 fi
