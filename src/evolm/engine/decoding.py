@@ -144,7 +144,7 @@ def trim_at_stops(tokenizer: PreTrainedTokenizerBase, rows: list[list[int]],
     tokens' own texts, and checked by two probes (that prefix holds a stop string, one token less does
     not). A guess that misses (characters split across tokens, cleaned-up spaces) is off by a few tokens:
     the search gallops away from it in doubling steps until the cut is bracketed, then bisects. Each
-    round's probes of all rows are decoded in one batch.
+    round's probes of all rows are decoded in one batch: two rounds where the guess is right.
     """
     if not stop_strings:
         return rows
@@ -156,30 +156,36 @@ def trim_at_stops(tokenizer: PreTrainedTokenizerBase, rows: list[list[int]],
     vocab = sorted({t for i in ends for t in rows[i]})
     piece = dict(zip(vocab, map(len, decode_texts(tokenizer, [[t] for t in vocab]))))
     guess = {i: _tokens_to_reach(rows[i], ends[i], piece) for i in ends}
-    probed = [(i, n) for i, g in guess.items() for n in (g - 1, g) if 1 <= n < len(rows[i])]
-    for (i, n), text in zip(probed, decode_texts(tokenizer, [rows[i][:n] for i, n in probed])):
-        if cut_at_stop(text, stop_strings)[1]:
-            high[i] = min(high[i], n)
-        else:
-            low[i] = max(low[i], n + 1)
-    # rows whose guess missed: the step away from it (+: the cut lies later, -: earlier), doubled each round
-    step = {i: 1 if low[i] > guess[i] else -1 for i in ends if low[i] < high[i]}
+    # per row still searching near its guess: 0 probes the guess, then the signed step away from it, doubled
+    # each round until a probe lands past the cut; rows without one bisect
+    step = dict.fromkeys(ends, 0)
     while open_rows := [i for i in low if low[i] < high[i]]:
-        probe = {i: (low[i] + high[i]) // 2 if i not in step else
-                 min(high[i] - 1, low[i] - 1 + step[i]) if step[i] > 0 else max(low[i], high[i] + step[i])
-                 for i in open_rows}
+        probe = {i: _next_probe(guess[i], low[i], high[i], step.get(i)) for i in open_rows}
         for i, text in zip(open_rows, decode_texts(tokenizer, [rows[i][: probe[i]] for i in open_rows])):
             holds = cut_at_stop(text, stop_strings)[1]
             if holds:
                 high[i] = probe[i]
             else:
                 low[i] = probe[i] + 1
-            if i in step:
-                if holds == (step[i] > 0):  # the probe landed past the cut: bracketed, so bisect from here
-                    del step[i]
-                else:
-                    step[i] *= 2
+            if i not in step:
+                continue
+            if step[i] == 0:
+                step[i] = -1 if holds else 1
+            elif holds == (step[i] > 0):  # bracketed: bisect from here
+                del step[i]
+            else:
+                step[i] *= 2
     return [row[: high[i]] if i in high else row for i, row in enumerate(rows)]
+
+
+def _next_probe(guess: int, low: int, high: int, step: int | None) -> int:
+    """A prefix length in [low, high) to decode next: the guess (step 0), `step` tokens past the bound the last
+    probe moved (galloping away from the guess), or the middle (step None)."""
+    if step is None:
+        return (low + high) // 2
+    if step == 0:
+        return min(max(guess, low), high - 1)
+    return min(high - 1, low - 1 + step) if step > 0 else max(low, high + step)
 
 
 def _tokens_to_reach(row: list[int], characters: int, piece: dict[int, int]) -> int:

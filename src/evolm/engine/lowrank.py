@@ -17,7 +17,7 @@ import torch
 from evolm.kernels import tl, triton, use_kernel
 
 BLOCK_ROWS, BLOCK_COLUMNS = 64, 128  # a tile of y per kernel program
-KERNEL = False  # not yet measured on a GPU: baddbmm_ there until bench/decode_step_gpu.py shows the kernel pays
+KERNEL = False  # opt-in: on an H200 it saved 2-4 % of the perturbed matmuls (docs/benchmarks.md), no more
 
 
 def add_lowrank_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
